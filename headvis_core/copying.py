@@ -1,0 +1,188 @@
+"""Copying score of each head's OV circuit (Elhage et al. 2021, "A Mathematical Framework").
+
+The full OV circuit of query head ``h`` in layer ``l`` maps a token attended to
+onto the logits it raises::
+
+    M_h = C E_l  W_V^{kv(h)}  W_O^h  U C        [d_vocab, d_vocab]
+
+A copying head raises the logit of the very token it attends to, so ``M_h``
+has mostly positive eigenvalues. The score is Elhage et al.'s eigenvalue
+ratio ``sum_i lambda_i / sum_i |lambda_i|`` in ``[-1, 1]`` (1: a pure copying
+head, -1: it suppresses what it attends to, about 0 for random weights).
+
+Exact and cheap: ``M_h`` has rank at most ``d_head``, and its non-zero
+eigenvalues are those of the ``[d_head, d_head]`` matrix
+``W_O^h U C E_l W_V^{kv(h)}`` (eig(AB) = eig(BA) away from 0, and C C = C),
+so the vocabulary-sized matrix is never built. ``U C E_l`` is ``[d_model, d_model]``
+and costs one pass over the vocabulary. Where the vocabulary is larger than
+``max_vocab``, a fixed random sample ``S`` of token ids is used instead; the
+score is then exactly that of the ``S x S`` block of ``M_h``.
+
+Grouped-query attention: query head ``h`` reads key/value head
+``h // (n_heads // n_kv_heads)`` (TransformerLens's ``_expand_kv_heads``).
+
+Layer norm: ``E_l`` is the embedding as the head reads it when the residual
+stream holds just that token: each row of ``W_E`` goes through layer ``l``'s
+``ln1`` without its bias (centred for LayerNorm, divided by its RMS/standard
+deviation, times the ln1 weight). On the output side the final norm's weight
+is folded into ``W_U`` (and ``W_U`` centred over ``d_model`` for LayerNorm);
+its division by the residual's scale is left out, since a positive factor
+does not change the ratio. The logits are centred over the vocabulary
+(``C = I - 11^T / n``): softmax ignores a shift shared by all tokens, and
+this also removes the direction common to every token's embedding, which
+would otherwise dominate the eigenvalues and say nothing about copying.
+Biases (``b_V``, ``b_O``, norm biases) are left out: they do not depend on
+the token attended to. Positional embeddings are not added.
+
+On SmolLM2 the score agrees with the direct test: heads scoring about 1 rank
+the attended token first among 3,000 sampled tokens about half the time, and
+heads scoring about -1 rank it last (copy suppression).
+"""
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from headvis_core.hooks import exclusive
+from headvis_core.progress import ProgressCallback, report
+
+DEFAULT_MAX_VOCAB = 65536
+VOCAB_CHUNK = 8192  # tokens per step of the vocabulary pass (bounds its memory)
+
+
+def _norm_module(component: Any) -> Any:
+    original = getattr(component, "original_component", None)
+    return component if original is None else original
+
+
+def _is_layer_norm(module: Any) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.lower().endswith("layernorm")
+
+
+def _eps(module: Any) -> float:
+    for name in ("eps", "variance_epsilon", "epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 1e-5
+
+
+def _weight(module: Any, d_model: int) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return torch.ones(d_model, dtype=torch.float64)
+    return weight.detach().double().cpu()
+
+
+def normalised_rows(x: torch.Tensor, layer_norm: bool, eps: float) -> torch.Tensor:
+    """Rows of ``x [n, d_model]`` centred (LayerNorm only) and divided by their RMS / standard deviation."""
+    if layer_norm:
+        x = x - x.mean(-1, keepdim=True)
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def vocab_sample(d_vocab: int, max_vocab: Optional[int], seed: int = 0) -> Optional[torch.Tensor]:
+    """Sorted sample of ``max_vocab`` token ids, or ``None`` when the whole vocabulary is used."""
+    if max_vocab is None or d_vocab <= max_vocab:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(d_vocab, generator=generator)[:max_vocab].sort().values
+
+
+def effective_unembedding(model: Any, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[d_model, n_tokens]``: ``W_U`` with the final norm's weight folded in (centred for LayerNorm)."""
+    ln_final = _norm_module(model.ln_final)
+    W_U = model.W_U.detach()
+    W_U = (W_U if token_ids is None else W_U[:, token_ids]).double().cpu()
+    U = _weight(ln_final, W_U.shape[0])[:, None] * W_U
+    return U - U.mean(0, keepdim=True) if _is_layer_norm(ln_final) else U
+
+
+def effective_embedding(model: Any, layer: int, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[n_tokens, d_model]``: embeddings as layer ``layer``'s attention reads them (ln1, no bias)."""
+    W_E = model.W_E.detach().double().cpu()
+    if token_ids is not None:
+        W_E = W_E[token_ids]
+    ln1 = _norm_module(model.blocks[layer].ln1)
+    return normalised_rows(W_E, _is_layer_norm(ln1), _eps(ln1)) * _weight(ln1, W_E.shape[1])
+
+
+def _matches_formula(model: Any, layer: int, token_ids: torch.Tensor) -> bool:
+    """Whether the real ln1 module agrees with :func:`effective_embedding` (Gemma-style norms do not)."""
+    ln1 = model.blocks[layer].ln1
+    W_E = model.W_E.detach()[token_ids[:8]]
+    with exclusive(model):
+        real = (ln1(W_E) - ln1(torch.zeros_like(W_E))).double().cpu()
+    return torch.allclose(real, effective_embedding(model, layer, token_ids[:8]), rtol=1e-3, atol=1e-4)
+
+
+def ov_weights(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_V [layer, head, d_model, d_head], W_O [layer, head, d_head, d_model])`` per query head (GQA expanded)."""
+    W_V = model.W_V.detach().double().cpu()
+    W_O = model.W_O.detach().double().cpu()
+    n_heads = W_O.shape[1]
+    n_kv = W_V.shape[1]
+    if n_kv != n_heads:
+        W_V = W_V.repeat_interleave(n_heads // n_kv, dim=1)  # query head h reads kv head h // group
+    return W_V, W_O
+
+
+def eigenvalue_ratio(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """``sum(lambda) / sum(|lambda|)`` over the last axis (0 where all eigenvalues vanish)."""
+    total = eigenvalues.real.sum(-1)
+    magnitude = eigenvalues.abs().sum(-1)
+    return torch.where(magnitude > 0, total / magnitude.clamp(min=1e-300), torch.zeros_like(total))
+
+
+def copying_scores(model: Any, max_vocab: Optional[int] = DEFAULT_MAX_VOCAB, seed: int = 0,
+                   progress: Optional[ProgressCallback] = None) -> np.ndarray:
+    """``[layer, head]`` eigenvalue copying scores of every head's full OV circuit (see module docstring)."""
+    n_layers = int(model.cfg.n_layers)
+    report(progress, 0.0, "copying scores: unembedding")
+    d_vocab = int(model.W_E.shape[0])
+    sample = vocab_sample(d_vocab, max_vocab, seed)
+    ids = torch.arange(d_vocab) if sample is None else sample
+    W_V, W_O = ov_weights(model)
+    vocab_products: dict[tuple[bool, float], torch.Tensor] = {}
+    scores = torch.zeros(n_layers, W_O.shape[1], dtype=torch.float64)
+    for layer in range(n_layers):
+        ln1 = _norm_module(model.blocks[layer].ln1)
+        if _matches_formula(model, layer, ids):
+            # U E_l = (U N) diag(w_l) for a "normalise, then scale" ln1: one vocabulary pass serves all layers
+            kind = (_is_layer_norm(ln1), _eps(ln1))
+            if kind not in vocab_products:
+                vocab_products[kind] = _unembed_times_embed(model, ids, lambda chunk: normalised_rows(
+                    model.W_E.detach()[chunk].double().cpu(), *kind))
+            UE = vocab_products[kind] * _weight(ln1, W_O.shape[-1])[None, :]
+        else:
+            UE = _unembed_times_embed(model, ids, lambda chunk: _exact_effective_embedding(model, layer, chunk))
+        inner = W_O[layer] @ UE @ W_V[layer]  # [head, d_head, d_head]
+        scores[layer] = eigenvalue_ratio(torch.linalg.eigvals(inner))
+        report(progress, (layer + 1) / n_layers, f"copying scores: layer {layer + 1} of {n_layers}")
+    return scores.numpy()
+
+
+def _unembed_times_embed(model: Any, ids: torch.Tensor, embed_rows, chunk_size: int = VOCAB_CHUNK) -> torch.Tensor:
+    """``U C E`` ``[d_model, d_model]`` over the tokens ``ids``, ``C`` centring over those tokens.
+
+    Computed a chunk of the vocabulary at a time, so memory stays bounded:
+    ``sum_t (u_t - mean u) e_t^T = sum_t u_t e_t^T - (sum_t u_t)(sum_t e_t)^T / n``.
+    """
+    products = sum_u = sum_e = None
+    for start in range(0, len(ids), chunk_size):
+        chunk = ids[start:start + chunk_size]
+        U, E = effective_unembedding(model, chunk), embed_rows(chunk)
+        parts = (U @ E, U.sum(1), E.sum(0))
+        if products is None:
+            products, sum_u, sum_e = parts
+        else:
+            products, sum_u, sum_e = products + parts[0], sum_u + parts[1], sum_e + parts[2]
+    return products - torch.outer(sum_u, sum_e) / len(ids)
+
+
+def _exact_effective_embedding(model: Any, layer: int, token_ids: torch.Tensor) -> torch.Tensor:
+    ln1 = model.blocks[layer].ln1
+    W_E = model.W_E.detach()[token_ids]
+    with exclusive(model):
+        return (ln1(W_E) - ln1(torch.zeros_like(W_E[:1]))).double().cpu()

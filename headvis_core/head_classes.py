@@ -1,0 +1,125 @@
+"""Behaviour classification of heads from their metrics, with a confidence in [0, 1].
+
+Rule (one per behaviour, see :data:`RULES`): each behaviour reads one score
+of the head (a metric, or for local/positional ``local_attention -
+previous_token``: attention to the last few tokens that is *not* the previous
+token). A head holds the behaviour when its score reaches the behaviour's
+absolute ``threshold``. Its confidence combines how far past the threshold
+the score is and how extreme it is among all heads of the model::
+
+    strength   = clip((score - threshold) / (saturation - threshold), 0, 1)
+    rarity     = fraction of the model's other heads with a lower score
+    confidence = (1 + strength) / 2 * (1 + rarity) / 2
+
+so a head just at the threshold and no higher than most heads gets 0.25, one
+at saturation and above every other head gets 1. With a single head there is
+nothing to compare with and ``rarity`` is taken as 1 (absolute test only).
+
+A head can hold several behaviours (an induction head is often a copying
+head too). Its main ``behaviour`` is the one with the highest confidence,
+except that attention-sink is named only when nothing else is: most heads of
+trained models park attention on position 0 when idle, so the sink is the
+least specific label. Heads holding none are ``unclassified``, with
+confidence ``1 - max(score / threshold)`` over the behaviours (how clearly
+every score stays below its threshold).
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+UNCLASSIFIED = "unclassified"
+SINK = "attention-sink"
+
+
+@dataclass(frozen=True)
+class BehaviourRule:
+    behaviour: str
+    score: Callable[[pd.DataFrame], pd.Series]
+    score_label: str
+    threshold: float
+    saturation: float
+    explanation: str
+
+
+def _metric(name: str) -> Callable[[pd.DataFrame], pd.Series]:
+    return lambda table: table[name]
+
+
+RULES: tuple[BehaviourRule, ...] = (
+    BehaviourRule("induction", _metric("induction"), "induction", 0.3, 0.7,
+                  "attends from a repeated token to the token after its earlier occurrence"),
+    BehaviourRule("previous-token", _metric("previous_token"), "previous_token", 0.3, 0.7,
+                  "attends to the token just before"),
+    BehaviourRule("duplicate-token", _metric("duplicate_token"), "duplicate_token", 0.3, 0.7,
+                  "attends to earlier occurrences of the current token"),
+    BehaviourRule("copying", _metric("copying"), "copying", 0.8, 0.98,
+                  "its OV circuit raises the logit of the token it attends to"),
+    BehaviourRule("local/positional", lambda t: t["local_attention"] - t["previous_token"],
+                  "local_attention - previous_token", 0.4, 0.8,
+                  "attends within the last four tokens, other than the previous one"),
+    BehaviourRule(SINK, _metric("attention_sink"), "attention_sink", 0.6, 0.95,
+                  "parks its attention on position 0 / BOS"),
+)
+BEHAVIOURS = tuple(rule.behaviour for rule in RULES)
+
+
+def _rarity(score: np.ndarray) -> np.ndarray:
+    """For each head, the fraction of the other heads with a strictly lower score (NaN scores rank lowest)."""
+    n = len(score)
+    if n <= 1:
+        return np.ones(n)
+    filled = np.where(np.isnan(score), -np.inf, score)
+    lower = (filled[None, :] < filled[:, None]).sum(1)
+    return lower / (n - 1)
+
+
+def behaviour_confidences(table: pd.DataFrame) -> pd.DataFrame:
+    """``[heads, behaviours]`` confidence of each behaviour per head (0 where the head does not hold it)."""
+    out = {}
+    for rule in RULES:
+        score = rule.score(table).to_numpy(dtype=float)
+        strength = np.clip((score - rule.threshold) / (rule.saturation - rule.threshold), 0.0, 1.0)
+        confidence = (1 + strength) / 2 * (1 + _rarity(score)) / 2
+        held = np.nan_to_num(score, nan=-np.inf) >= rule.threshold
+        out[rule.behaviour] = np.where(held, confidence, 0.0)
+    return pd.DataFrame(out, index=table.index)
+
+
+def classify_heads(table: pd.DataFrame) -> pd.DataFrame:
+    """Add ``behaviour``, ``confidence`` and ``behaviours`` (all held, strongest first) to a metrics table.
+
+    ``table`` needs the metric columns the rules read (see :data:`RULES`).
+    """
+    confidences = behaviour_confidences(table)
+    ratios = pd.DataFrame({rule.behaviour: (rule.score(table) / rule.threshold).clip(lower=0)
+                           for rule in RULES}, index=table.index)
+    main, main_conf, held_lists = [], [], []
+    for index in table.index:
+        row = confidences.loc[index]
+        held = row[row > 0].sort_values(ascending=False, kind="stable")
+        specific = held.drop(SINK, errors="ignore")
+        if len(specific):
+            main.append(specific.index[0])
+            main_conf.append(float(specific.iloc[0]))
+        elif len(held):
+            main.append(SINK)
+            main_conf.append(float(held.iloc[0]))
+        else:
+            main.append(UNCLASSIFIED)
+            worst = np.nanmax(ratios.loc[index].to_numpy(dtype=float)) if ratios.loc[index].notna().any() else 0.0
+            main_conf.append(float(np.clip(1.0 - worst, 0.0, 1.0)))
+        held_lists.append(", ".join(f"{name} {value:.2f}" for name, value in held.items()))
+    out = table.copy()
+    out["behaviour"] = main
+    out["confidence"] = np.round(main_conf, 4)
+    out["behaviours"] = held_lists
+    return out
+
+
+def rules_table() -> pd.DataFrame:
+    """The classification rule as a table, for the page and the report."""
+    return pd.DataFrame([{"behaviour": r.behaviour, "score": r.score_label, "threshold": r.threshold, "saturation": r.saturation,
+                          "meaning": r.explanation} for r in RULES])

@@ -1,0 +1,147 @@
+"""Head atlas: every head in one scatter of per-head metrics, classified, with a passport card."""
+
+import pandas as pd
+import streamlit as st
+
+import headvis_ui as ui
+from headvis_core.atlas import BUILTIN, METRIC_COLUMNS, METRICS, compute_atlas, passport
+from headvis_core.atlas_figures import (AXES, COLOURS, axis_label, head_scatter, layer_heatmap,
+                                        passport_metrics_figure, passport_pattern_figure, top_tokens_table)
+from headvis_core.atlas_report import atlas_report_html
+from headvis_core.errors import InputError
+from headvis_core.head_classes import rules_table
+from headvis_core.heads import HeadRef
+
+FOLDER = "Corpus folder"
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def cached_atlas(model_key: str, folder: str | None, n_seqs: int, seq_len: int, _model, _name: str):
+    # The bar lives in a slot made here, so a cache hit replays it and its removal: nothing shows.
+    slot = st.empty()
+    with slot.container():
+        progress = ui.progress_bar("Head atlas")
+    try:
+        return compute_atlas(_model, folder=folder, n_seqs=n_seqs, seq_len=seq_len, model_name=_name,
+                             progress=progress)
+    finally:
+        slot.empty()
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def cached_report(model_key: str, folder: str | None, n_seqs: int, seq_len: int, _result) -> bytes:
+    return atlas_report_html(_result).encode("utf-8")
+
+
+def choice(key: str, options, default: str) -> str:
+    value = ui.query_param(key, default)
+    return value if value in options else default
+
+
+def number(key: str, default: int, low: int, high: int) -> int:
+    try:
+        return min(max(int(ui.query_param(key, str(default))), low), high)
+    except ValueError:
+        return default
+
+
+loaded = ui.page_setup("Head atlas")
+st.caption("Every head measured on a probe set: real text for the attention metrics, repeated random tokens for "
+           "induction, the weights for the OV copying score. Heads at the extremes of a metric are usually the "
+           "ones worth studying. Select a point (or pick a head below) to open its passport card.")
+
+with st.form("atlas_probe"):
+    cols = st.columns([2, 3, 1, 1])
+    source = cols[0].radio("Probe text", [BUILTIN, FOLDER], key="atlas_source",
+                           index=1 if ui.query_param("corpus") else 0)
+    folder_text = cols[1].text_input("Corpus folder (text files)", key="atlas_folder",
+                                     value=ui.query_param("corpus", ""), placeholder="/path/to/folder/of/text/files")
+    n_seqs = cols[2].number_input("Sequences", 1, 1024, number("n", 64, 1, 1024), key="atlas_n_seqs")
+    seq_len = cols[3].number_input("Tokens each", 8, 8192, number("len", 128, 8, 8192), key="atlas_seq_len")
+    st.form_submit_button("Compute atlas")
+
+folder = folder_text.strip() if source == FOLDER else None
+ui.set_query_params(corpus=folder or None, n=int(n_seqs), len=int(seq_len))
+with ui.user_errors():
+    if source == FOLDER and not folder:
+        raise InputError("Type the path of a folder of text files, or choose the built-in prompts.")
+    result = cached_atlas(ui.model_key(loaded), folder, int(n_seqs), int(seq_len), loaded.model, loaded.info.name)
+table = result.table
+ui.remember(ui.ATLAS_METRICS, loaded, table)
+st.caption(f"Probe: {result.probe}. Computed in {result.seconds:.1f} s.")
+for note in result.notes:
+    st.info(note)
+
+heads = [str(HeadRef(int(l), int(h))) for l, h in zip(table.layer, table["head"])]
+behaviour_of = dict(zip(heads, zip(table.behaviour, table.confidence)))
+selected = ui.selected_head(loaded)
+if st.session_state.get("atlas_head") not in heads:
+    if selected is None:
+        best = table[table.behaviour != "unclassified"].sort_values("confidence", ascending=False)
+        row = (best if not best.empty else table).iloc[0]
+        selected = HeadRef(int(row.layer), int(row["head"]))
+    st.session_state["atlas_head"] = str(selected)
+
+left, right = st.columns([3, 2])
+with left:
+    axes = st.columns(3)
+    x = axes[0].selectbox("x", AXES, index=AXES.index(choice("x", AXES, "previous_token")), format_func=axis_label,
+                          key="atlas_x")
+    y = axes[1].selectbox("y", AXES, index=AXES.index(choice("y", AXES, "induction")), format_func=axis_label,
+                          key="atlas_y")
+    colour = axes[2].selectbox("colour", COLOURS, index=COLOURS.index(choice("colour", COLOURS, "behaviour")),
+                               format_func=axis_label, key="atlas_colour")
+    ui.set_query_params(x=x, y=y, colour=colour)
+    current = HeadRef(*map(int, st.session_state["atlas_head"].split(".")))
+    scatter = head_scatter(table, x, y, colour, selected=current)
+    event = st.plotly_chart(scatter, width="stretch", on_select="rerun", selection_mode="points",
+                            key="atlas_scatter")
+    points = list(event.selection.points) if event and event.selection else []
+    if points and "customdata" in points[0]:
+        clicked = "{}.{}".format(*map(int, points[0]["customdata"][:2]))
+        if clicked != st.session_state.get("atlas_clicked"):
+            st.session_state["atlas_clicked"] = clicked
+            st.session_state["atlas_head"] = clicked
+            st.rerun()
+    ui.download_figure(scatter, "head_atlas_scatter.html")
+
+with right:
+    chosen = st.selectbox("Head", heads, key="atlas_head",
+                          format_func=lambda h: f"{h}: {behaviour_of[h][0]} ({behaviour_of[h][1]:.2f})")
+    head = HeadRef(*map(int, chosen.split(".")))
+    if head != ui.selected_head(loaded):
+        ui.set_selected_head(head)
+    card = passport(result, head)
+    st.subheader(f"Passport: head {head}")
+    st.markdown(f"**{card.behaviour}** (confidence {card.confidence:.2f}). "
+                f"Behaviours held: {card.behaviours or 'none'}.")
+    st.plotly_chart(passport_metrics_figure(card), width="stretch")
+    st.plotly_chart(passport_pattern_figure(card), width="stretch")
+    st.markdown("**Top attended tokens** (share of the head's attention outside position 0, over the probe text)")
+    st.dataframe(top_tokens_table(card), hide_index=True, width="stretch")
+
+st.subheader("Layer breakdown")
+heat_metric = st.selectbox("Metric", METRIC_COLUMNS, index=METRIC_COLUMNS.index(
+    choice("heat", METRIC_COLUMNS, "induction")), format_func=axis_label, key="atlas_heat")
+ui.set_query_params(heat=heat_metric)
+heatmap = layer_heatmap(table, heat_metric)
+st.plotly_chart(heatmap, width="stretch")
+ui.download_figure(heatmap, f"head_atlas_{heat_metric}.html")
+
+st.subheader("All heads")
+st.dataframe(table, hide_index=True, width="stretch")
+downloads = st.columns(2)
+with downloads[0]:
+    ui.download_table(table, f"head_atlas_{loaded.info.name.replace('/', '_')}.csv")
+with downloads[1]:
+    st.download_button("Download HTML report (all passport cards, offline)",
+                       cached_report(ui.model_key(loaded), folder, int(n_seqs), int(seq_len), result),
+                       file_name=f"head_atlas_{loaded.info.name.replace('/', '_')}.html", mime="text/html",
+                       key="download-atlas-report")
+with st.expander("How heads are classified"):
+    st.dataframe(rules_table(), hide_index=True, width="stretch")
+    st.caption("confidence = (1 + strength) / 2 x (1 + rarity) / 2: strength is how far the score is past the "
+               "threshold towards saturation, rarity the fraction of other heads scoring lower. The main behaviour "
+               "is the most confident; attention-sink only when nothing else holds.")
+    st.dataframe(pd.DataFrame({"metric": [m.label for m in METRICS], "column": [m.column for m in METRICS],
+                               "definition": [m.definition for m in METRICS]}), hide_index=True)

@@ -1,0 +1,287 @@
+"""Ablation: rank every head by what ablating it does (KL ranking), or find the heads that flip a prediction."""
+
+import streamlit as st
+
+import headvis_ui as ui
+from headvis_core.ablation import (ABLATION_KINDS, induction_prompts, ioi_prompts, library_prompts,
+                                   make_ablation, prompts_from_texts)
+from headvis_core.ablation_metrics import METRIC_LABELS, top_k_table
+from headvis_core.errors import InputError
+from headvis_core.experiments import (AblationExperiment, default_filename, experiment_from_json_bytes,
+                                      experiments_dir, list_experiments, load_experiment, save_experiment)
+from headvis_core.heads import HeadRef
+from headvis_core.hooks import forward
+from headvis_core.ioi import load_templates
+from headvis_core.kl_ranking import check_metric, importance_heatmap, rank_heads
+from headvis_core.prompt_library import prompt_set_keys
+from headvis_core.targeted_ablation import targeted_search, trajectory_figure
+from headvis_core.tokens import single_token_id, tokenize_prompt
+
+DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
+SOURCES = {"prompt": "One prompt", "set": "Prompt set (library)", "ioi": "IOI preset", "induction": "Induction preset"}
+MODES = {"kl": "KL ranking of every head", "targeted": "Targeted: make another token the top prediction"}
+KIND_HELP = ("zero: replace the head's output (hook_z) with 0. mean: with its mean over the prompt set, per "
+             "position (prompts of one length). resample: with its output on the corrupted prompt "
+             "(IOI: a third name instead of the repeated one), position by position.")
+ALL_TEMPLATES = "All templates (zero ablation only: lengths differ)"
+TYPED = "Type a token..."
+RESULT_KEY = "ablation_experiment"
+
+loaded = ui.page_setup("Ablation", icon=":material/content_cut:")
+model, info = loaded.model, loaded.info
+state = st.session_state
+
+
+def _init(key: str, value) -> None:
+    if key not in state:
+        state[key] = value
+
+
+def _choice(param: str, options, default):
+    value = ui.query_param(param)
+    return value if value in options else default
+
+
+def _int_param(param: str, default: int, low: int, high: int) -> int:
+    try:
+        return min(max(int(ui.query_param(param, str(default))), low), high)
+    except ValueError:
+        return default
+
+
+# Widget defaults come from the URL the first time, so a shared link reopens the same setup.
+_init("abl_source", _choice("source", SOURCES, "prompt"))
+_init("abl_prompt", ui.query_param("prompt", DEFAULT_PROMPT))
+_init("abl_set", _choice("set", prompt_set_keys(), "ioi"))
+_init("abl_kind", _choice("kind", ABLATION_KINDS, "zero"))
+_init("abl_mode", _choice("mode", MODES, "kl"))
+_init("abl_metric", _choice("metric", METRIC_LABELS, "kl"))
+_init("abl_alt_typed", ui.query_param("alt", ""))
+_init("abl_budget", _int_param("budget", 10, 0, 200))
+_init("abl_n", _int_param("n", 8, 1, 64))
+_init("abl_previous_source", state.abl_source)
+
+st.caption("Ablate attention heads at hook_z (each head's own output, before W_O) and measure how the "
+           "prediction at the last token moves. KL ranking ablates every head alone; the targeted search "
+           "looks for a small set of heads whose ablation makes a chosen token the top prediction.")
+
+left, right = st.columns([3, 2])
+with left:
+    source = st.radio("Prompts", list(SOURCES), format_func=SOURCES.get, key="abl_source", horizontal=True)
+    templates = load_templates()["templates"]
+    if source == "prompt":
+        st.text_area("Prompt", key="abl_prompt", height=80)
+        c1, c2, c3 = st.columns(3)
+        answer = c1.text_input("Answer token (optional)", key="abl_answer", placeholder=" Mary",
+                               help="For the logit difference: answer minus alternative.")
+        alternative_ld = c2.text_input("Alternative token (optional)", key="abl_alt_ld", placeholder=" John")
+        corrupted = c3.text_input("Corrupted prompt (resample)", key="abl_corrupted",
+                                  placeholder="When Mary and John went to the store, Anna gave a drink to")
+    elif source == "set":
+        st.selectbox("Prompt set", prompt_set_keys(), key="abl_set")
+    elif source == "ioi":
+        c1, c2, c3 = st.columns([1, 3, 1])
+        c1.number_input("Prompts", 1, 64, key="abl_n")
+        c2.selectbox("Template", [ALL_TEMPLATES] + templates, index=1, key="abl_template")
+        c3.number_input("Seed", 0, 10_000, 0, key="abl_seed")
+    else:
+        c1, c2, c3 = st.columns(3)
+        c1.number_input("Sequences", 1, 64, key="abl_n")
+        c2.number_input("Half length", 2, 200, 20, key="abl_half")
+        c3.number_input("Seed", 0, 10_000, 0, key="abl_seed")
+if state.abl_previous_source != source:
+    # Each preset has its natural metric: IOI's logit(IO) - logit(S), induction's loss on the second copy.
+    state.abl_metric = {"ioi": "logit_diff", "induction": "loss"}.get(source, "kl")
+    state.abl_previous_source = source
+with right:
+    kind = st.selectbox("Ablation", ABLATION_KINDS, key="abl_kind", help=KIND_HELP)
+    mode = st.radio("Mode", list(MODES), format_func=MODES.get, key="abl_mode")
+    if mode == "kl":
+        st.selectbox("Metric", list(METRIC_LABELS), format_func=METRIC_LABELS.get, key="abl_metric",
+                     help="KL(clean || ablated) at the answer position; the drop in logit(answer) - "
+                          "logit(alternative) (IOI: IO minus S); or the rise in loss on the answer tokens "
+                          "(induction: the second copy).")
+    else:
+        st.number_input("Budget (most heads)", min_value=0, max_value=200, key="abl_budget")
+
+
+def build_prompts():
+    """The chosen prompts as AblationPrompts (raises InputError on bad input)."""
+    if source == "prompt":
+        return prompts_from_texts(model, [state.abl_prompt], targets=[answer] if answer else None,
+                                  alternatives=[alternative_ld] if alternative_ld else None,
+                                  corrupted=[corrupted] if corrupted else None)
+    if source == "set":
+        return library_prompts(model, state.abl_set)
+    if source == "ioi":
+        template = None if state.abl_template == ALL_TEMPLATES else state.abl_template
+        return ioi_prompts(model, int(state.abl_n), seed=int(state.abl_seed), template=template)
+    return induction_prompts(model, int(state.abl_n), half_len=int(state.abl_half), seed=int(state.abl_seed))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def clean_top_tokens(_key: str, text: str, k: int, _model) -> list[str]:
+    tokens = tokenize_prompt(_model, text).tokens
+    logits = forward(_model, tokens)[0, -1]
+    return top_k_table(_model, logits, k)["token"].tolist()
+
+
+if source == "ioi":
+    with ui.user_errors():
+        preview = build_prompts()
+    skipped = preview.skipped_names
+    st.caption(f"{len(preview)} IOI prompts, e.g. {preview.texts[0]!r} (corrupted: {preview.corrupted_texts[0]!r}). "
+               f"Metric logit(IO) - logit(S). Skipped {len(skipped)} names that are not one token for this model"
+               + (f": {', '.join(skipped)}." if skipped else "."))
+
+alternative = None
+if mode == "targeted":
+    first_text = state.abl_prompt if source == "prompt" else None
+    suggestions: list[str] = []
+    if first_text and first_text.strip():
+        try:
+            suggestions = clean_top_tokens(ui.model_key(loaded), first_text, 10, _model=model)[1:]
+        except InputError:
+            suggestions = []
+    options = suggestions + [TYPED]
+    _init("abl_alt_pick", TYPED if state.abl_alt_typed or not suggestions else options[0])
+    if state.abl_alt_pick not in options:
+        state.abl_alt_pick = options[0]
+    c1, c2 = st.columns(2)
+    pick = c1.selectbox("Token to make the top prediction", options, key="abl_alt_pick",
+                        format_func=lambda t: t if t == TYPED else repr(t),
+                        help="The clean run's next most likely tokens, or type one (with its leading space).")
+    if pick == TYPED:
+        typed = c2.text_input("Token", key="abl_alt_typed", placeholder=" John")
+        alternative = typed or None
+    else:
+        alternative = pick
+    if source not in ("prompt",) and alternative is None:
+        st.caption("Leave the token empty to use each prompt's own alternative (IOI: the subject S).")
+
+ui.set_query_params(source=source, kind=kind, mode=mode, metric=state.abl_metric if mode == "kl" else None,
+                    set=state.abl_set if source == "set" else None,
+                    prompt=state.abl_prompt if source == "prompt" and len(state.abl_prompt) <= 500 else None,
+                    n=state.abl_n if source in ("ioi", "induction") else None,
+                    alt=alternative if mode == "targeted" and alternative else None,
+                    budget=state.abl_budget if mode == "targeted" else None)
+
+if st.button("Run ablation", type="primary", key="abl_run"):
+    with ui.user_errors():
+        if mode == "targeted":
+            if int(state.abl_budget) < 1:
+                raise InputError("The budget must allow at least one head: it is the most heads the search "
+                                 "may ablate.")
+            if alternative:
+                single_token_id(model, alternative)  # a clear message naming how it tokenizes
+        prompts = build_prompts()
+        metric = state.abl_metric
+        if mode == "kl":
+            check_metric(metric, prompts)
+        bar = ui.progress_bar("Ablating heads")
+        ablation = make_ablation(model, kind, prompts)
+        if mode == "kl":
+            result = rank_heads(model, prompts, ablation, metric=metric, top_n=10, progress=bar)
+        else:
+            result = targeted_search(model, prompts, alternative, ablation, budget=int(state.abl_budget),
+                                     progress=bar)
+            metric = "margin"
+        settings = {"source": source, "set": state.abl_set if source == "set" else None,
+                    "alternative": alternative, "budget": int(state.abl_budget),
+                    "skipped_names": list(prompts.skipped_names), "notes": list(prompts.notes)}
+        ui.remember(RESULT_KEY, loaded, AblationExperiment(model=info.name, mode=mode, kind=kind, metric=metric,
+                                                          prompts=prompts.texts, result=result, settings=settings))
+
+with st.expander("Reopen a saved experiment"):
+    saved = list_experiments()
+    c1, c2 = st.columns([3, 1])
+    chosen = c1.selectbox("Saved experiments", saved, format_func=lambda p: p.name, key="abl_saved",
+                          placeholder="none saved yet")
+    upload = st.file_uploader("...or open an experiment file", type=["json"], key="abl_upload")
+    if c2.button("Open", key="abl_open", disabled=not saved):
+        with ui.user_errors():
+            ui.remember(RESULT_KEY, loaded, load_experiment(chosen))
+    if upload is not None and st.button("Open uploaded file", key="abl_open_upload"):
+        with ui.user_errors():
+            ui.remember(RESULT_KEY, loaded, experiment_from_json_bytes(upload.getvalue(), upload.name))
+
+experiment: AblationExperiment | None = ui.recall(RESULT_KEY, loaded)
+if experiment is None:
+    st.info("Choose prompts, an ablation and a mode, then press **Run ablation**.")
+    st.stop()
+
+result = experiment.result
+n_prompts = len(experiment.prompts)
+st.subheader(f"{MODES[experiment.mode]}: {experiment.kind} ablation, {n_prompts} prompt(s)")
+if experiment.model != info.name:
+    st.warning(f"This experiment was run on {experiment.model}; the loaded model is {info.name}.")
+skipped = experiment.settings.get("skipped_names") or []
+if experiment.settings.get("source") == "ioi":
+    st.caption(f"IOI names skipped (not one token): {len(skipped)}.")
+for note in experiment.settings.get("notes") or []:
+    st.caption(note)
+
+
+def send_heads(heads: list[HeadRef]) -> None:
+    ui.remember(ui.GRAPH_HEADS, loaded, heads)
+    st.success(f"Sent {len(heads)} heads to the circuit graph: {', '.join(str(h) for h in heads)}.")
+
+
+if experiment.mode == "kl":
+    ranking = result
+    ui.remember(ui.ABLATION_IMPORTANCE, loaded, ranking.importance_table())
+    if ranking.engine_note:
+        st.caption(ranking.engine_note)
+    fig = importance_heatmap(ranking)
+    st.plotly_chart(fig, width="stretch")
+    ui.download_figure(fig, "ablation_heatmap.html")
+    st.markdown(f"**Ranked heads** ({METRIC_LABELS[ranking.metric]}; computed in {ranking.seconds:.1f} s)")
+    st.dataframe(ranking.table, hide_index=True, height=320)
+    ui.download_table(ranking.table, "ablation_ranking.csv")
+    c1, c2 = st.columns(2)
+    with c1:
+        st.markdown("**Clean prediction** (first prompt)")
+        st.dataframe(ranking.clean_top, hide_index=True)
+    with c2:
+        if ranking.shifts:
+            if state.get("abl_shift_head") not in ranking.shifts:
+                state.abl_shift_head = next(iter(ranking.shifts))
+            head_label = st.selectbox(
+                "Prediction after ablating", list(ranking.shifts), key="abl_shift_head",
+                on_change=lambda: ui.set_selected_head(HeadRef(*map(int, state.abl_shift_head.split(".")))),
+                help="Choosing a head also makes it the selected head on the other pages.")
+            st.dataframe(ranking.shifts[head_label], hide_index=True)
+    n_send = st.number_input("Top heads to send", 1, len(ranking.table), min(10, len(ranking.table)), key="abl_n_send")
+    if st.button("Send heads to the circuit graph", key="abl_send"):
+        send_heads(ranking.top_heads(int(n_send)))
+else:
+    search = result
+    (st.success if search.found else st.info)(search.summary)
+    st.markdown(f"Heads: **{', '.join(str(h) for h in search.heads) or 'none'}**"
+                + (f" (greedy order before pruning: {', '.join(str(h) for h in search.greedy_heads)})"
+                   if search.greedy_heads != search.heads else "") + f"; {search.passes} batched passes, "
+                f"{search.seconds:.1f} s.")
+    fig = trajectory_figure(search)
+    st.plotly_chart(fig, width="stretch")
+    ui.download_figure(fig, "targeted_trajectory.html")
+    st.dataframe(search.trajectory, hide_index=True)
+    ui.download_table(search.trajectory, "targeted_trajectory.csv")
+    c1, c2 = st.columns(2)
+    with c1:
+        st.markdown("**Clean prediction** (first prompt)")
+        st.dataframe(search.clean_top, hide_index=True)
+    with c2:
+        st.markdown("**After ablating the set** (first prompt)")
+        st.dataframe(search.final_shift, hide_index=True)
+    if search.heads and st.button("Send heads to the circuit graph", key="abl_send"):
+        send_heads(search.heads)
+
+c1, c2 = st.columns([3, 1])
+filename = c1.text_input("File name", value=default_filename(experiment), key="abl_filename")
+if c2.button("Save experiment", key="abl_save"):
+    with ui.user_errors():
+        name = filename if filename.endswith(".json") else filename + ".json"
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise InputError("Give a plain file name, without folders.")
+        path = save_experiment(experiment, experiments_dir() / name)
+    st.success(f"Saved {path}")

@@ -1,0 +1,195 @@
+"""Circuit graph: Q/K/V composition between heads against a random baseline, checked by path patching."""
+
+import streamlit as st
+
+import headvis_ui as ui
+from headvis_core.circuit_graph import (EDGE_KIND_NAMES, EMBED, LOGITS, MEASURES, GraphFilter, all_edges,
+                                        build_graph, edges_frame, role_comparison, to_graphml, to_html, to_json)
+from headvis_core.composition import KINDS, check_composable, compute_composition, head_weights, io_scores
+from headvis_core.errors import InputError
+from headvis_core.heads import HeadRef, parse_heads
+from headvis_core.path_patching import Edge, induction_prompt_pairs, ioi_prompt_pairs, path_patch
+from headvis_core.published_roles import published_roles_for
+
+PROMPT_SETS = {"ioi": "IOI: clean vs ABC corruption (logit IO - S)",
+               "induction": "Induction: repeated random tokens vs a fresh first half"}
+PATCH_STATE = "circuit_graph_patching"
+
+
+def memo(key: str, compute):
+    """Keep a result in this session (st.cache_data would replay the progress bar drawn while computing)."""
+    store = st.session_state.setdefault("circuit_graph_memo", {})
+    if key not in store:
+        if len(store) >= 6:
+            store.pop(next(iter(store)))
+        store[key] = compute()
+    return store[key]
+
+
+def lazy_progress(label: str):
+    """A progress bar drawn on first use only, so a remembered result shows none."""
+    slot = st.empty()
+    state = {}
+
+    def update(fraction: float, message: str) -> None:
+        if "bar" not in state:
+            with slot.container():
+                state["bar"] = ui.progress_bar(label)
+        state["bar"](fraction, message)
+
+    return slot, update
+
+
+def init(key: str, value) -> None:
+    if key not in st.session_state:
+        st.session_state[key] = value
+
+
+loaded = ui.page_setup("Circuit graph")
+info = loaded.info
+st.caption("Composition scores (Elhage et al. 2021) measure how much of what an earlier head writes (its OV "
+           "circuit) lands in what a later head reads: its queries (Q), keys (K) or values (V). A score is read "
+           "against random matrices of the same shapes: **ratio** = times above that baseline, **z** = standard "
+           "deviations above it. Weights alone do not say an edge is used; the path-patching check below measures "
+           "it on prompts.")
+
+recalled = ui.recall(ui.GRAPH_HEADS, loaded) or []
+init("graph_kinds", [k for k in (ui.query_param("kinds", "q,k,v") or "").split(",") if k in KINDS] or list(KINDS))
+init("graph_measure", ui.query_param("measure", "ratio") if ui.query_param("measure") in MEASURES else "ratio")
+init("graph_threshold", float(ui.query_param("threshold")) if ui.query_param("threshold") else None)
+init("graph_top_k", int(ui.query_param("top_k", "3")))
+init("graph_max_edges", int(ui.query_param("max_edges", "200")))
+init("graph_heads", ui.query_param("heads", ", ".join(str(h) for h in recalled)))
+init("graph_io", ui.query_param("io") == "1")
+init("graph_fold", ui.query_param("fold", "1") != "0")
+
+selected = ui.selected_head(loaded)
+with st.container(border=True):
+    row = st.columns([2, 2, 1.3, 1, 1])
+    kinds = row[0].multiselect("Composition kinds", list(KINDS), key="graph_kinds",
+                               format_func=lambda k: EDGE_KIND_NAMES[k])
+    measure = row[1].radio("Rank and threshold by", list(MEASURES), key="graph_measure", horizontal=True,
+                           format_func=lambda m: {"ratio": "ratio", "z": "z-score", "score": "raw score"}[m],
+                           help="; ".join(f"{k}: {v}" for k, v in MEASURES.items()))
+    threshold = row[2].number_input("Threshold (empty: none)", value=None, step=0.1, key="graph_threshold",
+                                    placeholder="none")
+    top_k = row[3].number_input("Top-k per node", 0, 100, key="graph_top_k",
+                                help="Keep each node's k strongest in and out edges (0: no limit).")
+    max_edges = row[4].number_input("Max edges", 1, 2000, key="graph_max_edges")
+    row = st.columns([3, 1.2, 1.2, 1.6])
+    heads_text = row[0].text_input("Only these heads and their neighbours (empty: all)", key="graph_heads",
+                                   placeholder="e.g. 5.1, 6.9")
+    with_io = row[1].checkbox("Embedding and logits nodes", key="graph_io",
+                              help="Edges from the token embedding into heads' Q/K/V, and from heads' outputs "
+                                   "straight to the logits, by the same score.")
+    fold_ln = row[2].checkbox("Fold layer norm", key="graph_fold",
+                              help="Fold each layer's ln1 gain into the reading weights (and centre them for "
+                                   "LayerNorm models), as TransformerLens process_weights does.")
+    if selected is not None:
+        row[3].button(f"Focus on head {selected}", key="graph_focus",
+                      on_click=lambda: st.session_state.update(graph_heads=str(selected)))
+
+ui.set_query_params(kinds=",".join(kinds) or None, measure=measure,
+                    threshold=None if threshold is None else f"{threshold:g}", top_k=int(top_k),
+                    max_edges=int(max_edges), heads=heads_text.strip() or None, io=int(with_io), fold=int(fold_ln))
+
+slot, progress = lazy_progress("Composition scores")
+with ui.user_errors():
+    if not kinds:
+        raise InputError("Choose at least one composition kind (Q, K or V).")
+    check_composable(info.n_layers)
+    heads = tuple(parse_heads(heads_text, info.n_layers, info.n_heads)) if heads_text.strip() else ()
+    key = f"{ui.model_key(loaded)}|fold={fold_ln}"
+    result = memo(f"composition|{key}", lambda: compute_composition(loaded.model, KINDS, fold_ln=fold_ln,
+                                                                   progress=progress))
+    io = memo(f"io|{key}", lambda: io_scores(loaded.model, head_weights(loaded.model, fold_ln=fold_ln), KINDS)
+              ) if with_io else None
+slot.empty()
+edges = memo(f"edges|{key}|io={with_io}", lambda: all_edges(result, io))
+
+(st.info if result.ln_folded else st.warning)(result.folding_note)
+base_text = "; ".join(f"{k.upper()} {b.mean:.4f} ± {b.std:.4f}" for k, b in result.baselines.items())
+st.caption(f"Random baseline (Gaussian W_Q, W_K, W_V, W_O of this model's shapes, d_model {result.d_model}, "
+           f"d_head {result.d_head}, {next(iter(result.baselines.values())).n_pairs} random pairs): {base_text}."
+           + (f" Grouped-query attention: {result.n_heads} query heads share {result.n_kv_heads} key/value heads, "
+              "so query heads of one group share their K and V weights." if result.n_kv_heads < result.n_heads else ""))
+
+atlas = ui.recall(ui.ATLAS_METRICS, loaded)
+importance = ui.recall(ui.ABLATION_IMPORTANCE, loaded)
+published = published_roles_for(info.name, info.source)
+patch_state = st.session_state.get(PATCH_STATE)
+patching = patch_state["table"] if patch_state and patch_state["model"] == ui.model_key(loaded) else None
+
+flt = GraphFilter(kinds=tuple(kinds) + (("out",) if with_io else ()), measure=measure, threshold=threshold,
+                  top_k=int(top_k) or None, heads=heads, max_edges=int(max_edges))
+with ui.user_errors():
+    graph = build_graph(result, flt, io=io, atlas=atlas, importance=importance, published=published,
+                        patching=patching, model_name=info.name, edges=edges)
+
+sources = [name for name, present in (("atlas roles", atlas is not None), ("ablation importance", importance is not None),
+                                      ("published IOI roles", published is not None)) if present]
+missing = [name for name, present in (("head atlas", atlas is None), ("ablation", importance is None)) if present]
+st.markdown(f"**{graph.number_of_nodes()} heads, {graph.number_of_edges()} edges.** "
+            + (f"Overlaid: {', '.join(sources)}. " if sources else "")
+            + (f"Run the {' and '.join(missing)} page{'s' if len(missing) > 1 else ''} to colour nodes by role and "
+               "size them by importance." if missing else ""))
+prefer = "atlas"
+if atlas is not None and published is not None:
+    prefer = st.radio("Colour nodes by", ["atlas", "published"], horizontal=True, key="graph_prefer",
+                      format_func=lambda p: {"atlas": "atlas role", "published": "published role"}[p])
+elif published is not None:
+    prefer = "published"
+page = to_html(graph, height="720px", prefer=prefer)
+st.iframe(page, height=740)  # labels and tooltips in `page` are HTML-escaped (circuit_graph.to_html)
+
+name = info.name.replace("/", "_")
+downloads = st.columns(4)
+downloads[0].download_button("Download GraphML", to_graphml(graph).encode("utf-8"), file_name=f"circuit_{name}.graphml",
+                             mime="application/xml", key="download-graphml")
+downloads[1].download_button("Download JSON", to_json(graph).encode("utf-8"), file_name=f"circuit_{name}.json",
+                             mime="application/json", key="download-json")
+downloads[2].download_button("Download HTML (offline)", page.encode("utf-8"), file_name=f"circuit_{name}.html",
+                             mime="text/html", key="download-html")
+table = edges_frame(graph)  # strongest first
+with downloads[3]:
+    ui.download_table(table, f"circuit_edges_{name}.csv", label="Download edges (CSV)")
+st.dataframe(table, hide_index=True, width="stretch")
+
+st.subheader("Check the edges by path patching")
+st.caption("Each head-to-head edge of the graph is patched alone (Wang et al. 2022): the sender's output from the "
+           "other prompt set goes only into the receiver's Q, K or V input. Noising (the paper's direction) runs "
+           "the clean prompts and sends in the sender's corrupted output; a negative effect means the edge carries "
+           "what the task needs. Normalised by the clean - corrupted logit difference.")
+row = st.columns([3, 1, 1, 1.4])
+prompt_set = row[0].selectbox("Prompts", list(PROMPT_SETS), format_func=PROMPT_SETS.get, key="graph_patch_set")
+n_prompts = row[1].number_input("Prompts", 1, 64, 8, key="graph_patch_n")
+n_edges = row[2].number_input("Edges (strongest first)", 1, 200, 20, key="graph_patch_edges")
+direction = row[3].radio("Direction", ["noising", "denoising"], key="graph_patch_direction", horizontal=True)
+candidates = [Edge(HeadRef(*map(int, u.split("."))), HeadRef(*map(int, v.split("."))), kind)
+              for u, v, kinds_here in zip(table.get("sender", []), table.get("receiver", []), table.get("kinds", []))
+              if u != EMBED and v != LOGITS for kind in kinds_here.split(",") if kind in KINDS][:int(n_edges)]
+if st.button(f"Path-patch {len(candidates)} edge{'s' if len(candidates) != 1 else ''}", key="graph_patch_run",
+             disabled=not candidates):
+    with ui.user_errors():
+        pairs = (ioi_prompt_pairs(loaded.model, int(n_prompts)) if prompt_set == "ioi"
+                 else induction_prompt_pairs(loaded.model, int(n_prompts)))
+        outcome = path_patch(loaded.model, pairs, candidates, direction=direction,
+                             progress=ui.progress_bar("Path patching"))
+    st.session_state[PATCH_STATE] = {"model": ui.model_key(loaded), "table": outcome.table, "outcome": outcome}
+    st.rerun()
+if patch_state and patch_state["model"] == ui.model_key(loaded):
+    outcome = patch_state["outcome"]
+    st.markdown(f"{outcome.description}, {outcome.direction}: clean logit difference **{outcome.clean_metric:.3f}**, "
+                f"corrupted **{outcome.corrupted_metric:.3f}**. Patched edges carry the effect in their hover text.")
+    merged = outcome.table.merge(edges[["sender", "receiver", "kind", "score", "ratio", "z"]],
+                                 on=["sender", "receiver", "kind"], how="left")
+    st.dataframe(merged.sort_values("effect", key=abs, ascending=False), hide_index=True, width="stretch")
+    ui.download_table(merged, f"path_patching_{name}.csv", label="Download path patching (CSV)")
+
+if published is not None:
+    st.subheader("Published roles (teaching overlay)")
+    st.caption(published.source)
+    comparison = role_comparison(published, atlas)
+    st.dataframe(comparison, hide_index=True, width="stretch")
+    if atlas is None:
+        st.caption("Run the head atlas to see where its roles agree with the paper's.")

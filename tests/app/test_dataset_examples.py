@@ -1,0 +1,89 @@
+import random
+
+import pytest
+
+from headvis_core import scan as scans
+from tests.conftest import app_test
+
+PAGE = "pages/3_Dataset_examples.py"
+
+
+@pytest.fixture
+def scans_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "scans"
+    monkeypatch.setattr(scans, "scans_root", lambda: folder)
+    return folder
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    rng = random.Random(1)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 5))) for _ in range(200)]
+    (root / "words.txt").write_text(" ".join(words))
+    (root / "photo.txt").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")  # binary, named .txt
+    return root
+
+
+def run_scan_on_page(at, corpus, windows=12):
+    at.text_input(key="ex_corpus").set_value(str(corpus))
+    at.number_input(key="ex_window").set_value(8)
+    at.number_input(key="ex_max_windows").set_value(windows)
+    at.number_input(key="ex_per_decile").set_value(1)
+    return at.button(key="ex_run").click().run()
+
+
+def iframes(at):
+    return [e.proto.srcdoc for e in at.get("iframe")]
+
+
+def test_scan_from_the_page_shows_deciles_tokens_and_distances(scans_dir, text_dir):
+    at = app_test(PAGE, layer=1, head=2).run()
+    assert not at.exception and "Run a scan or open" in at.info[0].value
+    at = run_scan_on_page(at, text_dir)
+    assert not at.exception and not at.error
+    assert any("photo.txt: binary" in w.value for w in at.warning)  # the binary file is skipped, not fatal
+    assert "Scanned 12 windows" in at.success[0].value
+    assert at.subheader[0].value == "Head 1.2 on 12 windows of 8 tokens"
+    tab_labels = [t.label for t in at.tabs]
+    assert tab_labels[:2] == ["Run a scan", "Open a stored scan (0)"]
+    assert tab_labels[2:] == ["Top"] + [f"Decile {d}" for d in range(10, 0, -1)]
+    views = iframes(at)
+    assert len(views) >= 12 and all(v.count("<script") == 1 for v in views)
+    assert len(at.dataframe) == 3  # query tokens, key tokens, head summary
+    assert at.query_params["scan"] == next(scans_dir.iterdir()).name
+    assert at.query_params["layer"] == "1" and at.query_params["head"] == "2"
+    labels = {b.label for b in at.get("download_button")}
+    assert {"Download examples (CSV)", "Download query tokens (CSV)", "Download distances (CSV)"} <= labels
+
+
+def test_a_stored_scan_reopens_from_the_url_and_a_corrupt_one_is_not_shown(scans_dir, text_dir):
+    run_scan_on_page(app_test(PAGE).run(), text_dir)
+    key = next(scans_dir.iterdir()).name
+    at = app_test(PAGE, scan=key, layer=0, head=1).run()
+    assert not at.exception and not at.error
+    assert at.subheader[0].value == "Head 0.1 on 12 windows of 8 tokens"
+    assert at.tabs[1].label == "Open a stored scan (1)"
+    data_file = next((scans_dir / key).glob("complete-*.npz"))
+    data_file.write_bytes(data_file.read_bytes()[:1000])  # a partial write
+    at = app_test(PAGE, scan=key).run()
+    assert not at.exception and "corrupt" in at.error[0].value and not iframes(at)
+    at = run_scan_on_page(at, text_dir)  # running again recomputes it
+    assert not at.exception and not at.error and "Scanned 12 windows" in at.success[0].value
+
+
+@pytest.mark.parametrize("corpus, message", [
+    ("/no/such/folder", "no file or folder"),
+    ("", "No corpus given"),
+])
+def test_missing_corpus_is_an_error(scans_dir, corpus, message):
+    at = app_test(PAGE).run()
+    at = run_scan_on_page(at, corpus)
+    assert not at.exception and message in at.error[0].value
+
+
+def test_folder_with_only_a_binary_file_is_an_error(scans_dir, tmp_path):
+    (tmp_path / "only.txt").write_bytes(b"\x00\x01\x02\x03")
+    at = run_scan_on_page(app_test(PAGE).run(), tmp_path)
+    assert not at.exception and "no readable" in at.error[0].value and "only.txt is binary" in at.error[0].value

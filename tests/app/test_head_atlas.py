@@ -1,0 +1,72 @@
+import pandas as pd
+
+from headvis_core.heads import HeadRef
+from tests.conftest import app_test
+
+PAGE = "pages/1_Head_atlas.py"
+
+
+def atlas_page(**query):
+    return app_test(PAGE, model="tiny-llama", n=6, len=32, **query)
+
+
+def stored_metrics(at):
+    state = at.session_state._state._state.filtered_state
+    return [value for key, value in state.items() if key.startswith("atlas_metrics@tiny-llama")]
+
+
+def test_atlas_shows_scatter_passport_table_and_downloads():
+    at = atlas_page().run()
+    assert not at.exception and not at.error
+    assert at.subheader[0].value.startswith("Passport: head ")
+    assert [s.value for s in at.subheader[1:]] == ["Layer breakdown", "All heads"]
+    stored = stored_metrics(at)
+    assert len(stored) == 1 and isinstance(stored[0], pd.DataFrame) and len(stored[0]) == 8
+    assert {"layer", "head", "induction", "behaviour", "confidence"} <= set(stored[0].columns)
+    assert any(len(df.value) == 8 and "behaviour" in df.value.columns for df in at.dataframe)  # all heads
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "Download CSV" in labels and any("HTML report" in label for label in labels)
+    assert at.query_params["x"] == "previous_token" and at.query_params["y"] == "induction"
+
+
+def test_choosing_a_head_opens_its_card_and_shares_it():
+    at = atlas_page().run()
+    at.selectbox(key="atlas_head").set_value("1.2").run()
+    assert not at.exception
+    assert at.subheader[0].value == "Passport: head 1.2"
+    assert at.session_state["selected_head"] == HeadRef(1, 2)
+    assert at.query_params["layer"] == "1" and at.query_params["head"] == "2"
+
+
+def test_url_reopens_the_same_view():
+    at = atlas_page(layer=1, head=3, x="layer", y="copying", colour="entropy", heat="attention_sink").run()
+    assert not at.exception and not at.error
+    assert at.subheader[0].value == "Passport: head 1.3"
+    assert at.selectbox(key="atlas_x").value == "layer" and at.selectbox(key="atlas_y").value == "copying"
+    assert at.selectbox(key="atlas_colour").value == "entropy"
+    assert at.selectbox(key="atlas_heat").value == "attention_sink"
+
+
+def test_a_missing_corpus_folder_is_an_error_box_and_the_form_keeps_its_values(tmp_path):
+    at = atlas_page().run()
+    at.radio(key="atlas_source").set_value("Corpus folder")
+    at.text_input(key="atlas_folder").set_value(str(tmp_path / "no_such_folder"))
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("does not exist" in e.value for e in at.error)
+    assert at.text_input(key="atlas_folder").value == str(tmp_path / "no_such_folder")
+    at.text_input(key="atlas_folder").set_value("")
+    at.button[0].click().run()
+    assert any("Type the path of a folder" in e.value for e in at.error)
+
+
+def test_a_corpus_folder_with_text_works_and_goes_into_the_url(tmp_path):
+    (tmp_path / "doc.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    at = atlas_page().run()
+    at.radio(key="atlas_source").set_value("Corpus folder")
+    at.text_input(key="atlas_folder").set_value(str(tmp_path))
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    assert at.query_params["corpus"] == str(tmp_path)
+    assert any(f"folder {tmp_path}" in c.value for c in at.caption)
+    assert any("hold more text than the atlas reads" in i.value for i in at.info)

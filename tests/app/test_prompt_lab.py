@@ -1,0 +1,73 @@
+from headvis_core.heads import HeadRef
+from tests.conftest import app_test
+
+PAGE = "pages/2_Prompt_lab.py"
+
+
+def iframes(at):
+    return [e.proto.srcdoc for e in at.get("iframe")]
+
+
+def test_heads_from_the_url_get_a_heatmap_and_a_token_view_each():
+    at = app_test(PAGE, prompt="abcabc", heads="1.2,0.3").run()
+    assert not at.exception and not at.error
+    assert at.multiselect(key="lab_heads").value == ["1.2", "0.3"]
+    assert [s.value for s in at.subheader][-2:] == ["Head 1.2", "Head 0.3"]
+    views = iframes(at)
+    assert len(views) == 2 and "head 1.2" in views[0]
+    # The query defaults to the last token, the key to the token after its previous occurrence (induction).
+    assert at.selectbox(key="lab_query").value == 6 and at.selectbox(key="lab_key").value == 4
+    ranking = at.dataframe[0].value
+    assert len(ranking) == 8 and list(ranking.columns[:4]) == ["layer", "head", "name", "attention"]
+    assert at.query_params["heads"] == "1.2,0.3" and at.query_params["q"] == "6" and at.query_params["k"] == "4"
+    labels = {b.label for b in at.get("download_button")}
+    assert {"Download CSV", "Download predictions (CSV)", "Download figure (HTML)"} <= labels
+
+
+def test_script_in_a_prompt_is_escaped_in_the_token_view():
+    at = app_test(PAGE, heads="0.0").run()
+    at.text_area(key="lab_prompt").set_value("<script>alert('x')</script> \u202eok").run()
+    assert not at.exception and not at.error
+    view = iframes(at)[0]
+    assert view.count("<script") == 1 and "&lt;" in view and "\u202e" not in view
+
+
+def test_empty_and_too_long_prompts_show_errors():
+    at = app_test(PAGE, heads="0.0").run()
+    at.text_area(key="lab_prompt").set_value("   ").run()
+    assert not at.exception and "empty" in at.error[0].value
+    at.text_area(key="lab_prompt").set_value("x" * 300).run()  # 301 tokens, context 256
+    assert not at.exception and "301 tokens long" in at.error[0].value
+    at.checkbox(key="lab_cut").check().run()
+    assert not at.exception and not at.error
+    assert "301 tokens long" in at.warning[0].value
+    assert at.slider(key="lab_window").value == 256 - 160  # a long prompt shows a window
+
+
+def test_key_after_query_is_an_error_and_library_prompts_load():
+    at = app_test(PAGE, heads="1.1").run()
+    at.selectbox(key="lab_query").set_value(3).run()
+    at.selectbox(key="lab_key").set_value(5).run()
+    assert not at.exception and "earlier tokens" in at.error[0].value
+    choice = next(o for o in at.selectbox(key="lab_library").options if o.startswith("Induction"))
+    at.selectbox(key="lab_library").set_value(choice).run()
+    assert not at.exception and not at.error
+    assert at.text_area(key="lab_prompt").value.startswith("Mr and Mrs Dursley")
+
+
+def test_atlas_head_is_the_default_and_can_be_added():
+    at = app_test(PAGE, layer=1, head=3).run()
+    assert not at.exception and at.multiselect(key="lab_heads").value == ["1.3"]
+    at.session_state["selected_head"] = HeadRef(0, 2)
+    at.run()
+    at.button[0].click().run()
+    assert at.multiselect(key="lab_heads").value == ["1.3", "0.2"]
+    assert len(iframes(at)) == 2
+
+
+def test_clicking_the_grid_adds_heads():
+    at = app_test(PAGE, heads="1.1").run()
+    at.session_state["lab_grid"] = {"selection": {"points": [{"customdata": "0.2"}]}}  # what a click leaves
+    at.run()
+    assert not at.exception and at.multiselect(key="lab_heads").value == ["1.1", "0.2"]
+    assert [s.value for s in at.subheader][-2:] == ["Head 1.1", "Head 0.2"]

@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 PORT ?= 8501
+# Spinning OpenMP workers slow small forward passes badly when the cores are shared.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: app test test-fast bench install
 

@@ -11,7 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+# Spinning OpenMP workers make small forward passes many times slower whenever
+# another process shares the cores (AppTest threads, the browser test's server).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -3,11 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from headvis_core import hooks
-from headvis_core.ablation import (AblationRunner, induction_prompts, make_ablation, prompts_from_texts,
-                                   z_hook_name)
+from headvis_core.ablation import induction_prompts, make_ablation, prompts_from_texts, z_hook_name
 from headvis_core.ablation_metrics import kl_divergence
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef

@@ -6,8 +6,8 @@ Three measurements on SmolLM2-135M (30 layers x 9 query heads), zero ablation at
    the clean residual stream at its own layer; copies of all start layers share one
    pass; logits only at the last position) against the one-forward-per-head loop
    (``run_with_hooks`` on the prompt with one head zeroed, which is also what
-   ``transformer_lens.patching`` does per index), plus the batched full-forward engine
-   (same batching, no layer skipping) to show what skipping the lower layers buys.
+   ``transformer_lens.patching`` does per index); with ``--forward-engine`` also the
+   batched full-forward engine (same batching, no layer skipping).
 2. The same for a batch of 16 IOI prompts (one template, so one length): KL averaged
    over the prompts; the loop runs the 16 prompts as one batch per head.
 3. The targeted search that makes " John" the top prediction on the IOI prompt.
@@ -42,6 +42,21 @@ from headvis_core.targeted_ablation import targeted_search
 IOI = "When Mary and John went to the store, John gave a drink to"
 
 
+def arithmetic_share(model, n_tokens: int, n_answer: int) -> float:
+    """Multiply-adds of the batched ranking as a share of the loop's (weights only, attention scores ignored).
+
+    The loop runs all blocks and unembeds every position for each head; the
+    batched runner runs blocks ``l..L-1`` for a head in layer ``l`` and
+    unembeds only the answer position.
+    """
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    block = sum(p.numel() for p in model.blocks[0].parameters() if p.ndim == 2)
+    unembed = int(model.cfg.d_model) * int(model.cfg.d_vocab)
+    loop = n_layers * n_heads * n_tokens * (n_layers * block + unembed)
+    batched = sum(n_heads * (n_tokens * (n_layers - l) * block + n_answer * unembed) for l in range(n_layers))
+    return batched / loop
+
+
 def compare(model, prompts, label, loop_every, forward_engine):
     heads = all_heads(int(model.cfg.n_layers), int(model.cfg.n_heads))
     started = time.perf_counter()
@@ -66,6 +81,8 @@ def compare(model, prompts, label, loop_every, forward_engine):
     print(f"  one forward per head (loop)  {loop_s:8.2f} s   ({loop_sample_s / len(sample):.3f} s per head{scaled})")
     print(f"  speed-up over the loop       x{loop_s / batched_s:.1f}")
     print(f"  max |KL batched - KL loop|   {diff:.2e} over {len(sample)} heads (KL values up to {fast.max():.3f})")
+    share = arithmetic_share(model, prompts.lengths[0], 1)
+    print(f"  arithmetic of batched/loop   {share:.0%} (so x{1 / share:.1f} where both are compute-bound)")
     return batched, batched_s, loop_s
 
 
@@ -75,7 +92,7 @@ def main() -> None:
     parser.add_argument("--batch-loop-every", type=int, default=15, help="16-prompt loop: time every n-th head")
     parser.add_argument("--batch", type=int, default=16, help="IOI prompts in the batch")
     parser.add_argument("--budget", type=int, default=10, help="targeted search budget")
-    parser.add_argument("--no-forward-engine", action="store_true", help="skip the full-forward batched timing")
+    parser.add_argument("--forward-engine", action="store_true", help="also time batched full forward passes")
     args = parser.parse_args()
 
     loaded = load_model("smollm2-135m", device="cpu")
@@ -83,7 +100,7 @@ def main() -> None:
     print(f"model {info.name} on cpu ({info.n_layers} layers x {info.n_heads} heads, {info.n_kv_heads} KV heads), "
           f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     one = prompts_from_texts(model, [IOI], targets=[" Mary"], alternatives=[" John"])
-    ranking, one_s, one_loop_s = compare(model, one, "one IOI prompt", args.loop_every, not args.no_forward_engine)
+    ranking, one_s, one_loop_s = compare(model, one, "one IOI prompt", args.loop_every, args.forward_engine)
     print("\n  SmolLM2's top KL heads on the IOI prompt (zero ablation):")
     columns = ["rank", "label", "kl", "logit_diff", "target_prob", "alternative_prob", "top_prob"]
     print(ranking.table[columns].head(10).to_string(index=False, float_format=lambda x: f"{x:.4f}"))

@@ -95,7 +95,8 @@ def main() -> None:
     scaled = "" if n_loop == plan.n_values else f" (measured {loop_measured:.1f} s on {n_loop} values, scaled)"
     print(f"loop, one prompt at a time (full pass):  {loop_seconds:8.2f} s{scaled}")
     print(f"batched sweep (answers + attention):     {batched_seconds:8.2f} s   {loop_seconds / batched_seconds:6.1f}x")
-    print(f"  the same without the shared prefix:    {unshared_seconds:8.2f} s   {loop_seconds / unshared_seconds:6.1f}x")
+    print(f"  the same without the shared prefix:    {unshared_seconds:8.2f} s   "
+          f"{loop_seconds / unshared_seconds:6.1f}x")
     print(f"batched, attention only (stops early):   {attention_seconds:8.2f} s   "
           f"{loop_seconds / attention_seconds:6.1f}x")
     print("max abs diff batched vs loop: " + ", ".join(f"{c} {d:.2e}" for c, d in diffs.items())

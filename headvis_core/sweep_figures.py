@@ -38,7 +38,8 @@ def sweep_line_figure(result: SweepResult, curves: Sequence[str], level: Optiona
     """Each curve against the (first) slot's value, the level as a dashed line and ranges shaded."""
     missing = [c for c in curves if c not in result.table.columns]
     if missing or not curves:
-        raise InputError(f"No curve called {missing[0] if missing else '(none)'}; there are: {', '.join(result.curves)}.")
+        raise InputError(f"No curve called {missing[0] if missing else '(none)'}; "
+                         f"there are: {', '.join(result.curves)}.")
     x = result.swept[0]
     numeric = bool(result.plan.numeric.get(x))
     table = _ordered(result, result.table, x)
@@ -48,7 +49,8 @@ def sweep_line_figure(result: SweepResult, curves: Sequence[str], level: Optiona
         hover_text = [f"{h}<br>top: {_escape(repr(t))}" for h, t in zip(hover_text, table["top_token"])]
     fig = go.Figure()
     for curve in curves:
-        fig.add_trace(go.Scatter(x=xs, y=table[curve].to_numpy(float), mode="lines" if len(xs) > 60 else "lines+markers",
+        fig.add_trace(go.Scatter(x=xs, y=table[curve].to_numpy(float),
+                                 mode="lines" if len(xs) > 60 else "lines+markers",
                                  name=_escape(curve), text=hover_text,
                                  hovertemplate="%{text}<br>" + _escape(curve) + " = %{y:.4f}<extra></extra>"))
     for found in ranges:
@@ -86,10 +88,13 @@ def sweep_heatmap_figure(result: SweepResult, curve: str, level: Optional[float]
     fig = go.Figure(go.Heatmap(
         z=grid.to_numpy(float), x=xs, y=list(range(len(rows))), colorscale="Viridis", colorbar_title=_escape(curve),
         customdata=np.array([[_escape(r)] * len(xs) for r in rows]),
-        hovertemplate=f"{_escape(x)}=%{{x}}<br>{_escape(y)}=%{{customdata}}<br>{_escape(curve)}=%{{z:.4f}}<extra></extra>"))
+        hovertemplate=(f"{_escape(x)}=%{{x}}<br>{_escape(y)}=%{{customdata}}<br>"
+                       f"{_escape(curve)}=%{{z:.4f}}<extra></extra>")))
+    column_of = {value: i for i, value in enumerate(grid.columns)}  # a row may lack some values (sampled sweeps)
     for row_index, row_value in enumerate(rows):
         for found in (ranges_by_row or {}).get(row_value, []):
-            fig.add_shape(type="rect", x0=xs[found.start_index] - half, x1=xs[found.stop_index] + half,
+            left, right = xs[column_of[found.start]], xs[column_of[found.stop]]
+            fig.add_shape(type="rect", x0=left - half, x1=right + half,
                           y0=row_index - 0.5, y1=row_index + 0.5, line=dict(color=RANGE_LINE, width=2),
                           fillcolor=RANGE_FILL)
     level_text = f" (outlined: {curve} at or above {level:.3g})" if level is not None and ranges_by_row else ""

@@ -147,7 +147,8 @@ def _range_slot(name: str, definition: str, start_text: str, stop_text: str, ste
     if stop < start:
         raise InputError(f"Slot {name}: the range {definition} is empty (it ends before it starts); "
                          f"did you mean {stop}..{start}?")
-    width = len(start_text.lstrip("-")) if start_text.lstrip("-").startswith("0") and len(start_text.lstrip("-")) > 1 else 0
+    digits = start_text.lstrip("-")
+    width = len(digits) if digits.startswith("0") and len(digits) > 1 else 0
     return SlotDef(name, "range", definition, values=range(start, stop + 1, step), width=width)
 
 
@@ -478,7 +479,8 @@ def expand_values(spec: SweepSpec, sample: Optional[int] = None, seed: int = 0,
     for clash in set(companions) & set(defs):
         raise InputError(f"Slot {clash!r} is defined twice: by hand and as a field of {companions[clash]!r}'s list.")
     known = set(defs) | set(companions)
-    referenced = template.slot_names + [n for a in spec.answers if a for n in parse_template(a, allow_blank=True).slot_names]
+    referenced = template.slot_names + [name for answer in spec.answers if answer
+                                        for name in parse_template(answer, allow_blank=True).slot_names]
     if spec.greater_than:
         referenced.append(spec.greater_than)
     undefined = [n for n in dict.fromkeys(referenced) if n not in known]
@@ -633,7 +635,8 @@ def build_plan(model: Any, spec: SweepSpec, drop_odd_lengths: bool = False, samp
 
     positions = {}
     for label, position in (("query", query), ("key", key), ("answer", answer_at)):
-        found = [resolve_position(position, r, o, n_prefix, len(ids)) for r, o, ids in zip(rendered, offsets, token_ids)]
+        found = [resolve_position(position, r, o, n_prefix, len(ids))
+                 for r, o, ids in zip(rendered, offsets, token_ids)]
         missing = [i for i, p in enumerate(found) if p is None]
         if missing:
             raise InputError(f"The {label} position {position.spec!r} does not exist for {len(missing)} of "
@@ -652,7 +655,8 @@ def build_plan(model: Any, spec: SweepSpec, drop_odd_lengths: bool = False, samp
         for i, values in enumerate(text_values):
             filled = fill_text(answer, values, "answer")
             if filled not in ids_of:
-                ids_of[filled] = model.to_tokens(filled, prepend_bos=False, truncate=False)[0].tolist() if filled else []
+                ids_of[filled] = (model.to_tokens(filled, prepend_bos=False, truncate=False)[0].tolist()
+                                  if filled else [])
             ids = ids_of[filled]
             if len(ids) != 1:
                 bad.append(i)

@@ -11,7 +11,7 @@ from headvis_core.heads import HeadRef
 from headvis_core.sweep import (NumberTokens, curve_ranges, describe_ranges, detect_ranges, greater_than_score,
                                 number_tokens, run_sweep, run_sweep_loop, shared_prefix_length, usable_heads)
 from headvis_core.sweep_figures import sweep_figure, sweep_heatmap_figure, sweep_line_figure
-from headvis_core.templates import SweepSpec, build_plan, preset
+from headvis_core.templates import SweepSpec, build_plan
 
 GREATER_THAN = ("The {noun} lasted from the year {XX}{YY} to the year {XX}",
                 ("year=1702..1705", "XX=year[:2]", "YY=year[2:]", "noun=war,feud"))
@@ -158,7 +158,8 @@ def test_detect_ranges_basic_and_edges():
 
 def test_describe_ranges():
     found = detect_ranges(list(range(1000, 1005)), [0.9, 0.9, 0.1, 0.1, 0.1], 0.5)
-    assert describe_ranges(found, "year", "attn 5.1", 0.5) == "attn 5.1 >= 0.5 for year 1000-1001 (2 values, peak 0.90)."
+    assert describe_ranges(found, "year", "attn 5.1", 0.5) == \
+        "attn 5.1 >= 0.5 for year 1000-1001 (2 values, peak 0.90)."
     assert describe_ranges([], "year", "attn 5.1", 0.95, [1, 2], [0.2, 0.4]) == \
         "attn 5.1 is never >= 0.95 (its max is 0.4 at year 2)."
 

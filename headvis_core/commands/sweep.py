@@ -83,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
             rows = result.table if row is None else result.table[result.table[plan.swept[1]] == row]
             ordered = rows.sort_values(x, kind="stable") if plan.numeric.get(x) else rows
             print(describe_ranges(found, x, label, level, ordered[x].tolist(), ordered[curve].to_numpy(float),
-                                  above=not args.below))
+                                  above=not args.below, limit=args.show_ranges))
     if args.figure:
         from headvis_core.storage import atomic_write_text
         from headvis_core.sweep_figures import sweep_figure
@@ -110,7 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     parser.add_argument("--preset", help="start from a preset of prompts/sweeps.json (see --list-presets)")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
-    parser.add_argument("--template", help="text with {slot} references, e.g. 'The war lasted from the year {year} to the year'")
+    parser.add_argument("--template",
+                        help="text with {slot} references, e.g. 'The war lasted from the year {year} to the year'")
     parser.add_argument("--slot", action="append", metavar="NAME=VALUES",
                         help="year=1000..1999, year=1000..1999:10, noun=war,feud, name=@sweeps:ioi_names, "
                              "XX=year[:2], next=year+1 (repeat for several slots)")
@@ -125,6 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--curve", help="only report this column (default: every head, greater_than, logit_diff)")
     parser.add_argument("--min-length", type=int, default=1, help="drop ranges of fewer values")
     parser.add_argument("--max-gap", type=int, default=0, help="merge ranges split by at most this many values")
+    parser.add_argument("--show-ranges", type=int, default=30, help="print at most this many ranges per curve")
     parser.add_argument("--sample", type=int, help="sweep a random sample of this many combinations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drop-odd", action="store_true",

@@ -197,3 +197,8 @@ def download_figure(fig, filename: str, label: str = "Download figure (HTML)") -
     html = fig.to_html(include_plotlyjs=True, full_html=True)
     st.download_button(label, html.encode("utf-8"), file_name=filename, mime="text/html",
                        key=f"download-{filename}")
+
+
+def show_html(html: str, height: int | str = "content") -> None:
+    """Show a self-contained HTML document (its text already escaped by the core) in an iframe."""
+    st.iframe(html, height=height)

@@ -231,8 +231,3 @@ const DATA = {data};
 </script></body></html>
 """
 
-
-def view_height(n_shown: int, max_height: int = 420) -> int:
-    """A height in pixels for the iframe holding a view of ``n_shown`` tokens."""
-    rows = max(1, n_shown // 12 + 1)  # about a dozen tokens to a line at half the page width
-    return min(max_height, 30 * rows) + 170  # plus the header and the hover panel

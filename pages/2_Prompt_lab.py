@@ -8,7 +8,7 @@ from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, all_heads, parse_heads
 from headvis_core.prompt_lab import analyse_prompt, head_grid_picker, pair_figure
 from headvis_core.prompt_library import load_all_prompt_sets
-from headvis_core.token_view import token_view_html, view_height
+from headvis_core.token_view import token_view_html
 from headvis_core.tokens import token_labels, tokenize_prompt
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy"
@@ -19,15 +19,6 @@ URL_PROMPT_LIMIT = 1500  # characters kept in the URL
 loaded = ui.page_setup("Prompt lab")
 info, model = loaded.info, loaded.model
 state = st.session_state
-
-
-def show_html(html: str, height: int) -> None:
-    if hasattr(st, "iframe"):
-        st.iframe(html, height="content")  # sized to the view; its text box scrolls past max_height
-    else:  # Streamlit before st.iframe
-        import streamlit.components.v1 as components
-
-        components.html(html, height=height, scrolling=True)
 
 
 @st.cache_data(show_spinner=False)
@@ -173,4 +164,4 @@ for i, head in enumerate(heads):
     with view_col:
         html = token_view_html(prompt.str_tokens, result.sparse[i], title=f"head {head}", start=start, stop=stop,
                                selected=query)
-        show_html(html, view_height(stop - start))
+        ui.show_html(html)

@@ -10,22 +10,13 @@ from headvis_core import scan as scans
 from headvis_core.corpus import open_corpus
 from headvis_core.errors import CorruptFileError
 from headvis_core.heads import HeadRef
-from headvis_core.token_view import token_view_html, view_height
+from headvis_core.token_view import token_view_html
 
 SHARED_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
 
 loaded = ui.page_setup("Dataset examples")
 info = loaded.info
 state = st.session_state
-
-
-def show_html(html: str, height: int) -> None:
-    if hasattr(st, "iframe"):
-        st.iframe(html, height="content")  # sized to the view; its text box scrolls past max_height
-    else:  # Streamlit before st.iframe
-        import streamlit.components.v1 as components
-
-        components.html(html, height=height, scrolling=True)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Opening the stored scan...")
@@ -131,7 +122,7 @@ def show_examples(examples, label: str) -> None:
         pair = f"{ex.max_query}:{ex.str_tokens[ex.max_query]!r} \u2190 {ex.max_key}:{ex.str_tokens[ex.max_key]!r}"
         st.text(f"window {ex.window_index}: score {ex.score:.3f} at {pair}")  # plain text: tokens are not markdown
         html = token_view_html(ex.str_tokens, ex.attention, selected=ex.max_query, top_k=params.top_k_keys)
-        show_html(html, view_height(len(ex.str_tokens), 260))
+        ui.show_html(html)
 
 
 with tabs[0]:

@@ -90,7 +90,7 @@ def bench_model(name: str, tl_kinds: list[str]) -> None:
     print(f"\n== {name}: {info.n_layers} layers x {info.n_heads} heads ({info.n_kv_heads} KV), d_model {info.d_model}, "
           f"d_head {info.d_head}; {torch.get_num_threads()} threads ==")
     weights = head_weights(model, fold_ln=False)
-    ours, seconds, extra = timed(lambda: all_composition_scores(weights, "qkv"))
+    ours, seconds, extra = timed(lambda: all_composition_scores(weights, ("q", "k", "v")))
     print(f"ours, all three kinds in one call (writing Grams shared): {seconds:.2f} s, peak +{extra:.2f} GB")
     for kind in "qkv":
         _, seconds, extra = timed(lambda: composition_scores_from_weights(weights, kind))

@@ -58,10 +58,15 @@ def capture(model: Any, tokens: torch.Tensor, hook_names: Iterable[str],
     """
     captured: dict[str, torch.Tensor] = {}
 
-    def store(tensor: torch.Tensor, hook: Any) -> None:
-        captured[hook.name] = tensor.detach()
+    def store_as(name: str) -> HookFn:
+        # Keyed by the name asked for: the bridge reports aliases such as
+        # hook_z under their canonical name (attn.o.hook_in).
+        def store(tensor: torch.Tensor, hook: Any) -> None:
+            captured[name] = tensor.detach()
 
-    hooks = list(fwd_hooks) + [(name, store) for name in dict.fromkeys(hook_names)]
+        return store
+
+    hooks = list(fwd_hooks) + [(name, store_as(name)) for name in dict.fromkeys(hook_names)]
     output = None
     with exclusive(model):
         try:

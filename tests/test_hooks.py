@@ -70,3 +70,12 @@ def test_capture_stops_early_and_returns_only_named_hooks(tiny_gpt2):
     assert out is None and list(cache) == ["blocks.0.attn.hook_pattern"]
     _, full = model.run_with_cache(tokens)
     assert torch.equal(cache["blocks.0.attn.hook_pattern"], full["blocks.0.attn.hook_pattern"])
+
+
+def test_capture_keys_activations_by_the_name_asked_for(tiny_llama):
+    model = tiny_llama.model
+    tokens = model.to_tokens("alias names")
+    _, cache = capture(model, tokens, ["blocks.0.attn.hook_z"])
+    assert list(cache) == ["blocks.0.attn.hook_z"]
+    _, full = model.run_with_cache(tokens)
+    assert torch.equal(cache["blocks.0.attn.hook_z"], full["blocks.0.attn.hook_z"])

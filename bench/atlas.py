@@ -124,9 +124,12 @@ def naive_metrics(model, sequences, induction, chunk: int = 8):
     return {name: (sums[name] / max(counts[name], 1)).numpy() for name in names}
 
 
-def worker(method: str, model_name: str, n_seqs: int, seq_len: int, n_induction: int) -> dict:
+def worker(method: str, model_name: str, n_seqs: int, seq_len: int, n_induction: int, threads: int) -> dict:
+    import numpy as np
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from headvis_core.atlas import run_atlas
     from headvis_core.head_metrics import induction_probe
     from headvis_core.models import load_model
@@ -159,7 +162,10 @@ def worker(method: str, model_name: str, n_seqs: int, seq_len: int, n_induction:
             bos = 1 if model.tokenizer.bos_token_id is not None else 0
             half = max(2, (probe.seq_len - bos) // 2)
             equal = [s for s in probe.sequences if s.shape[1] == probe.seq_len]
-            naive_metrics(model, equal, induction_probe(model, n_induction, half, seed=0))
+            values = naive_metrics(model, equal, induction_probe(model, n_induction, half, seed=0))
+            out["top"] = {name: [[int(i // v.shape[1]), int(i % v.shape[1]), round(float(v.flat[i]), 4)]
+                                 for i in np.argsort(-v.ravel())[:5]]
+                          for name, v in values.items() if name in ("induction", "previous_token")}
         out["seconds"] = time.perf_counter() - started
         out["cpu_seconds"] = time.process_time() - cpu_started
     out["peak_bytes"] = memory.delta
@@ -167,8 +173,9 @@ def worker(method: str, model_name: str, n_seqs: int, seq_len: int, n_induction:
 
 
 def run_worker(method: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", method, "--models", args.models[0], "--n-seqs",
-               str(args.n_seqs), "--seq-len", str(args.seq_len), "--n-induction", str(args.n_induction)]
+    command = [sys.executable, __file__, "--worker", method, "--models", args.models[0],
+               "--n-seqs", str(args.n_seqs), "--seq-len", str(args.seq_len), "--n-induction", str(args.n_induction),
+               "--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -183,15 +190,19 @@ def main() -> None:
     parser.add_argument("--n-seqs", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--n-induction", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in every method (0: torch's default). On a shared, oversubscribed "
+                             "machine 1 avoids OpenMP spin-waiting")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.models[0], args.n_seqs, args.seq_len, args.n_induction)))
+        print(json.dumps(worker(args.worker, args.models[0], args.n_seqs, args.seq_len, args.n_induction,
+                                args.threads)))
         return
     import torch
 
-    print(f"torch threads: {torch.get_num_threads()}; cpu count: {os.cpu_count()}; "
+    print(f"torch threads: {args.threads or torch.get_num_threads()}; cpu count: {os.cpu_count()}; "
           f"load average at start: {os.getloadavg()[0]:.1f}")
     for model_name in args.models:
         sub = argparse.Namespace(**{**vars(args), "models": [model_name]})
@@ -210,9 +221,9 @@ def main() -> None:
                           f"{r['cpu_seconds'] / atlas['cpu_seconds']:.1f}x (CPU)")
             for metric, heads in atlas["top"].items():
                 print(f"  top {metric}: " + ", ".join(f"{l}.{h} ({v:.3f})" for l, h, v in heads))
-        if "detect_head" in results:
-            for name, heads in results["detect_head"]["top"].items():
-                print(f"  detect_head {name}: " + ", ".join(f"{l}.{h} ({v:.3f})" for l, h, v in heads))
+        for method in ("detect_head", "naive"):
+            for name, heads in results.get(method, {}).get("top", {}).items():
+                print(f"  {method} {name}: " + ", ".join(f"{l}.{h} ({v:.3f})" for l, h, v in heads))
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ class ProbeSet:
 
 def _encode(model: Any, text: str) -> list[int]:
     tokenizer = model.tokenizer
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # verbose=False: a long corpus text is cut into windows below, so HF's "longer than the maximum" warning is noise
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _with_bos(model: Any, ids: list[int]) -> torch.Tensor:
@@ -239,9 +240,11 @@ class AtlasResult:
 
 def _token_text(model: Any, token_id: int) -> str:
     try:
-        return model.tokenizer.decode([int(token_id)])
+        text = model.tokenizer.decode([int(token_id)])
     except Exception:
         return f"<id {int(token_id)}>"
+    # a token holding part of a multi-byte character decodes to U+FFFD alone: name it so it can be told apart
+    return f"{text} (id {int(token_id)})" if "\ufffd" in text else text
 
 
 def _top_tokens(model: Any, metrics: AttentionMetrics) -> dict[str, list[tuple[str, float]]]:

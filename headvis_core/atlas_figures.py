@@ -84,7 +84,8 @@ def layer_heatmap(table: pd.DataFrame, metric: str = "induction") -> go.Figure:
         colorbar=dict(title=axis_label(metric)), xgap=1, ygap=1,
         hovertemplate="head %{y}.%{x}<br>" + axis_label(metric) + ": %{z:.3f}<br>%{customdata}<extra></extra>"))
     fig.update_layout(title=f"{axis_label(metric)} by layer and head", xaxis=dict(title="head", dtick=1),
-                      yaxis=dict(title="layer", dtick=1 if n_layers <= 32 else None, autorange="reversed"), height=max(260, 18 * n_layers + 120),
+                      yaxis=dict(title="layer", dtick=1 if n_layers <= 32 else None, autorange="reversed"),
+                      height=max(260, 18 * n_layers + 120),
                       margin=dict(t=50, b=40, l=50, r=10))
     return fig
 

@@ -38,7 +38,8 @@ function drawPattern(card) {
   const data = JSON.parse(document.getElementById('atlas-patterns').textContent);
   const head = data.heads[card.dataset.head];
   const labels = data.examples[head.example];
-  Plotly.newPlot(target, [{z: head.z, x: labels, y: labels, type: 'heatmap', colorscale: [[0, '#f7fbff'], [1, '#08306b']], zmin: 0,
+  Plotly.newPlot(target, [{z: head.z, x: labels, y: labels, type: 'heatmap', zmin: 0,
+    colorscale: [[0, '#f7fbff'], [1, '#08306b']],
     hovertemplate: 'query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>'}],
     {title: {text: 'attention on ' + head.label}, margin: {t: 40, l: 90, b: 90, r: 10},
      xaxis: {type: 'category', tickangle: -60}, yaxis: {type: 'category', autorange: 'reversed'}},

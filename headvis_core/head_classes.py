@@ -121,5 +121,6 @@ def classify_heads(table: pd.DataFrame) -> pd.DataFrame:
 
 def rules_table() -> pd.DataFrame:
     """The classification rule as a table, for the page and the report."""
-    return pd.DataFrame([{"behaviour": r.behaviour, "score": r.score_label, "threshold": r.threshold, "saturation": r.saturation,
+    return pd.DataFrame([{"behaviour": r.behaviour, "score": r.score_label, "threshold": r.threshold,
+                          "saturation": r.saturation,
                           "meaning": r.explanation} for r in RULES])

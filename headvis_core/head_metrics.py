@@ -196,7 +196,8 @@ class _AllPatternsSeen(Exception):
     """Raised in the last layer's pattern hook: nothing after it is needed."""
 
 
-def for_each_layer_pattern(model: Any, tokens: torch.Tensor, on_pattern, layers: Optional[Iterable[int]] = None) -> None:
+def for_each_layer_pattern(model: Any, tokens: torch.Tensor, on_pattern,
+                           layers: Optional[Iterable[int]] = None) -> None:
     """Run ``tokens`` and call ``on_pattern(layer, pattern [batch, head, q, k])`` for each layer, then stop.
 
     Only the pattern hooks are added; the forward pass is cut short after the

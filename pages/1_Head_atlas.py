@@ -77,7 +77,9 @@ behaviour_of = dict(zip(heads, zip(table.behaviour, table.confidence)))
 selected = ui.selected_head(loaded)
 if st.session_state.get("atlas_head") not in heads:
     if selected is None:
-        best = table[table.behaviour != "unclassified"].sort_values("confidence", ascending=False)
+        # open on the most confident head of a specific behaviour (the sink and unclassified say least)
+        best = table[~table.behaviour.isin(["unclassified", "attention-sink"])].sort_values(
+            "confidence", ascending=False, kind="stable")
         row = (best if not best.empty else table).iloc[0]
         selected = HeadRef(int(row.layer), int(row["head"]))
     st.session_state["atlas_head"] = str(selected)

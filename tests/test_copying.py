@@ -44,7 +44,7 @@ def reference_scores(model, token_ids=None):
     centre = torch.eye(n, dtype=torch.float64) - 1.0 / n
     scores = np.full((model.cfg.n_layers, model.cfg.n_heads), np.nan)
     for layer, head in CHECKED_HEADS:
-        ln1 = model.blocks[layer].ln1
+        ln1 = model.blocks[layer].ln1.original_component
         with torch.no_grad():
             E = (ln1(W_E) - ln1(torch.zeros_like(W_E))).double()  # the real module, bias removed
         W_V, W_O = hf_ov_weights(model, layer, head)
@@ -80,17 +80,18 @@ def test_gqa_query_heads_read_their_kv_head(tiny_llama):
     assert W_V.shape == (2, 4, 64, 16) and W_O.shape == (2, 4, 16, 64)
     for head in range(4):
         hf_V, hf_O = hf_ov_weights(model, 1, head)
-        torch.testing.assert_close(W_V[1, head], hf_V)
-        torch.testing.assert_close(W_O[1, head], hf_O)
+        torch.testing.assert_close(W_V[1, head].double(), hf_V)
+        torch.testing.assert_close(W_O[1, head].double(), hf_O)
     assert torch.equal(W_V[0, 0], W_V[0, 1]) and not torch.equal(W_V[0, 1], W_V[0, 2])
 
 
 def test_effective_embedding_is_what_ln1_makes_of_each_token(tiny_gpt2, tiny_llama):
     for loaded in (tiny_gpt2, tiny_llama):
         model = loaded.model
-        ln1 = model.blocks[1].ln1
+        ln1 = model.blocks[1].ln1.original_component
+        W_E = model.W_E.detach()
         with torch.no_grad():
-            real = ln1(model.W_E) - ln1(torch.zeros_like(model.W_E))
+            real = ln1(W_E) - ln1(torch.zeros_like(W_E))
         torch.testing.assert_close(effective_embedding(model, 1), real.double(), rtol=1e-4, atol=1e-5)
         assert effective_unembedding(model).shape == (64, 257)
 
@@ -101,7 +102,7 @@ def test_a_head_built_to_copy_scores_one_and_its_negation_minus_one():
     loaded = load_random_model(RandomModelSpec(arch="llama", n_layers=1, n_heads=2, n_kv_heads=1, d_model=32,
                                                seed=11))
     model = loaded.model
-    W_V, _ = ov_weights(model)
+    W_V = ov_weights(model)[0].double()
     E = effective_embedding(model, 0)
     U = effective_unembedding(model)
     G = U @ (E - E.mean(0, keepdim=True))

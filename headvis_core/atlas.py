@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from headvis_core.copying import DEFAULT_MAX_VOCAB, copying_scores
+from headvis_core.corpus import TEXT_SUFFIXES, open_corpus
 from headvis_core.errors import InputError
 from headvis_core.head_classes import classify_heads
 from headvis_core.head_metrics import (AttentionMetrics, attention_metrics, bos_token_id, induction_probe,
@@ -128,24 +129,11 @@ def builtin_probe_set(model: Any, n_seqs: int = 64, seq_len: int = 128) -> Probe
     return ProbeSet(sequences=sequences, source=BUILTIN, seq_len=seq_len, n_documents=len(texts), notes=notes)
 
 
-def _text_files(folder: Path) -> list[Path]:
-    """Plain-text files under ``folder`` (recursively, sorted; hidden and binary files skipped)."""
-    found = []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
-            continue
-        try:
-            with open(path, "rb") as handle:
-                head = handle.read(4096)
-        except OSError:
-            continue
-        if head.strip() and b"\0" not in head:
-            found.append(path)
-    return found
-
-
 def corpus_files(folder: str | Path) -> list[Path]:
-    """The text files of a corpus folder; :class:`InputError` where it is missing or holds no text."""
+    """The readable text files of a corpus folder (via :func:`headvis_core.corpus.open_corpus`).
+
+    Raises :class:`InputError` where the folder is missing, is a file, or holds no text.
+    """
     raw = str(folder).strip()
     if not raw:
         raise InputError("No corpus folder given: type the path of a folder of text files.")
@@ -154,10 +142,9 @@ def corpus_files(folder: str | Path) -> list[Path]:
         raise InputError(f"The corpus folder {raw!r} does not exist.")
     if not path.is_dir():
         raise InputError(f"{raw!r} is a file, not a folder: give the folder that holds your text files.")
-    files = _text_files(path)
+    files = [f for f in open_corpus(raw).files if f.suffix.lower() in TEXT_SUFFIXES]
     if not files:
-        raise InputError(f"The folder {raw!r} holds no text files: the atlas reads plain UTF-8 text "
-                         "(.txt, .md, ...).")
+        raise InputError(f"The folder {raw!r} holds no text files: the atlas reads .txt files.")
     return files
 
 

@@ -140,7 +140,7 @@ if atlas is not None and published is not None:
 elif published is not None:
     prefer = "published"
 page = to_html(graph, height="720px", prefer=prefer)
-st.iframe(page, height=740)  # labels and tooltips in `page` are HTML-escaped (circuit_graph.to_html)
+ui.show_html(page, height=740)  # labels and tooltips in `page` are HTML-escaped (circuit_graph.to_html)
 
 name = info.name.replace("/", "_")
 downloads = st.columns(4)

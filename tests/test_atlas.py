@@ -47,7 +47,7 @@ def write(path, text):
 def test_folder_probe_set_cuts_windows_across_files(tiny_gpt2, tmp_path):
     model = tiny_gpt2.model
     write(tmp_path / "a.txt", "A" * 100)
-    write(tmp_path / "sub" / "b.md", "b" * 10)
+    write(tmp_path / "sub" / "b.txt", "b" * 10)
     write(tmp_path / ".hidden.txt", "hidden")
     (tmp_path / "image.bin").write_bytes(b"\x89PNG\x00\x00binary")
     probe = folder_probe_set(model, tmp_path, n_seqs=4, seq_len=21)
@@ -62,8 +62,8 @@ def test_folder_probe_set_cuts_windows_across_files(tiny_gpt2, tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda p: p / "missing", "does not exist"),
     (lambda p: write(p / "file.txt", "text"), "is a file, not a folder"),
-    (lambda p: p, "holds no text files"),
-    (lambda p: (p / "only.bin").write_bytes(b"\x00\x01") and p, "holds no text files"),
+    (lambda p: p, "holds no readable"),
+    (lambda p: (p / "only.txt").write_bytes(b"\x00\x01") and p, "binary"),
 ])
 def test_bad_corpus_folders_are_clear_errors(tiny_gpt2, tmp_path, make, message):
     with pytest.raises(InputError, match=message):

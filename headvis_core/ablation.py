@@ -70,12 +70,6 @@ def check_hookable(model: Any) -> None:
             "heads cannot be ablated one by one. Try another model.")
 
 
-def _canonical(model: Any, name: str) -> str:
-    """Hook names come back from :func:`hooks.capture` under their canonical name (hook_z is an alias)."""
-    point = model.hook_dict[name]
-    return point.name or name
-
-
 # ---------------------------------------------------------------------------------------------
 # Prompt sets
 
@@ -274,14 +268,13 @@ def _capture_z(model: Any, batches: Iterable[torch.Tensor], layers: Sequence[int
                progress: Optional[ProgressCallback] = None) -> list[dict[int, torch.Tensor]]:
     """``hook_z`` of ``layers`` for each ``[batch, pos]`` tensor: ``[{layer: [batch, pos, heads, d_head]}]``."""
     names = {layer: z_hook_name(layer) for layer in layers}
-    keys = {layer: _canonical(model, name) for layer, name in names.items()}
     batches = list(batches)
     out = []
     for i, tokens in enumerate(batches):
         stop = max(layers) + 1
         _, cache = hooks.capture(model, tokens, list(names.values()),
                                  stop_at_layer=stop if stop < int(model.cfg.n_layers) else None)
-        out.append({layer: cache[keys[layer]] for layer in layers})
+        out.append({layer: cache[names[layer]] for layer in layers})
         report(progress, (i + 1) / len(batches), "reference activations")
     return out
 
@@ -494,7 +487,6 @@ class AblationRunner:
         self.n_heads = int(self.model.cfg.n_heads)
         device = self.model.cfg.device
         layer_names = [resid_pre_name(l) for l in range(self.n_layers)]
-        keys = [_canonical(self.model, n) for n in layer_names]
         index_groups = self.prompts.length_groups()
         for g, indices in enumerate(index_groups):
             tokens = torch.stack([self.prompts.tokens[i] for i in indices]).to(device)
@@ -504,7 +496,7 @@ class AblationRunner:
             group = _Group(indices=indices, tokens=tokens, positions=positions,
                            clean_logits=logits[:, list(positions)].float())
             if self.engine == "replay":
-                group.resid_pre = [cache[k] for k in keys]
+                group.resid_pre = [cache[name] for name in layer_names]
                 group.replay = self._checked_replay(group)
             self.groups.append(group)
             report(self.progress, (g + 1) / len(index_groups), "clean run")
@@ -610,7 +602,7 @@ class AblationRunner:
                                    group.indices)
         names = [resid_pre_name(l) for l in range(self.n_layers)]
         logits, cache = hooks.capture(self.model, group.tokens, names, fwd_hooks=fwd_hooks)
-        return [cache[_canonical(self.model, n)] for n in names], logits[:, list(group.positions)].float()
+        return [cache[name] for name in names], logits[:, list(group.positions)].float()
 
     def _evaluate_group(self, group: _Group, variants: list[Variant], metric_fn: MetricFn,
                         progress: Optional[ProgressCallback], base: Variant = ()) -> dict[str, torch.Tensor]:

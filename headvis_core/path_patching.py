@@ -33,7 +33,7 @@ import torch
 
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
-from headvis_core.hooks import exclusive
+from headvis_core.hooks import capture, exclusive, run_with_hooks
 from headvis_core.progress import ProgressCallback, report
 
 DIRECTIONS = ("noising", "denoising")
@@ -181,23 +181,6 @@ def _check_edges(model: Any, edges: Sequence[Edge]) -> None:
             raise InputError(f"Edge {edge}: the receiver must be in a later layer than the sender.")
 
 
-def _run(model: Any, tokens: torch.Tensor, hooks: list, stop_at_layer: Optional[int] = None) -> Any:
-    """One pass inside an already held :func:`exclusive` block; hooks removed afterwards."""
-    try:
-        return model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=stop_at_layer)
-    finally:
-        model.reset_hooks(including_permanent=False)
-
-
-def _storing_hooks(names: Sequence[str], store: dict[str, torch.Tensor]) -> list:
-    # Keyed by the name asked for: aliases such as hook_z report their canonical name on hook.name.
-    def make(name: str):
-        def hook(tensor: torch.Tensor, hook: Any) -> None:
-            store[name] = tensor.detach().clone()
-        return hook
-    return [(name, make(name)) for name in dict.fromkeys(names)]
-
-
 class _SplitQKVInput:
     """Turn on TransformerLens's per-head Q/K/V input forks for the duration (flags restored)."""
 
@@ -243,10 +226,9 @@ def path_patch(model: Any, pairs: PromptPairs, edges: Sequence[Edge], direction:
     results: list[dict] = []
     with exclusive(model):
         report(progress, 0.0, "clean and corrupted runs")
-        base_z: dict[str, torch.Tensor] = {}
-        source_z: dict[str, torch.Tensor] = {}
-        base_logits = _run(model, base_tokens, _storing_hooks([_z_hook(l) for l in sender_layers], base_z))
-        source_logits = _run(model, source_tokens, _storing_hooks([_z_hook(l) for l in sender_layers], source_z))
+        sender_z = [_z_hook(l) for l in sender_layers]
+        base_logits, base_z = capture(model, base_tokens, sender_z)
+        source_logits, source_z = capture(model, source_tokens, sender_z)
         base_metric = float(logit_difference(base_logits, pairs)[0])
         source_metric = float(logit_difference(source_logits, pairs)[0])
         clean_metric, corrupted_metric = ((base_metric, source_metric) if direction == "noising"
@@ -277,10 +259,9 @@ def path_patch(model: Any, pairs: PromptPairs, edges: Sequence[Edge], direction:
 
             fork_hooks = [(f"blocks.{l}.attn.hook_{kind}_input", fork_hook(l, kind))
                           for l in receiver_layers for kind in sorted({e.kind for e in chunk if e.receiver.layer == l})]
-            patched_z: dict[str, torch.Tensor] = {}
             with _SplitQKVInput(model):
-                _run(model, tokens, fork_hooks + _storing_hooks([_z_hook(l) for l in receiver_layers], patched_z),
-                     stop_at_layer=receiver_layers[-1] + 1)
+                _, patched_z = capture(model, tokens, [_z_hook(l) for l in receiver_layers], fwd_hooks=fork_hooks,
+                                       stop_at_layer=receiver_layers[-1] + 1)
 
             def z_hook(layer: int):
                 def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -292,7 +273,7 @@ def path_patch(model: Any, pairs: PromptPairs, edges: Sequence[Edge], direction:
                     return z
                 return hook
 
-            logits = _run(model, tokens, [(_z_hook(l), z_hook(l)) for l in receiver_layers])
+            logits = run_with_hooks(model, tokens, [(_z_hook(l), z_hook(l)) for l in receiver_layers])
             metrics = logit_difference(logits, pairs, repeats=n)
             del logits
             for edge, metric in zip(chunk, metrics.tolist()):

@@ -156,6 +156,20 @@ def query_param(key: str, default: Optional[str] = None) -> Optional[str]:
     return _query_param(key) or default
 
 
+def query_choice(key: str, options, default: str) -> str:
+    """A URL parameter that must be one of ``options`` (anything else gives ``default``)."""
+    value = _query_param(key)
+    return value if value in options else default
+
+
+def query_int(key: str, default: int, low: int, high: int) -> int:
+    """A URL parameter read as an int and clamped to [low, high] (unreadable gives ``default``)."""
+    try:
+        return min(max(int(query_param(key, str(default))), low), high)
+    except ValueError:
+        return default
+
+
 def selected_head(loaded: LoadedModel) -> Optional[HeadRef]:
     """The head chosen on any page: session state first, then ``?layer=&head=`` in the URL."""
     head = st.session_state.get("selected_head")

@@ -33,18 +33,6 @@ def cached_report(model_key: str, folder: str | None, n_seqs: int, seq_len: int,
     return atlas_report_html(_result).encode("utf-8")
 
 
-def choice(key: str, options, default: str) -> str:
-    value = ui.query_param(key, default)
-    return value if value in options else default
-
-
-def number(key: str, default: int, low: int, high: int) -> int:
-    try:
-        return min(max(int(ui.query_param(key, str(default))), low), high)
-    except ValueError:
-        return default
-
-
 loaded = ui.page_setup("Head atlas")
 st.caption("Every head measured on a probe set: real text for the attention metrics, repeated random tokens for "
            "induction, the weights for the OV copying score. Heads at the extremes of a metric are usually the "
@@ -56,8 +44,8 @@ with st.form("atlas_probe"):
                            index=1 if ui.query_param("corpus") else 0)
     folder_text = cols[1].text_input("Corpus folder (text files)", key="atlas_folder",
                                      value=ui.query_param("corpus", ""), placeholder="/path/to/folder/of/text/files")
-    n_seqs = cols[2].number_input("Sequences", 1, 1024, number("n", 64, 1, 1024), key="atlas_n_seqs")
-    seq_len = cols[3].number_input("Tokens each", 8, 8192, number("len", 128, 8, 8192), key="atlas_seq_len")
+    n_seqs = cols[2].number_input("Sequences", 1, 1024, ui.query_int("n", 64, 1, 1024), key="atlas_n_seqs")
+    seq_len = cols[3].number_input("Tokens each", 8, 8192, ui.query_int("len", 128, 8, 8192), key="atlas_seq_len")
     st.form_submit_button("Compute atlas")
 
 folder = folder_text.strip() if source == FOLDER else None
@@ -87,11 +75,11 @@ if st.session_state.get("atlas_head") not in heads:
 left, right = st.columns([3, 2])
 with left:
     axes = st.columns(3)
-    x = axes[0].selectbox("x", AXES, index=AXES.index(choice("x", AXES, "previous_token")), format_func=axis_label,
+    x = axes[0].selectbox("x", AXES, index=AXES.index(ui.query_choice("x", AXES, "previous_token")), format_func=axis_label,
                           key="atlas_x")
-    y = axes[1].selectbox("y", AXES, index=AXES.index(choice("y", AXES, "induction")), format_func=axis_label,
+    y = axes[1].selectbox("y", AXES, index=AXES.index(ui.query_choice("y", AXES, "induction")), format_func=axis_label,
                           key="atlas_y")
-    colour = axes[2].selectbox("colour", COLOURS, index=COLOURS.index(choice("colour", COLOURS, "behaviour")),
+    colour = axes[2].selectbox("colour", COLOURS, index=COLOURS.index(ui.query_choice("colour", COLOURS, "behaviour")),
                                format_func=axis_label, key="atlas_colour")
     ui.set_query_params(x=x, y=y, colour=colour)
     current = HeadRef(*map(int, st.session_state["atlas_head"].split(".")))
@@ -124,7 +112,7 @@ with right:
 
 st.subheader("Layer breakdown")
 heat_metric = st.selectbox("Metric", METRIC_COLUMNS, index=METRIC_COLUMNS.index(
-    choice("heat", METRIC_COLUMNS, "induction")), format_func=axis_label, key="atlas_heat")
+    ui.query_choice("heat", METRIC_COLUMNS, "induction")), format_func=axis_label, key="atlas_heat")
 ui.set_query_params(heat=heat_metric)
 heatmap = layer_heatmap(table, heat_metric)
 st.plotly_chart(heatmap, width="stretch")

@@ -37,28 +37,16 @@ def _init(key: str, value) -> None:
         state[key] = value
 
 
-def _choice(param: str, options, default):
-    value = ui.query_param(param)
-    return value if value in options else default
-
-
-def _int_param(param: str, default: int, low: int, high: int) -> int:
-    try:
-        return min(max(int(ui.query_param(param, str(default))), low), high)
-    except ValueError:
-        return default
-
-
 # Widget defaults come from the URL the first time, so a shared link reopens the same setup.
-_init("abl_source", _choice("source", SOURCES, "prompt"))
+_init("abl_source", ui.query_choice("source", SOURCES, "prompt"))
 _init("abl_prompt", ui.query_param("prompt", DEFAULT_PROMPT))
-_init("abl_set", _choice("set", prompt_set_keys(), "ioi"))
-_init("abl_kind", _choice("kind", ABLATION_KINDS, "zero"))
-_init("abl_mode", _choice("mode", MODES, "kl"))
-_init("abl_metric", _choice("metric", METRIC_LABELS, "kl"))
+_init("abl_set", ui.query_choice("set", prompt_set_keys(), "ioi"))
+_init("abl_kind", ui.query_choice("kind", ABLATION_KINDS, "zero"))
+_init("abl_mode", ui.query_choice("mode", MODES, "kl"))
+_init("abl_metric", ui.query_choice("metric", METRIC_LABELS, "kl"))
 _init("abl_alt_typed", ui.query_param("alt", ""))
-_init("abl_budget", _int_param("budget", 10, 0, 200))
-_init("abl_n", _int_param("n", 8, 1, 64))
+_init("abl_budget", ui.query_int("budget", 10, 0, 200))
+_init("abl_n", ui.query_int("n", 8, 1, 64))
 _init("abl_previous_source", state.abl_source)
 
 st.caption("Ablate attention heads at hook_z (each head's own output, before W_O) and measure how the "

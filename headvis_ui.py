@@ -162,6 +162,14 @@ def query_choice(key: str, options, default: str) -> str:
     return value if value in options else default
 
 
+def query_float(key: str, default: Optional[float] = None) -> Optional[float]:
+    """A URL parameter read as a float (missing or unreadable gives ``default``)."""
+    try:
+        return float(query_param(key, ""))
+    except ValueError:
+        return default
+
+
 def query_int(key: str, default: int, low: int, high: int) -> int:
     """A URL parameter read as an int and clamped to [low, high] (unreadable gives ``default``)."""
     try:
@@ -183,6 +191,7 @@ def selected_head(loaded: LoadedModel) -> Optional[HeadRef]:
             head.check(loaded.info.n_layers, loaded.info.n_heads)
         except InputError as err:
             st.warning(f"{err} Ignoring the selected head from the URL.")
+            set_selected_head(None)  # warn once, and drop it from the URL
             return None
     return head
 

@@ -333,6 +333,10 @@ def make_ablation(model: Any, kind: str, prompts: AblationPrompts, reference: Op
     if kind == "zero":
         return zero_ablation(model)
     if kind == "mean":
+        if len(reference or prompts) < 2:
+            raise InputError("Mean ablation needs at least two prompts to average over: with one prompt the "
+                             "mean is the prompt's own activation and ablating changes nothing. Use a prompt "
+                             "set, or zero ablation.")
         if reference is None:
             prompts.require_one_length("Mean ablation over this prompt set (the mean is taken per position)")
         return mean_ablation(model, reference or prompts, progress=progress)
@@ -676,6 +680,3 @@ class AblationRunner:
             logits = torch.cat(parts)
         return logits
 
-
-def single_head_variants(heads: Iterable[HeadRef]) -> list[Variant]:
-    return [(head,) for head in heads]

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from headvis_core.copying import DEFAULT_MAX_VOCAB, copying_scores
-from headvis_core.corpus import TEXT_SUFFIXES, open_corpus
+from headvis_core.corpus import TEXT_SUFFIXES, file_encoding, open_corpus
 from headvis_core.errors import InputError
 from headvis_core.head_classes import classify_heads
 from headvis_core.head_metrics import (AttentionMetrics, attention_metrics, bos_token_id, induction_probe,
@@ -33,7 +33,6 @@ BUILTIN = "built-in prompts"
 MIN_SEQ_LEN = 8
 EXAMPLE_TEXT_TOKENS = 32
 EXAMPLE_INDUCTION_HALF = 10
-TOP_TOKENS = 10
 CHARS_PER_TOKEN_BOUND = 8  # characters read per token wanted; English text is about 4 per token
 
 
@@ -64,7 +63,6 @@ METRICS: tuple[MetricInfo, ...] = (
 METRIC_COLUMNS = tuple(m.column for m in METRICS)
 METRIC_LABELS = {m.column: m.label for m in METRICS}
 MAIN_METRICS = ("previous_token", "induction", "duplicate_token", "copying", "attention_sink", "entropy")
-INDEX_COLUMNS = ("layer", "head")
 
 
 @dataclass
@@ -129,8 +127,8 @@ def builtin_probe_set(model: Any, n_seqs: int = 64, seq_len: int = 128) -> Probe
     return ProbeSet(sequences=sequences, source=BUILTIN, seq_len=seq_len, n_documents=len(texts), notes=notes)
 
 
-def corpus_files(folder: str | Path) -> list[Path]:
-    """The readable text files of a corpus folder (via :func:`headvis_core.corpus.open_corpus`).
+def corpus_files(folder: str | Path) -> list[tuple[Path, str]]:
+    """``(file, encoding)`` of the readable text files of a corpus folder (via :func:`headvis_core.corpus.open_corpus`).
 
     Raises :class:`InputError` where the folder is missing, is a file, or holds no text.
     """
@@ -142,10 +140,11 @@ def corpus_files(folder: str | Path) -> list[Path]:
         raise InputError(f"The corpus folder {raw!r} does not exist.")
     if not path.is_dir():
         raise InputError(f"{raw!r} is a file, not a folder: give the folder that holds your text files.")
-    files = [f for f in open_corpus(raw).files if f.suffix.lower() in TEXT_SUFFIXES]
+    corpus = open_corpus(raw)
+    files = [f for f in corpus.files if f.suffix.lower() in TEXT_SUFFIXES]
     if not files:
         raise InputError(f"The folder {raw!r} holds no text files: the atlas reads .txt files.")
-    return files
+    return [(f, file_encoding(corpus, f)) for f in files]
 
 
 def folder_probe_set(model: Any, folder: str | Path, n_seqs: int = 64, seq_len: int = 128) -> ProbeSet:
@@ -164,10 +163,10 @@ def folder_probe_set(model: Any, folder: str | Path, n_seqs: int = 64, seq_len: 
     room = seq_len - (bos_token_id(model) is not None)
     per_file = -(-n_seqs // len(files))
     windows_by_file, unread = [], []
-    for file in files:
+    for file, encoding in files:
         # Read about twice what an even share needs, so short files leave room for the others' windows.
         budget = per_file * room * CHARS_PER_TOKEN_BOUND
-        with open(file, encoding="utf-8", errors="replace") as handle:
+        with open(file, encoding=encoding, errors="replace") as handle:
             text = handle.read(budget + 1)
         ids = _encode(model, text[:budget])
         windows = [ids[i:i + room] for i in range(0, len(ids), room)]

@@ -46,6 +46,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from headvis_core.attention import pattern_hook
 from headvis_core.hooks import run_with_hooks
 from headvis_core.probes import repeated_random_tokens
 from headvis_core.progress import ProgressCallback, report
@@ -54,10 +55,6 @@ TEXT_METRICS = ("previous_token", "duplicate_token", "attention_sink", "self_att
                 "mean_distance", "max_attention_no_bos", "local_attention")
 ATTENTION_METRICS = ("previous_token", "induction") + TEXT_METRICS[1:]
 LOCAL_WINDOW = 4  # current token and the three before it
-
-
-def pattern_hook(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_pattern"
 
 
 @dataclass(frozen=True)

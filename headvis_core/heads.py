@@ -16,6 +16,12 @@ class HeadRef:
     def __str__(self) -> str:
         return f"{self.layer}.{self.head}"
 
+    @classmethod
+    def from_label(cls, label: str) -> "HeadRef":
+        """The inverse of ``str``: ``"9.6"`` -> ``HeadRef(9, 6)`` (for labels the workbench made itself)."""
+        layer, head = str(label).split(".")
+        return cls(int(layer), int(head))
+
     def check(self, n_layers: int, n_heads: int) -> "HeadRef":
         if not (0 <= self.layer < n_layers and 0 <= self.head < n_heads):
             raise InputError(f"Head {self} is out of range: this model has layers 0-{n_layers - 1} "

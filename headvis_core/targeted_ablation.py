@@ -70,7 +70,7 @@ class TargetedResult:
         from headvis_core.kl_ranking import table_from_json
 
         def heads(values):
-            return [HeadRef(*map(int, str(v).split("."))) for v in values]
+            return [HeadRef.from_label(str(v)) for v in values]
 
         return cls(alternative=data["alternative"], alternative_ids=[int(i) for i in data["alternative_ids"]],
                    heads=heads(data["heads"]), greedy_heads=heads(data["greedy_heads"]), found=bool(data["found"]),

@@ -82,7 +82,7 @@ with left:
     colour = axes[2].selectbox("colour", COLOURS, index=COLOURS.index(ui.query_choice("colour", COLOURS, "behaviour")),
                                format_func=axis_label, key="atlas_colour")
     ui.set_query_params(x=x, y=y, colour=colour)
-    current = HeadRef(*map(int, st.session_state["atlas_head"].split(".")))
+    current = HeadRef.from_label(st.session_state["atlas_head"])
     scatter = head_scatter(table, x, y, colour, selected=current)
     event = st.plotly_chart(scatter, width="stretch", on_select="rerun", selection_mode="points",
                             key="atlas_scatter")
@@ -98,7 +98,7 @@ with left:
 with right:
     chosen = st.selectbox("Head", heads, key="atlas_head",
                           format_func=lambda h: f"{h}: {behaviour_of[h][0]} ({behaviour_of[h][1]:.2f})")
-    head = HeadRef(*map(int, chosen.split(".")))
+    head = HeadRef.from_label(chosen)
     if head != ui.selected_head(loaded):
         ui.set_selected_head(head)
     card = passport(result, head)

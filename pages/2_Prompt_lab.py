@@ -84,7 +84,7 @@ chosen = left.multiselect("Heads (layer.head)", names, key="lab_heads",
                           help="Several heads at once; or click cells in the grid below.")
 if atlas is not None:
     right.button(f"Add atlas head {atlas}", disabled=str(atlas) in chosen, on_click=add_atlas_head)
-heads = [HeadRef(*map(int, c.split("."))) for c in chosen]
+heads = [HeadRef.from_label(c) for c in chosen]
 with st.expander("Pick heads on the layer x head grid"):
     st.plotly_chart(head_grid_picker(info.n_layers, info.n_heads, heads), key="lab_grid", on_select="rerun",
                     selection_mode="points", width="stretch")

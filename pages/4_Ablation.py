@@ -5,13 +5,13 @@ import streamlit as st
 import headvis_ui as ui
 from headvis_core.ablation import (ABLATION_KINDS, induction_prompts, ioi_prompts, library_prompts,
                                    make_ablation, prompts_from_texts)
-from headvis_core.ablation_metrics import METRIC_LABELS, top_k_table
+from headvis_core.ablation_metrics import METRIC_LABELS
 from headvis_core.errors import InputError
 from headvis_core.experiments import (AblationExperiment, default_filename, experiment_from_json_bytes,
                                       experiments_dir, list_experiments, load_experiment, save_experiment)
 from headvis_core.heads import HeadRef
-from headvis_core.hooks import forward
 from headvis_core.ioi import load_templates
+from headvis_core.prompt_lab import top_predictions
 from headvis_core.kl_ranking import check_metric, importance_heatmap, rank_heads
 from headvis_core.prompt_library import prompt_set_keys
 from headvis_core.targeted_ablation import targeted_search, trajectory_figure
@@ -108,10 +108,8 @@ def build_prompts():
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def clean_top_tokens(_key: str, text: str, k: int, _model) -> list[str]:
-    tokens = tokenize_prompt(_model, text).tokens
-    logits = forward(_model, tokens)[0, -1]
-    return top_k_table(_model, logits, k)["token"].tolist()
+def clean_top_tokens(model_key: str, text: str, k: int, _model) -> list[str]:
+    return top_predictions(_model, tokenize_prompt(_model, text).tokens, k)["token"].tolist()
 
 
 if source == "ioi":
@@ -217,7 +215,8 @@ def send_heads(heads: list[HeadRef]) -> None:
 
 if experiment.mode == "kl":
     ranking = result
-    ui.remember(ui.ABLATION_IMPORTANCE, loaded, ranking.importance_table())
+    if experiment.model == info.name:  # never file another model's numbers under the loaded one
+        ui.remember(ui.ABLATION_IMPORTANCE, loaded, ranking.importance_table())
     if ranking.engine_note:
         st.caption(ranking.engine_note)
     fig = importance_heatmap(ranking)
@@ -236,7 +235,7 @@ if experiment.mode == "kl":
                 state.abl_shift_head = next(iter(ranking.shifts))
             head_label = st.selectbox(
                 "Prediction after ablating", list(ranking.shifts), key="abl_shift_head",
-                on_change=lambda: ui.set_selected_head(HeadRef(*map(int, state.abl_shift_head.split(".")))),
+                on_change=lambda: ui.set_selected_head(HeadRef.from_label(state.abl_shift_head)),
                 help="Choosing a head also makes it the selected head on the other pages.")
             st.dataframe(ranking.shifts[head_label], hide_index=True)
     n_send = st.number_input("Top heads to send", 1, len(ranking.table), min(10, len(ranking.table)), key="abl_n_send")

@@ -56,9 +56,9 @@ st.caption("Composition scores (Elhage et al. 2021) measure how much of what an 
 recalled = ui.recall(ui.GRAPH_HEADS, loaded) or []
 init("graph_kinds", [k for k in (ui.query_param("kinds", "q,k,v") or "").split(",") if k in KINDS] or list(KINDS))
 init("graph_measure", ui.query_param("measure", "ratio") if ui.query_param("measure") in MEASURES else "ratio")
-init("graph_threshold", float(ui.query_param("threshold")) if ui.query_param("threshold") else None)
-init("graph_top_k", int(ui.query_param("top_k", "3")))
-init("graph_max_edges", int(ui.query_param("max_edges", "200")))
+init("graph_threshold", ui.query_float("threshold"))
+init("graph_top_k", ui.query_int("top_k", 3, 0, 100))
+init("graph_max_edges", ui.query_int("max_edges", 200, 1, 2000))
 init("graph_heads", ui.query_param("heads", ", ".join(str(h) for h in recalled)))
 init("graph_io", ui.query_param("io") == "1")
 init("graph_fold", ui.query_param("fold", "1") != "0")
@@ -165,7 +165,7 @@ prompt_set = row[0].selectbox("Prompts", list(PROMPT_SETS), format_func=PROMPT_S
 n_prompts = row[1].number_input("Prompts", 1, 64, 8, key="graph_patch_n")
 n_edges = row[2].number_input("Edges (strongest first)", 1, 200, 20, key="graph_patch_edges")
 direction = row[3].radio("Direction", ["noising", "denoising"], key="graph_patch_direction", horizontal=True)
-candidates = [Edge(HeadRef(*map(int, u.split("."))), HeadRef(*map(int, v.split("."))), kind)
+candidates = [Edge(HeadRef.from_label(u), HeadRef.from_label(v), kind)
               for u, v, kinds_here in zip(table.get("sender", []), table.get("receiver", []), table.get("kinds", []))
               if u != EMBED and v != LOGITS for kind in kinds_here.split(",") if kind in KINDS][:int(n_edges)]
 if st.button(f"Path-patch {len(candidates)} edge{'s' if len(candidates) != 1 else ''}", key="graph_patch_run",

@@ -237,3 +237,10 @@ def test_runner_falls_back_to_full_forward_passes_if_the_replay_is_wrong(tiny_gp
     assert runner.engine == "forward" and "differs from the full forward" in runner.engine_note
     got = runner.evaluate([(HeadRef(0, 2),)], AnswerMetrics(keep_logprobs=True))
     torch.testing.assert_close(got["logprobs"], expected["logprobs"], atol=1e-5, rtol=1e-5)
+
+
+def test_mean_ablation_of_a_single_prompt_is_refused(tiny_llama):
+    # The mean over one prompt is that prompt's own activation: ablating would silently change nothing.
+    prompts = prompts_from_texts(tiny_llama.model, ["hello world"])
+    with pytest.raises(InputError, match="at least two prompts"):
+        make_ablation(tiny_llama.model, "mean", prompts)

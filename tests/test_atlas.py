@@ -185,3 +185,9 @@ def test_cli_reports_a_missing_corpus_as_an_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_folder_probe_set_reads_latin1_files_as_the_corpus_reader_does(tiny_gpt2, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café résumé naïve".encode("cp1252"))
+    probe = folder_probe_set(tiny_gpt2.model, tmp_path, n_seqs=1, seq_len=64)
+    assert tiny_gpt2.model.tokenizer.decode(probe.sequences[0][0, 1:]) == "café résumé naïve"

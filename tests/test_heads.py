@@ -24,3 +24,7 @@ def test_bad_heads(spec, message):
 
 def test_all_heads_order():
     assert all_heads(2, 2) == [HeadRef(0, 0), HeadRef(0, 1), HeadRef(1, 0), HeadRef(1, 1)]
+
+
+def test_from_label_inverts_str():
+    assert HeadRef.from_label(str(HeadRef(9, 6))) == HeadRef(9, 6)

@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
         from headvis_core.path_patching import Edge, path_patch
 
         strongest = edges_frame(graph)
-        edges = [Edge(HeadRef(*map(int, u.split("."))), HeadRef(*map(int, v.split("."))), kind)
+        edges = [Edge(HeadRef.from_label(u), HeadRef.from_label(v), kind)
                  for u, v, kinds_here in zip(strongest.sender, strongest.receiver, strongest.kinds)
                  if u != EMBED and v != LOGITS for kind in kinds_here.split(",") if kind != "out"][:args.patch_max]
         patching = path_patch(loaded.model, pairs, edges, direction=args.direction,

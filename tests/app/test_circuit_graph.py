@@ -112,3 +112,9 @@ def test_a_one_layer_model_cannot_compose(tmp_path):
     at = app_test(PAGE, model=str(folder)).run()
     assert not at.exception
     assert any("single layer" in e for e in _errors(at))
+
+
+def test_malformed_numbers_in_the_url_fall_back_to_defaults():
+    at = app_test(PAGE, model="tiny-gpt2", threshold="abc", top_k="many", max_edges="1e9").run()
+    assert not at.exception
+    assert at.number_input(key="graph_top_k").value == 3 and at.number_input(key="graph_max_edges").value == 200

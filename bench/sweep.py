@@ -24,10 +24,13 @@ this script asks for passive waiting unless OMP_WAIT_POLICY is already set.
 
 import argparse
 import os
+from pathlib import Path
+import sys
 import resource
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 import numpy as np
 import torch

@@ -195,17 +195,15 @@ def induction_prompts(model: Any, n_seqs: int = 8, half_len: int = 20, seed: int
     Answer positions are those predicting the second copy's tokens 2..n (its
     first token cannot be inferred from the first copy).
     """
-    from headvis_core.probes import repeated_random_tokens
+    from headvis_core.probes import random_token_range, repeated_random_tokens
+    from headvis_core.tokens import bos_token_id
 
     if n_seqs < 1 or half_len < 2:
         raise InputError("The induction preset needs at least one sequence and a half length of at least 2.")
-    d_vocab = int(model.cfg.d_vocab)
-    bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
-    prepend = bool(getattr(model.cfg, "default_prepend_bos", True)) and bos is not None
-    high = d_vocab - 1 if bos == d_vocab - 1 else d_vocab
-    low = 1000 if high > 5000 else 0  # skip special and byte-fallback ids of real vocabularies
-    tokens = repeated_random_tokens(n_seqs, half_len, high, bos if prepend else None, seed=seed, low=low)
-    start = (1 if prepend else 0) + half_len  # first position of the second copy
+    bos = bos_token_id(model)
+    low, high = random_token_range(model)
+    tokens = repeated_random_tokens(n_seqs, half_len, high, bos, seed=seed, low=low)
+    start = (0 if bos is None else 1) + half_len  # first position of the second copy
     positions = tuple(range(start, start + half_len - 1))
     labels = [tuple(int(x) for x in row[start + 1:start + half_len]) for row in tokens]
     texts = [f"repeated random tokens #{i + 1} ({half_len} x 2)" for i in range(n_seqs)]

@@ -20,14 +20,15 @@ import pandas as pd
 import torch
 
 from headvis_core.copying import DEFAULT_MAX_VOCAB, copying_scores
-from headvis_core.corpus import TEXT_SUFFIXES, file_encoding, open_corpus
+from headvis_core.corpus import TEXT_SUFFIXES, encode, file_encoding, open_corpus
 from headvis_core.errors import InputError
 from headvis_core.head_classes import classify_heads
-from headvis_core.head_metrics import (AttentionMetrics, attention_metrics, bos_token_id, induction_probe,
+from headvis_core.head_metrics import (AttentionMetrics, attention_metrics, induction_probe,
                                        layer_patterns)
 from headvis_core.heads import HeadRef
 from headvis_core.progress import ProgressCallback, report, scaled
 from headvis_core.prompt_library import load_all_prompt_sets
+from headvis_core.tokens import bos_token_id
 
 BUILTIN = "built-in prompts"
 MIN_SEQ_LEN = 8
@@ -84,12 +85,6 @@ class ProbeSet:
                 f"from {self.source}")
 
 
-def _encode(model: Any, text: str) -> list[int]:
-    tokenizer = model.tokenizer
-    # verbose=False: a long corpus text is cut into windows below, so HF's "longer than the maximum" warning is noise
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-
 def _with_bos(model: Any, ids: list[int]) -> torch.Tensor:
     bos = bos_token_id(model)
     return torch.tensor(([bos] if bos is not None else []) + ids, dtype=torch.long)[None]
@@ -116,7 +111,7 @@ def builtin_probe_set(model: Any, n_seqs: int = 64, seq_len: int = 128) -> Probe
     texts = [p.text for prompt_set in load_all_prompt_sets() for p in prompt_set.prompts if p.text.strip()]
     sequences, cut = [], 0
     for text in texts[:n_seqs]:
-        ids = _encode(model, text)
+        ids = encode(model.tokenizer, text)
         if len(ids) > room:
             ids, cut = ids[:room], cut + 1
         if ids:
@@ -168,7 +163,7 @@ def folder_probe_set(model: Any, folder: str | Path, n_seqs: int = 64, seq_len: 
         budget = per_file * room * CHARS_PER_TOKEN_BOUND
         with open(file, encoding=encoding, errors="replace") as handle:
             text = handle.read(budget + 1)
-        ids = _encode(model, text[:budget])
+        ids = encode(model.tokenizer, text[:budget])
         windows = [ids[i:i + room] for i in range(0, len(ids), room)]
         windows_by_file.append([w for w in windows if len(w) >= 2])
         unread.append(len(text) > budget)

@@ -48,7 +48,8 @@ import torch
 
 from headvis_core.attention import pattern_hook
 from headvis_core.hooks import run_with_hooks
-from headvis_core.probes import repeated_random_tokens
+from headvis_core.probes import random_token_range, repeated_random_tokens
+from headvis_core.tokens import bos_token_id
 from headvis_core.progress import ProgressCallback, report
 
 TEXT_METRICS = ("previous_token", "duplicate_token", "attention_sink", "self_attention", "entropy",
@@ -64,29 +65,6 @@ class InductionProbe:
     tokens: torch.Tensor
     half_len: int
     prefix_len: int  # 1 with a BOS token, else 0
-
-
-def random_token_range(model: Any) -> tuple[int, int]:
-    """``[low, high)`` of ordinary token ids to draw random probes from (special tokens at either end skipped)."""
-    tokenizer = getattr(model, "tokenizer", None)
-    high = int(model.cfg.d_vocab)
-    specials: set[int] = set()
-    if tokenizer is not None:
-        high = min(high, len(tokenizer))
-        specials = {int(i) for i in (tokenizer.all_special_ids or [])}
-    low = 0
-    while low in specials and low < high - 1:
-        low += 1
-    while high - 1 in specials and high - 1 > low:
-        high -= 1
-    return low, high
-
-
-def bos_token_id(model: Any) -> Optional[int]:
-    tokenizer = getattr(model, "tokenizer", None)
-    if not getattr(model.cfg, "default_prepend_bos", True) or tokenizer is None:
-        return None
-    return tokenizer.bos_token_id
 
 
 def induction_probe(model: Any, n_seqs: int, half_len: int, seed: int = 0) -> InductionProbe:

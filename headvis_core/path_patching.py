@@ -115,15 +115,15 @@ def induction_prompt_pairs(model: Any, n_prompts: int = 8, half_len: int = 20, s
     ``BOS s_1..s_n r_1..r_{n-1}``: nothing repeats, so induction has nothing to copy. Answer
     ``r_n``, alternative ``s_n``.
     """
-    from headvis_core.probes import repeated_random_tokens
+    from headvis_core.probes import random_token_range, repeated_random_tokens
+    from headvis_core.tokens import bos_token_id
 
     if n_prompts < 1 or half_len < 2:
         raise InputError("Ask for at least one induction prompt of at least two tokens per half.")
-    bos = getattr(model.tokenizer, "bos_token_id", None) if getattr(model.cfg, "default_prepend_bos", True) else None
-    vocab = int(model.cfg.d_vocab)
-    low = min(100, vocab // 4)  # skip the special and byte tokens at the start of most vocabularies
-    clean = repeated_random_tokens(n_prompts, half_len, vocab, bos, seed=seed, low=low)
-    fresh = repeated_random_tokens(n_prompts, half_len, vocab, bos, seed=seed + 1, low=low)
+    bos = bos_token_id(model)
+    low, high = random_token_range(model)
+    clean = repeated_random_tokens(n_prompts, half_len, high, bos, seed=seed, low=low)
+    fresh = repeated_random_tokens(n_prompts, half_len, high, bos, seed=seed + 1, low=low)
     start = 0 if bos is None else 1
     corrupted = clean.clone()
     corrupted[:, start:start + half_len] = fresh[:, start:start + half_len]

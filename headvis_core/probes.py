@@ -1,5 +1,7 @@
 """Synthetic probe inputs."""
 
+from typing import Any
+
 import torch
 
 
@@ -18,3 +20,19 @@ def repeated_random_tokens(n_seqs: int, half_len: int, d_vocab: int, bos_token_i
     if bos_token_id is not None:
         parts.insert(0, torch.full((n_seqs, 1), bos_token_id, dtype=half.dtype))
     return torch.cat(parts, dim=1)
+
+
+def random_token_range(model: Any) -> tuple[int, int]:
+    """``[low, high)`` of ordinary token ids to draw random probes from (special tokens at either end skipped)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    high = int(model.cfg.d_vocab)
+    specials: set[int] = set()
+    if tokenizer is not None:
+        high = min(high, len(tokenizer))
+        specials = {int(i) for i in (tokenizer.all_special_ids or [])}
+    low = 0
+    while low in specials and low < high - 1:
+        low += 1
+    while high - 1 in specials and high - 1 > low:
+        high -= 1
+    return low, high

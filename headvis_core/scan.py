@@ -66,6 +66,7 @@ from headvis_core.paths import results_dir
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.storage import atomic_write_bytes, atomic_write_json, read_json
 from headvis_core.token_view import SparseAttention
+from headvis_core.tokens import bos_token_id
 
 FORMAT_VERSION = 1
 N_DECILES = 10
@@ -424,12 +425,6 @@ def scan_batch(model: Any, state: ScanState, seq_tokens: torch.Tensor, indices: 
     state.n_windows += len(indices)
 
 
-def _bos_id(model: Any) -> Optional[int]:
-    if not getattr(model.cfg, "default_prepend_bos", True):
-        return None
-    return getattr(model.tokenizer, "bos_token_id", None)
-
-
 def _vocab_size(model: Any) -> int:
     return max(int(model.cfg.d_vocab), len(model.tokenizer))
 
@@ -517,7 +512,7 @@ def _meta(loaded: LoadedModel, corpus: Corpus, params: ScanParams, key: str) -> 
 def _open_state(loaded: LoadedModel, corpus: Corpus, params: ScanParams, folder: Path, force: bool,
                 progress: Optional[ProgressCallback]):
     model = loaded.model
-    bos = _bos_id(model)
+    bos = bos_token_id(model)
     seq_len = params.window_len + (1 if bos is not None else 0)
     state = ScanState(loaded.info.n_layers, loaded.info.n_heads, seq_len, _vocab_size(model), params)
     if force:

@@ -1,7 +1,7 @@
 """Tokenizing prompts with the checks and labels the pages need."""
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -67,3 +67,11 @@ def visible(token: str) -> str:
 def token_labels(str_tokens: list[str]) -> list[str]:
     """Axis labels ``"position:token"``: whitespace visible, repeated tokens distinct."""
     return [f"{i}:{visible(tok)}" for i, tok in enumerate(str_tokens)]
+
+
+def bos_token_id(model: Any) -> Optional[int]:
+    """The BOS id the model prepends, or ``None`` where it prepends none."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if not getattr(model.cfg, "default_prepend_bos", True) or tokenizer is None:
+        return None
+    return tokenizer.bos_token_id

@@ -24,10 +24,10 @@ this script asks for passive waiting unless OMP_WAIT_POLICY is already set.
 
 import argparse
 import os
-from pathlib import Path
-import sys
 import resource
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 import headvis_ui as ui
-from headvis_core.model_card import head_grid_figure, model_facts
+from headvis_core.models.card import head_grid_figure, model_facts
 
 PAGES = [
     ("pages/1_Head_atlas.py", "Head atlas", "every head in one scatter of per-head metrics, classified, with a passport card"),

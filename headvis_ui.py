@@ -18,10 +18,10 @@ import streamlit as st
 
 from headvis_core.errors import HeadVisError, InputError
 from headvis_core.heads import HeadRef
-from headvis_core.models import LoadedModel, load_model
-from headvis_core.offline_model import is_fetched
+from headvis_core.models.loader import LoadedModel, load_model
+from headvis_core.models.offline import is_fetched
 from headvis_core.progress import ProgressCallback
-from headvis_core.registry import DEFAULT_MODEL, KNOWN_MODELS
+from headvis_core.models.registry import DEFAULT_MODEL, KNOWN_MODELS
 
 OTHER_MODEL = "Other: HF id or local directory"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -114,7 +114,7 @@ def load_sidebar_model() -> Optional[LoadedModel]:
     known = KNOWN_MODELS.get(name.lower())
     try:
         if known is not None and known.kind == "offline" and not is_fetched(known.target):
-            from headvis_core.offline_model import fetch_offline_model
+            from headvis_core.models.offline import fetch_offline_model
 
             with st.status(f"First start: fetching {name} (about 30 s, once)", expanded=True):
                 fetch_offline_model(known.target, progress=progress_bar("Fetching the offline model"))

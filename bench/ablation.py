@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import numpy as np
 import torch
 
-from headvis_core.ablation import ioi_prompts, prompts_from_texts
+from headvis_core.ablation.runner import ioi_prompts, prompts_from_texts
 from headvis_core.heads import all_heads
-from headvis_core.ioi import load_templates
-from headvis_core.kl_ranking import rank_heads
-from headvis_core.models import load_model
-from headvis_core.targeted_ablation import targeted_search
+from headvis_core.data.ioi import load_templates
+from headvis_core.ablation.ranking import rank_heads
+from headvis_core.models.loader import load_model
+from headvis_core.ablation.targeted import targeted_search
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 

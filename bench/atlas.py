@@ -67,7 +67,7 @@ class PeakRSS:
 
 
 def probe_for(model, n_seqs: int, seq_len: int):
-    from headvis_core.atlas import build_probe_set
+    from headvis_core.atlas.run import build_probe_set
 
     folder = CORPUS if CORPUS.is_dir() else None
     return build_probe_set(model, folder, n_seqs=n_seqs, seq_len=seq_len)
@@ -130,9 +130,9 @@ def worker(method: str, model_name: str, n_seqs: int, seq_len: int, n_induction:
 
     if threads:
         torch.set_num_threads(threads)
-    from headvis_core.atlas import run_atlas
-    from headvis_core.head_metrics import induction_probe
-    from headvis_core.models import load_model
+    from headvis_core.atlas.run import run_atlas
+    from headvis_core.atlas.metrics import induction_probe
+    from headvis_core.models.loader import load_model
 
     loaded = load_model(model_name, device="cpu")
     model = loaded.model

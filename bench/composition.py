@@ -3,7 +3,7 @@
     .venv/bin/python bench/composition.py              # SmolLM2 and gpt2-small-random, TL for the K kind
     .venv/bin/python bench/composition.py --all-kinds  # TL for Q, K and V (about three times longer)
 
-For each model, in one run: our Gram-matrix scores (``headvis_core.composition``) and
+For each model, in one run: our Gram-matrix scores (``headvis_core.circuits.composition``) and
 ``TransformerBridge.all_composition_scores`` on the same raw weights, their largest difference, the
 seconds of each and the ratio, and the peak extra resident memory of each. TL's version multiplies
 the factored matrices of every (sender, receiver) pair in one broadcast, which materialises
@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from headvis_core.circuit_graph import GraphFilter, all_edges, build_graph, to_graphml, to_html, to_json  # noqa: E402
-from headvis_core.composition import (all_composition_scores, composition_scores_from_weights,  # noqa: E402
+from headvis_core.circuits.graph import GraphFilter, all_edges, build_graph, to_graphml, to_html, to_json  # noqa: E402
+from headvis_core.circuits.composition import (all_composition_scores, composition_scores_from_weights,  # noqa: E402
                                       compute_composition, head_weights, random_baseline)
-from headvis_core.models import load_model  # noqa: E402
+from headvis_core.models.loader import load_model  # noqa: E402
 
 
 class PeakMemory:

@@ -63,7 +63,7 @@ def reset_peak() -> bool:
 
 def window_batches(loaded, corpus, params, batch_size: int) -> list[tuple[torch.Tensor, object]]:
     """The scan's batches ``[batch, 1 + window_len]`` (BOS first) and their window indices, tokenized once."""
-    from headvis_core.corpus import iter_window_batches
+    from headvis_core.data.corpus import iter_window_batches
 
     model = loaded.model
     bos = model.tokenizer.bos_token_id
@@ -85,7 +85,7 @@ def forward_only(loaded, batches) -> float:
 
 def scan_batches_only(loaded, batches, params) -> float:
     """The scan's per-batch work alone (hooked pass, reductions, merging) on the same tensors as forward_only."""
-    from headvis_core.scan import ScanState, _bos_id, _vocab_size, scan_batch
+    from headvis_core.scan.run import ScanState, _bos_id, _vocab_size, scan_batch
 
     info = loaded.info
     state = ScanState(info.n_layers, info.n_heads, params.window_len + (_bos_id(loaded.model) is not None),
@@ -97,7 +97,7 @@ def scan_batches_only(loaded, batches, params) -> float:
 
 
 def scan_once(loaded, corpus, params, batch_size: int) -> tuple[tuple[float, float], object]:
-    from headvis_core.scan import run_scan
+    from headvis_core.scan.run import run_scan
 
     with tempfile.TemporaryDirectory() as out:
         started, cpu = time.perf_counter(), time.process_time()
@@ -106,9 +106,9 @@ def scan_once(loaded, corpus, params, batch_size: int) -> tuple[tuple[float, flo
 
 
 def memory_child(windows: int, window_len: int, batch_size: int) -> None:
-    from headvis_core.corpus import open_corpus
-    from headvis_core.models import load_model
-    from headvis_core.scan import ScanParams
+    from headvis_core.data.corpus import open_corpus
+    from headvis_core.models.loader import load_model
+    from headvis_core.scan.run import ScanParams
 
     loaded = load_model("smollm2-135m", device="cpu")
     corpus = open_corpus(str(CORPUS))
@@ -137,9 +137,9 @@ def main() -> None:
     if not CORPUS.is_dir():
         sys.exit(f"{CORPUS} is not here")
 
-    from headvis_core.corpus import open_corpus
-    from headvis_core.models import load_model
-    from headvis_core.scan import ScanParams
+    from headvis_core.data.corpus import open_corpus
+    from headvis_core.models.loader import load_model
+    from headvis_core.scan.run import ScanParams
 
     print(f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     loaded = load_model("smollm2-135m", device="cpu")

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from headvis_core.heads import parse_heads
-from headvis_core.models import load_model
-from headvis_core.sweep import run_sweep, run_sweep_loop
-from headvis_core.templates import SweepSpec, build_plan, preset
+from headvis_core.models.loader import load_model
+from headvis_core.sweeps.run import run_sweep, run_sweep_loop
+from headvis_core.sweeps.templates import SweepSpec, build_plan, preset
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 import sys
 
-from headvis_core.cli import main
+from headvis_core.cli.main import main
 
 sys.exit(main())

@@ -25,21 +25,21 @@ CORPUS = ROOT.parent / "shared" / "corpus"
 
 @pytest.fixture(scope="session")
 def tiny_gpt2():
-    from headvis_core.models import load_model
+    from headvis_core.models.loader import load_model
 
     return load_model("tiny-gpt2", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from headvis_core.models import load_model
+    from headvis_core.models.loader import load_model
 
     return load_model("tiny-llama", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from headvis_core.models import load_model
+    from headvis_core.models.loader import load_model
 
     return load_model("smollm2-135m", device="cpu")
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 import headvis_ui as ui
-from headvis_core import experiments
+from headvis_core.ablation import experiments
 from headvis_core.heads import HeadRef
 from tests.conftest import app_test
 
@@ -12,7 +12,7 @@ PAGE = "pages/4_Ablation.py"
 
 
 def _key():
-    from headvis_core.models import load_model
+    from headvis_core.models.loader import load_model
 
     return ui.model_key(load_model("tiny-llama", device="cpu"))
 

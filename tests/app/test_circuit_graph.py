@@ -79,7 +79,7 @@ def test_path_patching_check_and_its_error_on_a_model_without_ioi_names():
 def test_atlas_roles_importance_and_chosen_heads_from_other_pages_are_used():
     import headvis_ui as ui
     from headvis_core.heads import HeadRef
-    from headvis_core.models import load_model
+    from headvis_core.models.loader import load_model
 
     model_key = ui.model_key(load_model("tiny-llama", device="cpu"))
     at = app_test(PAGE, model="tiny-llama")
@@ -102,7 +102,7 @@ def test_a_one_layer_model_cannot_compose(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from headvis_core.random_models import RandomModelSpec, _hf_config, random_model_dir
+    from headvis_core.models.random_models import RandomModelSpec, _hf_config, random_model_dir
 
     spec = RandomModelSpec(arch="gpt2", n_layers=1, n_heads=2, d_model=32)
     folder = tmp_path / "one-layer"

@@ -1,0 +1,238 @@
+"""Targeted ablation: a small set of heads whose ablation makes a chosen token the top prediction.
+
+Greedy forward selection, then backward pruning. The objective is the
+alternative token's margin, ``logit(alternative) - max_{t != alternative}
+logit(t)`` at the answer position (positive exactly when the alternative is
+the top prediction; averaged over a prompt set). Each step evaluates adding
+every remaining head to the current set in one batched pass
+(:meth:`AblationRunner.evaluate`) and keeps the one that raises the margin
+most; the search stops when the alternative is the top prediction on every
+prompt, when no head raises the margin, or when the set reaches the budget.
+Pruning then drops, one at a time, heads whose removal keeps the alternative
+on top. Finding no set within the budget is a valid answer.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import pandas as pd
+import torch
+
+from headvis_core.ablation.runner import DEFAULT_BATCH_TOKENS, Ablation, AblationPrompts, AblationRunner, zero_ablation
+from headvis_core.ablation.metrics import AnswerMetrics, clean_metrics, prediction_shift, top_k_table
+from headvis_core.errors import InputError
+from headvis_core.heads import HeadRef, all_heads, parse_heads
+from headvis_core.progress import ProgressCallback, report, scaled
+from headvis_core.tokens import single_token_id
+
+MIN_GAIN = 1e-6  # margin gain (logits) below which a head "does not help"
+
+
+@dataclass
+class TargetedResult:
+    alternative: str  # the token made top (on the first prompt)
+    alternative_ids: list[int]  # per prompt
+    heads: list[HeadRef]  # the set found, after pruning (the greedy set when none was found)
+    greedy_heads: list[HeadRef]  # in the order the greedy search added them
+    found: bool
+    reason: str
+    trajectory: pd.DataFrame  # one row per step: the clean run, each head added, each head pruned
+    clean_top: pd.DataFrame  # top-k on the first prompt, clean
+    final_shift: pd.DataFrame  # prediction shift on the first prompt with ``heads`` ablated
+    budget: int
+    kind: str = "zero"
+    n_prompts: int = 1
+    passes: int = 0  # batched passes run
+    engine: str = "replay"
+    seconds: float = 0.0
+
+    @property
+    def summary(self) -> str:
+        heads = ", ".join(str(h) for h in self.heads) or "none"
+        if self.found:
+            return (f"Ablating {len(self.heads)} head(s) ({heads}) makes {self.alternative!r} the top prediction"
+                    + (" on every prompt." if self.n_prompts > 1 else "."))
+        return f"No set of at most {self.budget} heads makes {self.alternative!r} the top prediction: {self.reason}."
+
+    def to_dict(self) -> dict[str, Any]:
+        from headvis_core.ablation.ranking import table_to_json
+
+        return {"alternative": self.alternative, "alternative_ids": self.alternative_ids,
+                "heads": [str(h) for h in self.heads], "greedy_heads": [str(h) for h in self.greedy_heads],
+                "found": self.found, "reason": self.reason, "trajectory": table_to_json(self.trajectory),
+                "clean_top": table_to_json(self.clean_top), "final_shift": table_to_json(self.final_shift),
+                "budget": self.budget, "kind": self.kind, "n_prompts": self.n_prompts, "passes": self.passes,
+                "engine": self.engine, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TargetedResult":
+        from headvis_core.ablation.ranking import table_from_json
+
+        def heads(values):
+            return [HeadRef.from_label(str(v)) for v in values]
+
+        return cls(alternative=data["alternative"], alternative_ids=[int(i) for i in data["alternative_ids"]],
+                   heads=heads(data["heads"]), greedy_heads=heads(data["greedy_heads"]), found=bool(data["found"]),
+                   reason=data["reason"], trajectory=table_from_json(data["trajectory"]),
+                   clean_top=table_from_json(data["clean_top"]), final_shift=table_from_json(data["final_shift"]),
+                   budget=int(data["budget"]), kind=data.get("kind", "zero"), n_prompts=int(data.get("n_prompts", 1)),
+                   passes=int(data.get("passes", 0)), engine=data.get("engine", ""),
+                   seconds=float(data.get("seconds", 0.0)))
+
+
+def alternative_token_ids(model: Any, prompts: AblationPrompts, alternative: Any) -> list[int]:
+    """Per-prompt ids: a token text (one token, else a clear error), one id, or one id per prompt."""
+    if alternative is None or (isinstance(alternative, str) and not alternative):
+        if prompts.alternative_ids is None:
+            raise InputError("Choose the alternative token to make the top prediction.")
+        return list(prompts.alternative_ids)
+    if isinstance(alternative, str):
+        return [single_token_id(model, alternative)] * len(prompts)
+    if isinstance(alternative, int):
+        return [alternative] * len(prompts)
+    ids = [int(i) for i in alternative]
+    if len(ids) != len(prompts):
+        raise InputError(f"Give one alternative token per prompt ({len(prompts)}), not {len(ids)}.")
+    return ids
+
+
+@dataclass
+class _Step:
+    margin: torch.Tensor  # [P]
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # {name: [P]}
+
+    @property
+    def objective(self) -> float:
+        return float(self.margin.mean())
+
+    @property
+    def success(self) -> bool:
+        return bool((self.margin > 0).all())
+
+
+def _steps(values: dict[str, torch.Tensor]) -> list[_Step]:
+    n = values["alternative_margin"].shape[0]
+    return [_Step(values["alternative_margin"][i], {k: v[i] for k, v in values.items()}) for i in range(n)]
+
+
+def _best(steps: list[_Step]) -> int:
+    return max(range(len(steps)), key=lambda i: (steps[i].success, steps[i].objective))
+
+
+def targeted_search(model: Any, prompts: AblationPrompts, alternative: Any = None,
+                    ablation: Optional[Ablation] = None, budget: int = 10, prune: bool = True,
+                    candidates: Optional[Sequence[HeadRef] | str] = None, k: int = 10, engine: str = "replay",
+                    max_batch_tokens: int = DEFAULT_BATCH_TOKENS, runner: Optional[AblationRunner] = None,
+                    progress: Optional[ProgressCallback] = None) -> TargetedResult:
+    """Greedily find heads whose joint ablation makes ``alternative`` the top prediction, then prune them.
+
+    ``alternative``: a token text such as ``" John"`` (must be one token),
+    a token id, or one id per prompt; ``None`` uses the prompts'
+    alternatives. ``budget``: the most heads the set may hold (at least 1).
+    ``candidates``: heads the search may use (default: all).
+    """
+    started = time.perf_counter()
+    if budget is None or int(budget) < 1:
+        raise InputError("The budget must allow at least one head (it is the most heads the search may ablate).")
+    budget = int(budget)
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    if isinstance(candidates, str):
+        candidates = parse_heads(candidates, n_layers, n_heads)
+    pool = list(candidates) if candidates is not None else all_heads(n_layers, n_heads)
+    for head in pool:
+        head.check(n_layers, n_heads)
+    alternative_ids = alternative_token_ids(model, prompts, alternative)
+    report(progress, 0.0, "clean run")
+    if runner is None:
+        runner = AblationRunner(model, prompts, ablation or zero_ablation(model), engine=engine,
+                                max_batch_tokens=max_batch_tokens, progress=scaled(progress, 0.0, 0.05))
+    original_ids = [int(runner.clean_logits[i][-1].argmax()) for i in range(len(prompts))]
+    metrics = AnswerMetrics(target_ids=original_ids, alternative_ids=alternative_ids)
+    clean = clean_metrics(runner, metrics)
+    current = _Step(clean["alternative_margin"], clean)
+    rows = [_trajectory_row(model, 0, "clean", None, [], current)]
+    chosen: list[HeadRef] = []
+    passes = 0
+    reason = "the alternative is already the top prediction" if current.success else ""
+    while not current.success:
+        if len(chosen) >= budget:
+            reason = f"the budget of {budget} heads is used up"
+            break
+        remaining = [h for h in pool if h not in chosen]
+        if not remaining:
+            reason = "every candidate head is already ablated"
+            break
+        fraction = len(chosen) / budget
+        values = runner.evaluate([tuple(chosen) + (h,) for h in remaining], metrics, base=chosen,
+                                 progress=scaled(progress, 0.05 + 0.8 * fraction, 0.05 + 0.8 * (len(chosen) + 1) / budget))
+        passes += 1
+        steps = _steps(values)
+        best = _best(steps)
+        if not steps[best].success and steps[best].objective <= current.objective + MIN_GAIN:
+            reason = "no remaining head raises the alternative further"
+            break
+        chosen.append(remaining[best])
+        current = steps[best]
+        rows.append(_trajectory_row(model, len(rows), "add", remaining[best], chosen, current))
+    found = current.success
+    greedy = list(chosen)
+    if found and not reason:
+        reason = "the alternative is the top prediction"
+    if found and prune:
+        report(progress, 0.85, "pruning")
+        while len(chosen) > 1:
+            values = runner.evaluate([tuple(h for h in chosen if h != drop) for drop in chosen], metrics)
+            passes += 1
+            steps = _steps(values)
+            kept = [i for i, s in enumerate(steps) if s.success]
+            if not kept:
+                break
+            best = max(kept, key=lambda i: steps[i].objective)
+            dropped = chosen[best]
+            chosen = [h for h in chosen if h != dropped]
+            current = steps[best]
+            rows.append(_trajectory_row(model, len(rows), "prune", dropped, chosen, current))
+    first_clean = runner.clean_logits[0][-1]
+    if chosen:
+        final = runner.evaluate([tuple(chosen)], AnswerMetrics(keep_logprobs=True), prompt_indices=[0])
+        final_logits = final["logprobs"][0, 0]
+    else:
+        final_logits = first_clean
+    report(progress, 1.0, "done")
+    return TargetedResult(
+        alternative=model.to_single_str_token(alternative_ids[0]), alternative_ids=alternative_ids, heads=chosen,
+        greedy_heads=greedy, found=found, reason=reason, trajectory=pd.DataFrame(rows),
+        clean_top=top_k_table(model, first_clean, k), final_shift=prediction_shift(model, first_clean, final_logits, k),
+        budget=budget, kind=runner.ablation.kind, n_prompts=len(prompts), passes=passes, engine=runner.engine,
+        seconds=time.perf_counter() - started)
+
+
+def _trajectory_row(model: Any, step: int, action: str, head: Optional[HeadRef], chosen: list[HeadRef],
+                    state: _Step) -> dict[str, Any]:
+    values = state.values
+    return {
+        "step": step, "action": action, "head": "" if head is None else str(head),
+        "heads": ", ".join(str(h) for h in chosen), "n_heads": len(chosen),
+        "alternative_prob": float(values["alternative_prob"].float().mean()),
+        "original_prob": float(values["target_prob"].float().mean()),
+        "margin": state.objective,
+        "alternative_top_share": float((state.margin > 0).float().mean()),
+        "top_token": model.to_single_str_token(int(values["top_id"][0])),
+    }
+
+
+def trajectory_figure(result: TargetedResult):
+    """Probability of the alternative and of the original top token after each step."""
+    import plotly.graph_objects as go
+
+    t = result.trajectory
+    labels = [f"{r.step}: {r.action} {r.head}".strip() for r in t.itertuples()]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=labels, y=t["alternative_prob"], mode="lines+markers",
+                             name=f"alternative {result.alternative!r}"))
+    fig.add_trace(go.Scatter(x=labels, y=t["original_prob"], mode="lines+markers", name="original top token"))
+    fig.update_layout(title="Probabilities along the search", xaxis_title="step", yaxis_title="probability",
+                      yaxis_range=[0, 1], height=380, margin=dict(t=40, b=10, l=10, r=10))
+    fig.update_xaxes(type="category")
+    return fig

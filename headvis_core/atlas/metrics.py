@@ -1,0 +1,291 @@
+"""Per-head attention-pattern metrics over a probe set, computed layer by layer.
+
+Every metric is an average over query positions ``q >= 1`` (row 0 attends to
+one key and says nothing about a head), pooled over all sequences of the
+probe set. ``A[q, k]`` is one head's attention pattern on one sequence (rows
+sum to 1, ``k <= q``), ``t`` the tokens of that sequence.
+
+* ``previous_token``: mean of ``A[q, q-1]`` (Elhage et al. 2021; ARENA).
+* ``induction``: on BOS + random tokens ``r`` repeated twice, mean over the
+  second copy of the attention from each token to the token after its first
+  occurrence, ``A[q, q - L + 1]`` for the ``L`` queries of the second copy
+  (Olsson et al. 2022; the "induction stripe" of ARENA 1.2).
+* ``duplicate_token``: ``sum_{k < q, t_k = t_q} A[q, k]``, averaged over the
+  queries whose token occurred earlier in the sequence (Wang et al. 2022).
+* ``attention_sink``: ``A[q, 0]``, attention to position 0 / BOS (Xiao et al.
+  2023, "attention sinks").
+* ``self_attention``: ``A[q, q]``, attention to the current token.
+* ``entropy``: ``-sum_k A[q, k] log A[q, k] / log(q + 1)``, the entropy
+  normalised by its maximum over the ``q + 1`` visible keys (1 = uniform).
+* ``mean_distance``: ``sum_k A[q, k] (q - k)``, in tokens.
+* ``max_attention_no_bos``: ``max_{1 <= k <= q} A[q, k]``, the strongest
+  single attention once the sink at position 0 is set aside (as HeadVis does).
+* ``local_attention``: ``sum_{1 <= k, q - 3 <= k <= q} A[q, k]``, attention
+  to the current token and the three before it (position 0 excluded).
+
+Relation to TransformerLens ``head_detector.detect_head`` ("mul" measure, no
+exclusions): for one prompt of ``n`` tokens detect_head divides the summed
+attention on its detection pattern by ``sum A = n`` (all rows, row 0
+included), while these metrics divide by the number of queries they average
+over. So on one prompt, ``detect_head("previous_token_head") =
+previous_token * (n - 1) / n`` and ``detect_head("duplicate_token_head") =
+duplicate_token * n_dup / n``; on BOS + distinct random tokens repeated,
+``detect_head("induction_head") = induction * L / (2L + 1)``. The tests check
+these identities to 1e-5.
+
+The forward pass hooks only ``blocks.{l}.attn.hook_pattern``; each layer's
+pattern is reduced to running sums inside its hook and dropped, so no
+activation cache of all layers is ever held. The pass stops right after the
+last layer's pattern (skipping the last MLP and the unembedding).
+"""
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from headvis_core.lab.patterns import pattern_hook
+from headvis_core.hooks import run_with_hooks
+from headvis_core.data.probes import random_token_range, repeated_random_tokens
+from headvis_core.tokens import bos_token_id
+from headvis_core.progress import ProgressCallback, report
+
+TEXT_METRICS = ("previous_token", "duplicate_token", "attention_sink", "self_attention", "entropy",
+                "mean_distance", "max_attention_no_bos", "local_attention")
+ATTENTION_METRICS = ("previous_token", "induction") + TEXT_METRICS[1:]
+LOCAL_WINDOW = 4  # current token and the three before it
+
+
+@dataclass(frozen=True)
+class InductionProbe:
+    """``tokens [batch, prefix + 2 * half_len]``: optional BOS, then random tokens repeated twice."""
+
+    tokens: torch.Tensor
+    half_len: int
+    prefix_len: int  # 1 with a BOS token, else 0
+
+
+def induction_probe(model: Any, n_seqs: int, half_len: int, seed: int = 0) -> InductionProbe:
+    """The Olsson et al. induction probe for ``model``: BOS (if the model uses one) + ``r`` + ``r``."""
+    low, high = random_token_range(model)
+    bos = bos_token_id(model)
+    tokens = repeated_random_tokens(n_seqs, half_len, high, bos, seed=seed, low=low)
+    return InductionProbe(tokens=tokens, half_len=half_len, prefix_len=0 if bos is None else 1)
+
+
+# ---------------------------------------------------------------------------
+# Per-layer reductions: patterns [batch, head, query, key] -> sums [head]
+# ---------------------------------------------------------------------------
+
+def earlier_occurrences(tokens: torch.Tensor) -> torch.Tensor:
+    """``[batch, query, key]`` float mask: 1 where key < query holds the same token as the query."""
+    pos = torch.arange(tokens.shape[-1], device=tokens.device)
+    return ((tokens[:, :, None] == tokens[:, None, :]) & (pos[:, None] > pos[None, :])).float()
+
+
+def text_metric_sums(pattern: torch.Tensor, tokens: torch.Tensor,
+                     earlier_same: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Sums over (batch, query >= 1) of each text metric, ``{name: [head]}``, and how many queries each summed.
+
+    Args:
+        pattern: ``[batch, head, query, key]`` attention of one layer on ``tokens``.
+        tokens: ``[batch, pos]``, the same sequences.
+        earlier_same: :func:`earlier_occurrences` of ``tokens`` (computed here if not given; pass it to
+            reuse it across layers).
+    """
+    A = pattern.float()
+    batch, _, n, _ = A.shape
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, float] = {}
+    if n < 2:
+        for name in TEXT_METRICS:
+            sums[name], counts[name] = A.new_zeros(A.shape[1]), 0.0
+        return sums, counts
+    queries = float(batch * (n - 1))
+    pos = torch.arange(n, device=A.device)
+    offset = (pos[:, None] - pos[None, :]).to(A.dtype)  # q - k: [query, key]
+    # Metrics that weigh A by a fixed [query, key] matrix only need the pattern summed over the batch.
+    summed = A[:, :, 1:, :].sum(0)  # [head, query >= 1, key]
+    offset_rows = offset[1:]
+    keys = pos[None, :].expand_as(offset_rows)
+    weights = {
+        "previous_token": (offset_rows == 1),
+        "self_attention": (offset_rows == 0),
+        "attention_sink": (keys == 0),
+        "mean_distance": offset_rows.clamp(min=0),
+        "local_attention": (offset_rows >= 0) & (offset_rows < LOCAL_WINDOW) & (keys >= 1),
+    }
+    for name, weight in weights.items():
+        sums[name] = (summed * weight.to(A.dtype)).sum((1, 2))
+    inv_log_keys = 1.0 / torch.log(pos[1:].to(A.dtype) + 1.0)  # 1 / log(q + 1) for q >= 1
+    rows = A[:, :, 1:, :]
+    sums["entropy"] = -(torch.special.xlogy(rows, rows).sum(-1) * inv_log_keys).sum((0, 2))
+    sums["max_attention_no_bos"] = rows[..., 1:].amax(-1).sum((0, 2))
+    for name in ("previous_token", "self_attention", "attention_sink", "entropy", "mean_distance",
+                 "max_attention_no_bos", "local_attention"):
+        counts[name] = queries
+    if earlier_same is None:
+        earlier_same = earlier_occurrences(tokens)
+    earlier_same = earlier_same.to(device=A.device, dtype=A.dtype)
+    n_heads = A.shape[1]
+    sums["duplicate_token"] = (A.reshape(batch, n_heads, n * n) @ earlier_same.reshape(batch, n * n, 1)).sum((0, 2))
+    counts["duplicate_token"] = float((earlier_same.sum(-1) > 0).sum())
+    return sums, counts
+
+
+def induction_sums(pattern: torch.Tensor, half_len: int, prefix_len: int) -> tuple[torch.Tensor, float]:
+    """Sum over the second copy of the induction stripe ``A[q, q - L + 1]``, ``[head]``, and the query count.
+
+    Args:
+        pattern: ``[batch, head, query, key]`` on an :class:`InductionProbe` (``prefix + 2L`` tokens).
+    """
+    stripe = pattern.float().diagonal(offset=-(half_len - 1), dim1=-2, dim2=-1)
+    # diagonal element i sits at query L - 1 + i; the second copy starts at query prefix + L
+    second_copy = stripe[:, :, prefix_len + 1:]
+    return second_copy.sum((0, 2)), float(second_copy.shape[0] * second_copy.shape[2])
+
+
+def received_attention(pattern: torch.Tensor, token_index: torch.Tensor, n_ids: int) -> torch.Tensor:
+    """``[head, n_ids]``: attention each token id received as a key (positions >= 1), summed over queries.
+
+    Args:
+        pattern: ``[batch, head, query, key]``.
+        token_index: ``[batch, pos]`` the tokens as indices into ``range(n_ids)`` (token ids, or positions in a
+            compact list of the ids that occur).
+    """
+    received = pattern.float()[:, :, 1:, 1:].sum(2)  # [batch, head, key >= 1]
+    n_heads = received.shape[1]
+    out = received.new_zeros(n_heads, n_ids)
+    index = token_index[:, 1:].reshape(-1).to(received.device)
+    out.index_add_(1, index, received.permute(1, 0, 2).reshape(n_heads, -1))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Running the model
+# ---------------------------------------------------------------------------
+
+class _AllPatternsSeen(Exception):
+    """Raised in the last layer's pattern hook: nothing after it is needed."""
+
+
+def for_each_layer_pattern(model: Any, tokens: torch.Tensor, on_pattern,
+                           layers: Optional[Iterable[int]] = None) -> None:
+    """Run ``tokens`` and call ``on_pattern(layer, pattern [batch, head, q, k])`` for each layer, then stop.
+
+    Only the pattern hooks are added; the forward pass is cut short after the
+    last requested layer's pattern, so later blocks and the unembedding never run.
+    """
+    layers = sorted(set(range(model.cfg.n_layers) if layers is None else layers))
+    last = layers[-1]
+
+    def hook(pattern: torch.Tensor, hook: Any, layer: int) -> None:
+        on_pattern(layer, pattern.detach())
+        if layer == last:
+            raise _AllPatternsSeen()
+
+    hooks = [(pattern_hook(layer), partial(hook, layer=layer)) for layer in layers]
+    try:
+        run_with_hooks(model, tokens.to(model.cfg.device), hooks, return_type=None)
+    except _AllPatternsSeen:
+        pass
+
+
+@dataclass
+class AttentionMetrics:
+    """Per-head means ``{metric: [layer, head]}`` and where the attention went, over a probe set."""
+
+    values: dict[str, np.ndarray]
+    n_queries: dict[str, float]  # queries averaged over, per metric (per head)
+    top_token_ids: np.ndarray  # [layer, head, k] token ids receiving most attention (positions >= 1)
+    top_token_shares: np.ndarray  # [layer, head, k] their share of the head's attention outside position 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _batches(sequences: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Group ``[1, pos]`` / ``[batch, pos]`` tensors by length and cut them into ``[<=batch_size, pos]`` batches."""
+    by_len: dict[int, list[torch.Tensor]] = {}
+    for seq in sequences:
+        seq = seq if seq.ndim == 2 else seq[None]
+        by_len.setdefault(int(seq.shape[-1]), []).append(seq)
+    out = []
+    for length in sorted(by_len, reverse=True):
+        stacked = torch.cat(by_len[length], dim=0)
+        out.extend(stacked[i:i + batch_size] for i in range(0, stacked.shape[0], batch_size))
+    return out
+
+
+def attention_metrics(model: Any, text_sequences: Sequence[torch.Tensor], induction: Optional[InductionProbe],
+                      batch_size: int = 16, top_k: int = 10,
+                      progress: Optional[ProgressCallback] = None) -> AttentionMetrics:
+    """All attention-pattern metrics for every head, from one hooked pass per batch.
+
+    Args:
+        text_sequences: token tensors ``[pos]`` or ``[batch, pos]`` of real text (BOS first); sequences of
+            equal length are batched together, so no padding is needed.
+        induction: the repeated-random-token probe, or ``None`` to leave ``induction`` as NaN.
+        batch_size: sequences per forward pass (bounds the memory of one layer's pattern).
+    """
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    sums = {name: torch.zeros(n_layers, n_heads, dtype=torch.float64) for name in ATTENTION_METRICS}
+    counts = {name: torch.zeros(n_layers, dtype=torch.float64) for name in ATTENTION_METRICS}
+    text_batches = _batches(text_sequences, batch_size)
+    # Attention received is kept per token id that occurs in the probe, not per vocabulary entry.
+    seen_ids = torch.unique(torch.cat([b[:, 1:].reshape(-1) for b in text_batches])) if text_batches else \
+        torch.zeros(1, dtype=torch.long)
+    received = torch.zeros(n_layers, n_heads, len(seen_ids), dtype=torch.float32)
+    induction_batches = [] if induction is None else _batches([induction.tokens], batch_size)
+    total = max(1, len(text_batches) + len(induction_batches))
+    done = 0
+
+    for tokens in text_batches:
+        report(progress, done / total, f"real text: batch {done + 1} of {len(text_batches)}")
+
+        earlier_same = earlier_occurrences(tokens)
+        token_index = torch.searchsorted(seen_ids, tokens)
+
+        def on_text(layer: int, pattern: torch.Tensor, tokens=tokens, earlier_same=earlier_same,
+                    token_index=token_index) -> None:
+            layer_sums, layer_counts = text_metric_sums(pattern, tokens, earlier_same)
+            for name, value in layer_sums.items():
+                sums[name][layer] += value.double().cpu()
+                counts[name][layer] += layer_counts[name]
+            received[layer] += received_attention(pattern, token_index, len(seen_ids)).cpu()
+
+        for_each_layer_pattern(model, tokens, on_text)
+        done += 1
+
+    for tokens in induction_batches:
+        report(progress, done / total, f"induction probe: batch {done + 1 - len(text_batches)} of "
+                                       f"{len(induction_batches)}")
+
+        def on_induction(layer: int, pattern: torch.Tensor) -> None:
+            stripe, n_queries = induction_sums(pattern, induction.half_len, induction.prefix_len)
+            sums["induction"][layer] += stripe.double().cpu()
+            counts["induction"][layer] += n_queries
+
+        for_each_layer_pattern(model, tokens, on_induction)
+        done += 1
+    report(progress, 1.0, "attention metrics done")
+
+    values = {}
+    for name in ATTENTION_METRICS:
+        n = counts[name][:, None]
+        values[name] = torch.where(n > 0, sums[name] / n.clamp(min=1), torch.nan).numpy()
+    k = min(top_k, len(seen_ids))
+    total_received = received.sum(-1, keepdim=True).clamp(min=1e-12)
+    shares, index = (received / total_received).topk(k, dim=-1)
+    notes = []
+    if text_batches and counts["duplicate_token"].max() == 0:
+        notes.append("No token repeats within a probe sequence, so duplicate-token scores are undefined (NaN).")
+    return AttentionMetrics(values=values, n_queries={n: float(c[0]) for n, c in counts.items()},
+                            top_token_ids=seen_ids[index].numpy(), top_token_shares=shares.numpy(), notes=notes)
+
+
+def layer_patterns(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """``[layer, head, query, key]`` patterns of every head on one short sequence ``tokens [1, pos]``."""
+    patterns: dict[int, torch.Tensor] = {}
+    for_each_layer_pattern(model, tokens, lambda layer, p: patterns.__setitem__(layer, p[0].float().cpu()))
+    return torch.stack([patterns[layer] for layer in sorted(patterns)])

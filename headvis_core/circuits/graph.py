@@ -1,0 +1,414 @@
+"""A circuit graph of attention heads: composition edges, roles and ablation importance.
+
+Nodes are heads (``"layer.head"``), optionally the token embedding (``"embed"``) and the logits
+(``"logits"``). Edges are weight-based composition (:mod:`headvis_core.circuits.composition`) with their
+kind (``q``, ``k``, ``v``; ``out`` for head -> logits), score, ratio to the random baseline
+("times above chance") and z-score, plus the path-patching effect where it was measured
+(:mod:`headvis_core.circuits.path_patching`). Node attributes: layer, head, the atlas behaviour, the
+published role (GPT-2 IOI, :mod:`headvis_core.circuits.published_roles`) and the ablation importance.
+
+Exports: GraphML, node-link JSON, and a standalone pyvis HTML page laid out by layer from left to
+right. Every label and tooltip is HTML-escaped before it reaches pyvis: vis-network shows titles
+with ``innerText``, but pyvis switches to ``innerHTML`` popups as soon as one title contains
+"href", and role names come from other pages and files.
+"""
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+
+from headvis_core.circuits.composition import KIND_NAMES, KINDS, CompositionResult, IOScores, suggest_threshold
+from headvis_core.errors import InputError
+from headvis_core.heads import HeadRef
+from headvis_core.circuits.published_roles import PublishedRoles
+
+EMBED, LOGITS = "embed", "logits"
+EDGE_KINDS = KINDS + ("out",)
+MEASURES = {"ratio": "times above the random baseline", "z": "z-score above the random baseline",
+            "score": "composition score"}
+EDGE_COLOURS = {"q": "#1f77b4", "k": "#ff7f0e", "v": "#2ca02c", "out": "#9467bd"}
+EDGE_KIND_NAMES = {**KIND_NAMES, "out": "direct path to the logits"}
+ROLE_COLOURS = {
+    "induction": "#d62728", "previous token": "#ff9896", "duplicate token": "#8c564b",
+    "name mover": "#17becf", "backup name mover": "#9edae5", "negative name mover": "#7f7f7f",
+    "s inhibition": "#bcbd22", "successor": "#f7b6d2", "copy suppression": "#c49c94",
+    "positional": "#aec7e8", "local/positional": "#aec7e8", "copying": "#e377c2", "attention sink": "#dbdb8d",
+    "bos": "#dbdb8d", "self": "#c5b0d5",
+}
+SPARE_COLOURS = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
+                 "#756bb1", "#636363"]
+NO_ROLE_COLOUR = "#c7c7c7"
+IO_COLOUR = "#444444"
+LAYER_SPACING, HEAD_SPACING = 170, 70
+DEFAULT_MAX_EDGES = 200
+
+
+@dataclass(frozen=True)
+class GraphFilter:
+    """Which edges go into the graph.
+
+    ``threshold`` applies to ``measure`` (``ratio``, ``z`` or ``score``); ``top_k`` keeps, for every
+    node, its ``k`` strongest incoming and ``k`` strongest outgoing edges (an edge survives if
+    either end keeps it); ``heads`` keeps only edges touching those heads (so: the heads and their
+    neighbours); ``max_edges`` keeps the strongest edges overall.
+    """
+
+    kinds: tuple[str, ...] = KINDS
+    measure: str = "ratio"
+    threshold: Optional[float] = None
+    top_k: Optional[int] = 3
+    heads: tuple[HeadRef, ...] = ()
+    max_edges: Optional[int] = DEFAULT_MAX_EDGES
+
+
+def node_id(layer: int, head: int) -> str:
+    return f"{layer}.{head}"
+
+
+def normalise_role(role: Any) -> str:
+    if role is None or (isinstance(role, float) and math.isnan(role)):
+        return ""
+    return " ".join(str(role).replace("-", " ").replace("_", " ").split()).strip()
+
+
+def role_colour(role: str) -> str:
+    key = normalise_role(role).lower()
+    if not key or key in ("none", "unknown", "unclassified", "other"):
+        return NO_ROLE_COLOUR
+    if key in ROLE_COLOURS:
+        return ROLE_COLOURS[key]
+    return SPARE_COLOURS[sum(key.encode("utf-8")) % len(SPARE_COLOURS)]
+
+
+def all_edges(result: CompositionResult, io: Optional[IOScores] = None) -> pd.DataFrame:
+    """Every candidate edge: head -> head per kind, plus embed -> head and head -> logits with ``io``."""
+    table = result.edges_table()
+    frames = [table]
+    if io is not None:
+        layers, heads = np.meshgrid(np.arange(result.n_layers), np.arange(result.n_heads), indexing="ij")
+        ids = [node_id(l, h) for l, h in zip(layers.ravel(), heads.ravel())]
+        for kind, scores in io.embed.items():
+            base = io.baselines[f"embed-{kind}"]
+            s = scores.double().numpy().ravel()
+            frames.append(pd.DataFrame({
+                "sender": EMBED, "receiver": ids, "sender_layer": -1, "sender_head": -1,
+                "receiver_layer": layers.ravel(), "receiver_head": heads.ravel(), "kind": kind,
+                "score": s, "ratio": s / base.mean, "z": (s - base.mean) / base.std}))
+        base = io.baselines["logits"]
+        s = io.logits.double().numpy().ravel()
+        frames.append(pd.DataFrame({
+            "sender": ids, "receiver": LOGITS, "sender_layer": layers.ravel(), "sender_head": heads.ravel(),
+            "receiver_layer": result.n_layers, "receiver_head": -1, "kind": "out",
+            "score": s, "ratio": s / base.mean, "z": (s - base.mean) / base.std}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _top_k_per_node(edges: pd.DataFrame, measure: str, k: int, chosen: set[str]) -> pd.DataFrame:
+    """Edges among the ``k`` strongest out of their sender or into their receiver; with ``chosen``
+    heads, only those heads' rankings count (their ``k`` strongest in and out)."""
+    out_rank = edges.groupby("sender")[measure].rank(method="first", ascending=False)
+    in_rank = edges.groupby("receiver")[measure].rank(method="first", ascending=False)
+    if chosen:
+        return edges[(edges["sender"].isin(chosen) & (out_rank <= k)) | (edges["receiver"].isin(chosen) & (in_rank <= k))]
+    return edges[(out_rank <= k) | (in_rank <= k)]
+
+
+def select_edges(edges: pd.DataFrame, flt: GraphFilter, n_layers: int, n_heads: int) -> pd.DataFrame:
+    """Apply ``flt`` to a table from :func:`all_edges`; raise :class:`InputError` when nothing is left."""
+    if flt.measure not in MEASURES:
+        raise InputError(f"Unknown measure {flt.measure!r}: choose from {', '.join(MEASURES)}.")
+    bad = [k for k in flt.kinds if k not in EDGE_KINDS]
+    if bad or not flt.kinds:
+        raise InputError(f"Choose edge kinds from {', '.join(EDGE_KINDS)} (got {', '.join(flt.kinds) or 'none'}).")
+    if flt.top_k is not None and flt.top_k < 1:
+        raise InputError("top-k must be at least 1 (or leave it empty to keep every edge above the threshold).")
+    if flt.max_edges is not None and flt.max_edges < 1:
+        raise InputError("The edge limit must be at least 1.")
+    chosen = {node_id(h.layer, h.head) for h in (head.check(n_layers, n_heads) for head in flt.heads)}
+    kept = edges[edges["kind"].isin(flt.kinds)]
+    if chosen:
+        kept = kept[kept["sender"].isin(chosen) | kept["receiver"].isin(chosen)]
+    candidates = kept
+    if flt.threshold is not None:
+        kept = kept[kept[flt.measure] >= flt.threshold]
+    if kept.empty:
+        where = f" touching {', '.join(sorted(chosen))}" if chosen else ""
+        if candidates.empty:
+            raise InputError(f"There are no {'/'.join(flt.kinds)} edges{where} to show.")
+        strongest = float(candidates[flt.measure].max())
+        values = candidates[flt.measure].to_numpy()
+        hint = suggest_threshold(values, 50)
+        raise InputError(
+            f"No edge{where} has {flt.measure} >= {flt.threshold:g} ({MEASURES[flt.measure]}); the strongest has "
+            f"{strongest:.3g}. Try a threshold of {hint:g} (it keeps {int((values >= hint).sum())} edges) or lower.")
+    if flt.top_k is not None:
+        kept = _top_k_per_node(kept, flt.measure, flt.top_k, chosen)
+    kept = kept.sort_values(flt.measure, ascending=False, kind="stable")
+    if flt.max_edges is not None:
+        kept = kept.head(flt.max_edges)
+    return kept.reset_index(drop=True)
+
+
+def _head_table(df: Optional[pd.DataFrame], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{"layer.head": {column: value}}`` from a DataFrame with ``layer`` and ``head`` columns."""
+    if df is None or len(df) == 0 or not {"layer", "head"} <= set(df.columns):
+        return {}
+    present = [c for c in columns if c in df.columns]
+    return {node_id(int(row["layer"]), int(row["head"])): {c: row[c] for c in present}
+            for _, row in df.iterrows()}
+
+
+def _clean(value: Any) -> Any:
+    """GraphML and JSON take str/int/float/bool; NaN and None are dropped by the caller."""
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    return value
+
+
+def _set(attrs: dict[str, Any], key: str, value: Any) -> None:
+    value = _clean(value)
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return
+    if not isinstance(value, (str, int, float, bool)):
+        value = str(value)
+    attrs[key] = value
+
+
+def build_graph(result: CompositionResult, flt: GraphFilter = GraphFilter(), *, io: Optional[IOScores] = None,
+                atlas: Optional[pd.DataFrame] = None, importance: Optional[pd.DataFrame] = None,
+                published: Optional[PublishedRoles] = None, patching: Optional[pd.DataFrame] = None,
+                model_name: str = "", edges: Optional[pd.DataFrame] = None) -> nx.DiGraph:
+    """The filtered circuit graph.
+
+    ``atlas``: DataFrame with ``layer, head, behaviour`` (and optionally ``confidence``) from the
+    head atlas; ``importance``: ``layer, head, importance`` from the ablation page; ``patching``:
+    a path-patching table (``sender, receiver, kind, effect, normalized``); ``edges``: a
+    precomputed :func:`all_edges` table (saves recomputing it on every filter change).
+    """
+    kinds = tuple(k for k in flt.kinds if k != "out" or io is not None)
+    flt = GraphFilter(kinds=kinds or flt.kinds, measure=flt.measure, threshold=flt.threshold, top_k=flt.top_k,
+                      heads=flt.heads, max_edges=flt.max_edges)
+    table = edges if edges is not None else all_edges(result, io)
+    chosen = select_edges(table, flt, result.n_layers, result.n_heads)
+    atlas_rows = _head_table(atlas, ["behaviour", "confidence"])
+    importance_rows = _head_table(importance, ["importance"])
+    patch_rows = {}
+    if patching is not None and len(patching):
+        for _, row in patching.iterrows():
+            patch_rows[(str(row["sender"]), str(row["receiver"]), str(row["kind"]))] = row
+    G = nx.DiGraph()
+    _set(G.graph, "model", model_name)
+    _set(G.graph, "measure", flt.measure)
+    _set(G.graph, "threshold", flt.threshold)
+    _set(G.graph, "ln_folded", result.ln_folded)
+    _set(G.graph, "folding_note", result.folding_note)
+    _set(G.graph, "n_layers", result.n_layers)
+    _set(G.graph, "n_heads", result.n_heads)
+    for kind, base in result.baselines.items():
+        _set(G.graph, f"baseline_{kind}_mean", base.mean)
+        _set(G.graph, f"baseline_{kind}_std", base.std)
+    if published is not None:
+        _set(G.graph, "published_roles_source", published.source)
+
+    def add_node(name: str) -> None:
+        if name in G:
+            return
+        attrs: dict[str, Any] = {}
+        if name in (EMBED, LOGITS):
+            _set(attrs, "layer", -1 if name == EMBED else result.n_layers)
+            _set(attrs, "kind", name)
+        else:
+            layer, head = (int(p) for p in name.split("."))
+            _set(attrs, "layer", layer)
+            _set(attrs, "head", head)
+            _set(attrs, "kind", "head")
+            atlas_row = atlas_rows.get(name, {})
+            _set(attrs, "atlas_role", normalise_role(atlas_row.get("behaviour")) or None)
+            _set(attrs, "atlas_confidence", atlas_row.get("confidence"))
+            if published is not None:
+                _set(attrs, "published_role", published.role_of(HeadRef(layer, head)))
+            _set(attrs, "importance", importance_rows.get(name, {}).get("importance"))
+        G.add_node(name, **attrs)
+
+    for head in flt.heads:
+        add_node(node_id(head.layer, head.head))
+    for row in chosen.itertuples(index=False):
+        add_node(row.sender)
+        add_node(row.receiver)
+        attrs: dict[str, Any] = {}
+        for key in ("kind", "score", "ratio", "z"):
+            _set(attrs, key, getattr(row, key))
+        patch = patch_rows.get((row.sender, row.receiver, row.kind))
+        if patch is not None:
+            _set(attrs, "patch_effect", patch.get("effect"))
+            _set(attrs, "patch_normalized", patch.get("normalized"))
+        if G.has_edge(row.sender, row.receiver):  # one edge per pair: extra kinds go in as attributes
+            existing = G.edges[row.sender, row.receiver]
+            for key, value in attrs.items():
+                if key != "kind":
+                    _set(existing, f"{row.kind}_{key}", value)
+            existing["kinds"] = existing.get("kinds", existing["kind"]) + "," + row.kind
+        else:
+            attrs["kinds"] = row.kind
+            G.add_edge(row.sender, row.receiver, **attrs)
+    return G
+
+
+# ----------------------------------------------------------------------------------------- exports
+
+def to_graphml(G: nx.DiGraph) -> str:
+    return "\n".join(nx.generate_graphml(G))
+
+
+def to_json(G: nx.DiGraph) -> str:
+    return json.dumps(nx.node_link_data(G, edges="edges"), indent=2, allow_nan=False)
+
+
+def node_role(attrs: dict[str, Any], prefer: str = "atlas") -> str:
+    """The role a node is coloured by: the atlas behaviour, else the published role (or the other way)."""
+    order = ("atlas_role", "published_role") if prefer == "atlas" else ("published_role", "atlas_role")
+    for key in order:
+        if attrs.get(key):
+            return str(attrs[key])
+    return ""
+
+
+def _node_title(name: str, attrs: dict[str, Any]) -> str:
+    if name in (EMBED, LOGITS):
+        return "token embedding" if name == EMBED else "logits (unembedding)"
+    lines = [f"head {name} (layer {attrs['layer']}, head {attrs['head']})"]
+    if attrs.get("atlas_role"):
+        conf = attrs.get("atlas_confidence")
+        lines.append(f"atlas role: {attrs['atlas_role']}" + (f" ({conf:.2f})" if isinstance(conf, float) else ""))
+    if attrs.get("published_role"):
+        lines.append(f"published role: {attrs['published_role']}")
+    if "importance" in attrs:
+        lines.append(f"ablation importance: {attrs['importance']:.4g}")
+    return "\n".join(lines)
+
+
+def _edge_title(u: str, v: str, attrs: dict[str, Any]) -> str:
+    lines = [f"{u} -> {v}"]
+    for kind in attrs.get("kinds", attrs["kind"]).split(","):
+        prefix = "" if kind == attrs["kind"] else f"{kind}_"
+        lines.append(f"{EDGE_KIND_NAMES[kind]}: score {attrs[prefix + 'score']:.4f}, "
+                     f"{attrs[prefix + 'ratio']:.2f}x chance, z {attrs[prefix + 'z']:.1f}")
+        if prefix + "patch_effect" in attrs:
+            norm = attrs.get(prefix + "patch_normalized")
+            share = f" ({100 * norm:+.1f}% of the clean-corrupted gap)" if norm is not None else ""
+            lines.append(f"  path patching: logit diff {attrs[prefix + 'patch_effect']:+.4f}{share}")
+    return "\n".join(lines)
+
+
+def _position(name: str, attrs: dict[str, Any], n_layers: int, n_heads: int) -> tuple[float, float]:
+    """Layers left to right, heads top to bottom; spread the heads so that the page is no more than
+    about twice as wide as high (otherwise fitting 30 layers on screen shrinks every node)."""
+    head_spacing = max(HEAD_SPACING, LAYER_SPACING * (n_layers + 2) / (2.2 * max(n_heads, 1)))
+    x = (attrs["layer"] + 1) * LAYER_SPACING
+    if name in (EMBED, LOGITS):
+        return x, 0.0
+    return x, (attrs["head"] - (n_heads - 1) / 2) * head_spacing
+
+
+def _legend_html(G: nx.DiGraph, prefer: str) -> str:
+    kinds = sorted({k for _, _, a in G.edges(data=True) for k in a.get("kinds", a["kind"]).split(",")},
+                   key=EDGE_KINDS.index)
+    roles = sorted({node_role(a, prefer) for _, a in G.nodes(data=True) if a.get("kind") == "head"})
+    rows = [f'<div><span style="display:inline-block;width:22px;height:3px;background:{EDGE_COLOURS[k]};'
+            f'vertical-align:middle"></span> {html.escape(EDGE_KIND_NAMES[k])}</div>' for k in kinds]
+    rows += [f'<div><span style="display:inline-block;width:11px;height:11px;border-radius:6px;'
+             f'background:{role_colour(r)};vertical-align:middle"></span> {html.escape(r or "no role")}</div>'
+             for r in roles]
+    has_importance = any("importance" in a for _, a in G.nodes(data=True))
+    rows.append("<div style='color:#555'>layers left to right; "
+                + ("node size = ablation importance" if has_importance else "no ablation importance yet") + "</div>")
+    return ('<div id="headvis-legend" style="position:absolute;top:8px;left:8px;z-index:10;background:#ffffffdd;'
+            'border:1px solid #ccc;border-radius:4px;padding:6px 8px;font:12px sans-serif">'
+            + "".join(rows) + "</div>")
+
+
+def to_html(G: nx.DiGraph, height: str = "720px", prefer: str = "atlas") -> str:
+    """A standalone pyvis page (vis-network inlined, so it opens offline) with a legend."""
+    from pyvis.network import Network
+
+    n_heads, n_layers = int(G.graph.get("n_heads", 1)), int(G.graph.get("n_layers", 1))
+    net = Network(height=height, width="100%", directed=True, cdn_resources="in_line", bgcolor="#ffffff")
+    # The view is fitted to the whole layout, so a deep model is drawn zoomed out: scale text and marks up.
+    scale = max(1.0, (n_layers + 2) * LAYER_SPACING / 1300)
+    net.set_options(json.dumps({
+        "physics": {"enabled": False},
+        "interaction": {"hover": True, "tooltipDelay": 80, "navigationButtons": False},
+        "edges": {"smooth": {"enabled": True, "type": "curvedCW", "roundness": 0.12},
+                  "arrows": {"to": {"enabled": True, "scaleFactor": 0.5}}},
+        "nodes": {"font": {"size": round(13 * scale)}},
+    }))
+    importances = [abs(a["importance"]) for _, a in G.nodes(data=True) if "importance" in a]
+    top_importance = max(importances) if importances else 0.0
+    for name, attrs in G.nodes(data=True):
+        x, y = _position(name, attrs, n_layers, n_heads)
+        role = node_role(attrs, prefer)
+        label = name if not role else f"{name}\n{role}"
+        size = 14.0 * scale
+        if "importance" in attrs and top_importance > 0:
+            size = (8.0 + 30.0 * abs(attrs["importance"]) / top_importance) * scale
+        colour = IO_COLOUR if name in (EMBED, LOGITS) else role_colour(role)
+        net.add_node(html.escape(name), label=html.escape(label), title=html.escape(_node_title(name, attrs)),
+                     x=x, y=y, physics=False, color=colour, size=size,
+                     shape="box" if name in (EMBED, LOGITS) else "dot")
+    values = [a[G.graph.get("measure", "ratio")] for _, _, a in G.edges(data=True)]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    for u, v, attrs in G.edges(data=True):
+        strength = (attrs[G.graph.get("measure", "ratio")] - low) / (high - low) if high > low else 0.5
+        net.add_edge(html.escape(u), html.escape(v), title=html.escape(_edge_title(u, v, attrs)),
+                     color=EDGE_COLOURS[attrs["kind"]], width=(1.0 + 5.0 * strength) * scale)
+    page = net.generate_html()
+    title = html.escape(f"Circuit graph {G.graph.get('model', '')}".strip())
+    page = page.replace("<head>", f"<head>\n<title>{title}</title>", 1)
+    return page.replace("<body>", "<body>\n" + _legend_html(G, prefer), 1)
+
+
+def save_graph(G: nx.DiGraph, path: str | Path, prefer: str = "atlas") -> Path:
+    """Write ``G`` as GraphML, JSON or HTML, chosen by the file extension."""
+    from headvis_core.storage import atomic_write_text
+
+    path = Path(path)
+    writers = {".graphml": to_graphml, ".json": to_json, ".html": lambda g: to_html(g, prefer=prefer)}
+    if path.suffix.lower() not in writers:
+        raise InputError(f"Cannot write {path.name}: give a file ending in .graphml, .json or .html.")
+    return atomic_write_text(path, writers[path.suffix.lower()](G))
+
+
+def edges_frame(G: nx.DiGraph) -> pd.DataFrame:
+    """The graph's edges as a table (for display and CSV download)."""
+    rows = [{"sender": u, "receiver": v, **a} for u, v, a in G.edges(data=True)]
+    table = pd.DataFrame(rows)
+    measure = G.graph.get("measure", "ratio")
+    if len(table) and measure in table.columns:
+        table = table.sort_values(measure, ascending=False, kind="stable").reset_index(drop=True)
+    return table
+
+
+def role_comparison(published: PublishedRoles, atlas: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Published roles next to the atlas behaviour of the same heads: ``head, published_role,
+    atlas_role, agree`` (``agree`` is empty where the atlas has not run)."""
+    atlas_rows = _head_table(atlas, ["behaviour", "confidence"])
+    rows = []
+    for head, role in sorted(published.roles.items()):
+        name = node_id(head.layer, head.head)
+        found = atlas_rows.get(name, {})
+        atlas_role = normalise_role(found.get("behaviour"))
+        rows.append({"head": name, "published_role": role, "atlas_role": atlas_role or None,
+                     "atlas_confidence": _clean(found.get("confidence")),
+                     "agree": (atlas_role.lower() == normalise_role(role).lower()) if found else None})
+    return pd.DataFrame(rows)

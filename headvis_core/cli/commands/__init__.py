@@ -1,0 +1,1 @@
+"""CLI subcommands: each module defines ``register(subparsers)`` (see :mod:`headvis_core.cli.main`)."""

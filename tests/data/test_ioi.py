@@ -1,0 +1,26 @@
+import pytest
+
+from headvis_core.errors import InputError
+from headvis_core.data.ioi import generate_ioi, ioi_token_ids
+
+
+def test_ioi_prompts_align_and_corrupt_only_the_second_subject(smollm2):
+    model = smollm2.model
+    dataset = generate_ioi(model, 12, seed=1)
+    assert len(dataset.prompts) == 12
+    for prompt in dataset.prompts:
+        assert len({prompt.io, prompt.s, prompt.c}) == 3
+        assert prompt.clean.count(prompt.s.strip()) == 2 and prompt.clean.count(prompt.io.strip()) == 1
+        assert prompt.corrupted.count(prompt.s.strip()) == 1 and prompt.corrupted.count(prompt.c.strip()) == 1
+        assert model.to_tokens(prompt.clean).shape == model.to_tokens(prompt.corrupted).shape
+    io, s = ioi_token_ids(model, dataset)
+    assert io.shape == s.shape == (12,) and not (io == s).any()
+
+
+def test_ioi_is_reproducible(smollm2):
+    assert generate_ioi(smollm2.model, 5, seed=3) == generate_ioi(smollm2.model, 5, seed=3)
+
+
+def test_names_that_are_not_single_tokens_are_skipped(tiny_gpt2):
+    with pytest.raises(InputError, match="single tokens"):
+        generate_ioi(tiny_gpt2.model, 4)  # the byte tokenizer splits every name

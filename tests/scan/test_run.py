@@ -1,0 +1,266 @@
+"""Dataset scans against a slow reference that keeps every full pattern and loops over positions."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from headvis_core.lab.patterns import pattern_hook
+from headvis_core.data.corpus import iter_windows, open_corpus
+from headvis_core.errors import CorruptFileError, InputError
+from headvis_core.heads import HeadRef
+from headvis_core.hooks import capture
+from headvis_core.scan.run import (MANIFEST, ScanParams, bin_deciles, list_scans, load_scan, run_scan, score_bins,
+                               window_priorities)
+
+WINDOW, N_WINDOWS, BATCH = 12, 30, 8
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    """Random lowercase words: every window differs, so window scores are distinct."""
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("scan_corpus")
+    for name in ("a.txt", "b.txt"):
+        words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 6))) for _ in range(120)]
+        (root / name).write_text(" ".join(words) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module", params=["tiny_gpt2", "tiny_llama"])
+def scanned(request, text_dir, tmp_path_factory):
+    loaded = request.getfixturevalue(request.param)
+    params = ScanParams(window_len=WINDOW, max_windows=N_WINDOWS, examples_per_decile=2, top_examples=5, top_k_keys=3,
+                        reservoir_size=64, histogram_bins=1024)
+    result = run_scan(loaded, open_corpus(str(text_dir)), params, out_dir=tmp_path_factory.mktemp("scans"),
+                      batch_size=BATCH)
+    return loaded, result, reference(loaded, text_dir, params)
+
+
+def reference(loaded, text_dir, params):
+    """Every statistic by explicit loops over full patterns of every layer, windows batched as in the scan."""
+    model = loaded.model
+    n_layers, n_heads = loaded.info.n_layers, loaded.info.n_heads
+    bos = model.tokenizer.bos_token_id
+    windows = [w.tokens for w in iter_windows(open_corpus(str(text_dir)), model.tokenizer, params.window_len,
+                                              params.max_windows)]
+    seqs = torch.tensor(np.array([[bos] + list(w) for w in windows]))
+    patterns = []
+    for start in range(0, len(seqs), BATCH):
+        _, cache = capture(model, seqs[start:start + BATCH], [pattern_hook(l) for l in range(n_layers)])
+        patterns.append(torch.stack([cache[pattern_hook(l)] for l in range(n_layers)], dim=1))
+    p = torch.cat(patterns).reshape(len(seqs), n_layers * n_heads, seqs.shape[1], seqs.shape[1]).numpy()
+    n_w, n_h, s, _ = p.shape
+    scores = np.zeros((n_w, n_h), np.float32)
+    paid, received = {}, {}
+    counts = {}
+    distance = np.zeros((n_h, s - 1))
+    for w in range(n_w):
+        for q in range(1, s):
+            counts[int(seqs[w, q])] = counts.get(int(seqs[w, q]), 0) + 1
+        for h in range(n_h):
+            best = -1.0
+            for q in range(1, s):
+                token = int(seqs[w, q])
+                paid.setdefault((h, token), 0.0)
+                received.setdefault((h, token), 0.0)
+                paid[(h, token)] += float(p[w, h, q, 1:q + 1].sum())
+                received[(h, token)] += float(p[w, h, q:, q].sum())
+                for k in range(1, q + 1):
+                    best = max(best, float(p[w, h, q, k]))
+                    distance[h, q - k] += p[w, h, q, k]
+            scores[w, h] = best
+    return {"p": p, "seqs": seqs.numpy(), "scores": scores, "paid": paid, "received": received, "counts": counts,
+            "distance": distance}
+
+
+def exact_deciles(scores, n_bins):
+    """Decile of each score by sorting: windows in the same 1/n_bins-wide bin share the decile of their middle rank."""
+    bins = np.floor(np.asarray(scores, np.float64) * n_bins).clip(0, n_bins - 1)
+    order = sorted(range(len(scores)), key=lambda i: bins[i])
+    out = {}
+    below = 0
+    for b in sorted(set(bins.tolist())):
+        group = [i for i in order if bins[i] == b]
+        decile = min(9, int(10 * (below + len(group) / 2) / len(scores))) + 1
+        for i in group:
+            out[i] = decile
+        below += len(group)
+    return np.array([out[i] for i in range(len(scores))])
+
+
+def heads_of(loaded):
+    return [HeadRef(l, h) for l in range(loaded.info.n_layers) for h in range(loaded.info.n_heads)]
+
+
+def test_window_scores_histogram_and_top_examples_match_the_reference(scanned):
+    loaded, result, ref = scanned
+    assert result.n_windows == N_WINDOWS
+    for i, head in enumerate(heads_of(loaded)):
+        scores = ref["scores"][:, i]
+        _, counts = result.score_histogram(head)
+        assert np.array_equal(counts, np.bincount(score_bins(scores, 1024), minlength=1024))
+        top = result.top_examples(head)
+        best = np.argsort(-scores, kind="stable")[:5]
+        assert [e.score for e in top] == pytest.approx(scores[best].tolist(), abs=0)
+        assert [e.window_index for e in top] == best.tolist()
+        ex = top[0]
+        w = ex.window_index
+        assert ex.token_ids.tolist() == ref["seqs"][w].tolist()
+        row = ref["p"][w, i]
+        assert row[ex.max_query, ex.max_key] == pytest.approx(ex.score, rel=1e-3)
+        for q in range(3, row.shape[0]):  # queries with at least 3 keys after position 0
+            expected = np.argsort(-row[q, 1:q + 1], kind="stable")[:3] + 1
+            assert ex.attention.keys[q].tolist() == expected.tolist()
+            assert ex.attention.values[q] == pytest.approx(row[q, expected], abs=1e-3)
+            assert ex.attention.first[q] == pytest.approx(row[q, 0], abs=1e-3)
+
+
+def test_deciles_and_their_examples_match_the_reference(scanned):
+    loaded, result, ref = scanned
+    for i, head in enumerate(heads_of(loaded)):
+        exact = exact_deciles(ref["scores"][:, i], 1024)
+        buckets = result.deciles(head)
+        assert [b.decile for b in buckets] == list(range(10, 0, -1))
+        for bucket in buckets:
+            members = np.nonzero(exact == bucket.decile)[0]
+            assert bucket.n_windows == len(members)
+            # the reservoir (64) holds all 30 windows, so each decile shows min(K, members) of its own windows
+            assert len(bucket.examples) == min(2, len(members))
+            for ex in bucket.examples:
+                assert ex.window_index in members
+                assert ex.score == ref["scores"][ex.window_index, i]
+                assert bucket.low <= ex.score < bucket.high + 1e-9
+            assert [e.score for e in bucket.examples] == sorted([e.score for e in bucket.examples], reverse=True)
+
+
+def test_token_averages_and_distance_histogram_match_the_reference(scanned):
+    loaded, result, ref = scanned
+    for i, head in enumerate(heads_of(loaded)):
+        for role, sums in (("query", ref["paid"]), ("key", ref["received"])):
+            table = result.top_tokens(head, role, n=10_000, min_count=1)
+            assert len(table) == len(ref["counts"])
+            for token, count, mean in zip(table.token_id, table["count"], table.mean_attention):
+                assert count == ref["counts"][token]
+                assert mean == pytest.approx(sums[(i, token)] / count, rel=1e-5, abs=1e-7)
+            assert list(table.mean_attention) == sorted(table.mean_attention, reverse=True)
+        expected = ref["distance"][i] / ref["distance"][i].sum()
+        assert result.distance_histogram(head) == pytest.approx(expected, rel=1e-5, abs=1e-8)
+
+
+def test_bin_deciles_on_distinct_scores_give_equal_tenths():
+    scores = np.random.default_rng(0).permutation(np.arange(1000)) / 1000 + 0.0004
+    counts = np.bincount(score_bins(scores, 1000), minlength=1000)
+    assert counts.max() == 1
+    deciles = bin_deciles(counts)[score_bins(scores, 1000)]
+    ranks = np.argsort(np.argsort(scores))
+    assert np.array_equal(deciles, ranks // 100 + 1)
+    assert np.bincount(deciles, minlength=11)[1:].tolist() == [100] * 10
+
+
+def test_priorities_are_uniform_and_reproducible():
+    u = window_priorities(np.arange(20000), seed=3)
+    assert np.array_equal(u, window_priorities(np.arange(20000), seed=3))
+    assert not np.array_equal(u, window_priorities(np.arange(20000), seed=4))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    assert np.histogram(u, bins=10, range=(0, 1))[0].min() > 1800
+
+
+def test_memory_does_not_grow_with_the_corpus(tiny_llama, text_dir, tmp_path):
+    params = dict(window_len=8, examples_per_decile=2, reservoir_size=16, histogram_bins=256)
+    corpus = open_corpus(str(text_dir))
+    small = run_scan(tiny_llama, corpus, ScanParams(max_windows=4, **params), out_dir=tmp_path, batch_size=4)
+    large = run_scan(tiny_llama, corpus, ScanParams(max_windows=40, **params), out_dir=tmp_path, batch_size=4)
+    assert large.n_windows == 10 * small.n_windows
+    assert small.meta["state_bytes"] == large.meta["state_bytes"]
+    for name, array in small.arrays.items():
+        if name.startswith("token_") or name == "vocab_ids":
+            assert large.arrays[name].shape[-1] <= tiny_llama.info.d_vocab  # bounded by the vocabulary
+        else:
+            assert large.arrays[name].shape == array.shape, name
+
+
+def test_stored_result_is_reused_and_a_corrupt_one_recomputed(tiny_gpt2, text_dir, tmp_path):
+    corpus = open_corpus(str(text_dir))
+    params = ScanParams(window_len=8, max_windows=12)
+    first = run_scan(tiny_gpt2, corpus, params, out_dir=tmp_path, batch_size=4)
+    again = run_scan(tiny_gpt2, corpus, params, out_dir=tmp_path, batch_size=4,
+                     progress=lambda f, m: pytest.fail("a stored result should not be recomputed"))
+    assert again.meta["created"] == first.meta["created"] and again.path == first.path
+    data_file = next(first.path.glob("complete-*.npz"))
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(CorruptFileError, match="checksum"):
+        load_scan(first.path)
+    messages = []
+    redone = run_scan(tiny_gpt2, corpus, params, out_dir=tmp_path, batch_size=4, progress=lambda f, m: messages.append(m))
+    assert any("corrupt" in m and "Recomputing" in m for m in messages)
+    for name in first.arrays:
+        assert np.array_equal(redone.arrays[name], first.arrays[name], equal_nan=True), name
+    (redone.path / MANIFEST).write_text('{"format": 1, "status": "comp')  # a torn manifest
+    with pytest.raises(CorruptFileError):
+        load_scan(redone.path)
+    assert [s.status for s in list_scans(tmp_path)] == ["unreadable"]
+    assert run_scan(tiny_gpt2, corpus, params, out_dir=tmp_path, batch_size=4).n_windows == 12
+    assert load_scan(redone.path).n_windows == 12
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_scan_resumes_with_the_same_result(tiny_llama, text_dir, tmp_path):
+    corpus = open_corpus(str(text_dir))
+    params = ScanParams(window_len=8, max_windows=24, examples_per_decile=1, reservoir_size=8)
+    calls = []
+
+    def stop_after_three(fraction, message):
+        calls.append(message)
+        if len(calls) == 3:
+            raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        run_scan(tiny_llama, corpus, params, out_dir=tmp_path / "a", batch_size=4, progress=stop_after_three,
+                 checkpoint_seconds=3600)  # nothing periodic: the interruption itself saves the finished batches
+    stored = list_scans(tmp_path / "a")
+    assert [(s.status, s.windows) for s in stored] == [("partial", 12)]
+    with pytest.raises(CorruptFileError, match="unfinished"):
+        load_scan(stored[0].folder)
+    resumed = run_scan(tiny_llama, corpus, params, out_dir=tmp_path / "a", batch_size=4)
+    whole = run_scan(tiny_llama, corpus, params, out_dir=tmp_path / "b", batch_size=4)
+    assert resumed.meta["resumed_from"] == 12 and whole.meta["resumed_from"] == 0
+    for name in whole.arrays:
+        assert np.array_equal(resumed.arrays[name], whole.arrays[name], equal_nan=True), name
+
+
+def test_bad_parameters_and_a_corpus_too_short(tiny_gpt2, tmp_path):
+    (tmp_path / "short.txt").write_text("abc")
+    corpus = open_corpus(str(tmp_path / "short.txt"))
+    with pytest.raises(InputError, match="window length"):
+        run_scan(tiny_gpt2, corpus, ScanParams(window_len=1000), out_dir=tmp_path)
+    with pytest.raises(InputError, match="fewer than 8 tokens"):
+        run_scan(tiny_gpt2, corpus, ScanParams(window_len=8), out_dir=tmp_path)
+
+
+def test_cli_scan_prints_a_head_and_reports_a_missing_corpus(text_dir, tmp_path, capsys):
+    from headvis_core.cli.main import main
+
+    status = main(["scan", "--model", "tiny-gpt2", "--corpus", str(text_dir), "--out", str(tmp_path),
+                   "--window", "8", "--max-windows", "10", "--show", "1.2"])
+    out = capsys.readouterr().out
+    assert status == 0 and "10 windows (80 tokens)" in out and "head 1.2" in out and "decile 10" in out
+    assert main(["scan", "--model", "tiny-gpt2", "--corpus", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "no file or folder" in capsys.readouterr().err
+
+
+def test_smollm2_scan_finds_a_previous_token_head(smollm2, corpus_dir, tmp_path):
+    corpus = open_corpus(str(corpus_dir / "gutenberg"))
+    result = run_scan(smollm2, corpus, ScanParams(window_len=32, max_windows=8, examples_per_decile=1),
+                      out_dir=tmp_path, batch_size=8)
+    assert result.n_windows == 8 and result.head_summary().shape[0] == 30 * 9
+    # Head 16.0 puts most of its attention (outside position 0) on the previous token.
+    assert result.distance_histogram(HeadRef(16, 0))[1] > 0.6
+    top = result.top_examples(HeadRef(16, 0))[0]
+    assert top.max_query - top.max_key == 1

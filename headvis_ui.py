@@ -20,8 +20,8 @@ from headvis_core.errors import HeadVisError, InputError
 from headvis_core.heads import HeadRef
 from headvis_core.models.loader import LoadedModel, load_model
 from headvis_core.models.offline import is_fetched
-from headvis_core.progress import ProgressCallback
 from headvis_core.models.registry import DEFAULT_MODEL, KNOWN_MODELS
+from headvis_core.progress import ProgressCallback
 
 OTHER_MODEL = "Other: HF id or local directory"
 DEVICES = ["auto", "cpu", "cuda", "mps"]

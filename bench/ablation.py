@@ -24,10 +24,10 @@ script asks for passive waiting unless OMP_WAIT_POLICY is already set.
 
 import argparse
 import os
-from pathlib import Path
-import sys
 import resource
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import numpy as np
 import torch
 
-from headvis_core.ablation.runner import ioi_prompts, prompts_from_texts
-from headvis_core.heads import all_heads
-from headvis_core.data.ioi import load_templates
 from headvis_core.ablation.ranking import rank_heads
-from headvis_core.models.loader import load_model
+from headvis_core.ablation.runner import ioi_prompts, prompts_from_texts
 from headvis_core.ablation.targeted import targeted_search
+from headvis_core.data.ioi import load_templates
+from headvis_core.heads import all_heads
+from headvis_core.models.loader import load_model
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 

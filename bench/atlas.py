@@ -130,8 +130,8 @@ def worker(method: str, model_name: str, n_seqs: int, seq_len: int, n_induction:
 
     if threads:
         torch.set_num_threads(threads)
-    from headvis_core.atlas.run import run_atlas
     from headvis_core.atlas.metrics import induction_probe
+    from headvis_core.atlas.run import run_atlas
     from headvis_core.models.loader import load_model
 
     loaded = load_model(model_name, device="cpu")

@@ -25,9 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from headvis_core.circuits.composition import (  # noqa: E402
+    all_composition_scores,
+    composition_scores_from_weights,
+    compute_composition,
+    head_weights,
+    random_baseline,
+)
 from headvis_core.circuits.graph import GraphFilter, all_edges, build_graph, to_graphml, to_html, to_json  # noqa: E402
-from headvis_core.circuits.composition import (all_composition_scores, composition_scores_from_weights,  # noqa: E402
-                                      compute_composition, head_weights, random_baseline)
 from headvis_core.models.loader import load_model  # noqa: E402
 
 

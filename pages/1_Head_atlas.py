@@ -4,13 +4,21 @@ import pandas as pd
 import streamlit as st
 
 import headvis_ui as ui
-from headvis_core.atlas.run import BUILTIN, METRIC_COLUMNS, METRICS, compute_atlas, passport
-from headvis_core.viz.atlas import (AXES, COLOURS, axis_label, head_scatter, layer_heatmap,
-                                        passport_metrics_figure, passport_pattern_figure, top_tokens_table)
-from headvis_core.viz.atlas_report import atlas_report_html
-from headvis_core.errors import InputError
 from headvis_core.atlas.classes import rules_table
+from headvis_core.atlas.run import BUILTIN, METRIC_COLUMNS, METRICS, compute_atlas, passport
+from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
+from headvis_core.viz.atlas import (
+    AXES,
+    COLOURS,
+    axis_label,
+    head_scatter,
+    layer_heatmap,
+    passport_metrics_figure,
+    passport_pattern_figure,
+    top_tokens_table,
+)
+from headvis_core.viz.atlas_report import atlas_report_html
 
 FOLDER = "Corpus folder"
 

@@ -6,10 +6,10 @@ import pandas as pd
 import streamlit as st
 
 import headvis_ui as ui
-from headvis_core.scan import run as scans
 from headvis_core.data.corpus import open_corpus
 from headvis_core.errors import CorruptFileError
 from headvis_core.heads import HeadRef
+from headvis_core.scan import run as scans
 from headvis_core.viz.token_view import token_view_html
 
 SHARED_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"

@@ -3,18 +3,31 @@
 import streamlit as st
 
 import headvis_ui as ui
-from headvis_core.ablation.runner import (ABLATION_KINDS, induction_prompts, ioi_prompts, library_prompts,
-                                   make_ablation, prompts_from_texts)
+from headvis_core.ablation.experiments import (
+    AblationExperiment,
+    default_filename,
+    experiment_from_json_bytes,
+    experiments_dir,
+    list_experiments,
+    load_experiment,
+    save_experiment,
+)
 from headvis_core.ablation.metrics import METRIC_LABELS
-from headvis_core.errors import InputError
-from headvis_core.ablation.experiments import (AblationExperiment, default_filename, experiment_from_json_bytes,
-                                      experiments_dir, list_experiments, load_experiment, save_experiment)
-from headvis_core.heads import HeadRef
-from headvis_core.data.ioi import load_templates
-from headvis_core.lab.prompt_lab import top_predictions
 from headvis_core.ablation.ranking import check_metric, importance_heatmap, rank_heads
-from headvis_core.data.prompt_library import prompt_set_keys
+from headvis_core.ablation.runner import (
+    ABLATION_KINDS,
+    induction_prompts,
+    ioi_prompts,
+    library_prompts,
+    make_ablation,
+    prompts_from_texts,
+)
 from headvis_core.ablation.targeted import targeted_search, trajectory_figure
+from headvis_core.data.ioi import load_templates
+from headvis_core.data.prompt_library import prompt_set_keys
+from headvis_core.errors import InputError
+from headvis_core.heads import HeadRef
+from headvis_core.lab.prompt_lab import top_predictions
 from headvis_core.tokens import single_token_id, tokenize_prompt
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"

@@ -3,13 +3,25 @@
 import streamlit as st
 
 import headvis_ui as ui
-from headvis_core.circuits.graph import (EDGE_KIND_NAMES, EMBED, LOGITS, MEASURES, GraphFilter, all_edges,
-                                        build_graph, edges_frame, role_comparison, to_graphml, to_html, to_json)
 from headvis_core.circuits.composition import KINDS, check_composable, compute_composition, head_weights, io_scores
-from headvis_core.errors import InputError
-from headvis_core.heads import HeadRef, parse_heads
+from headvis_core.circuits.graph import (
+    EDGE_KIND_NAMES,
+    EMBED,
+    LOGITS,
+    MEASURES,
+    GraphFilter,
+    all_edges,
+    build_graph,
+    edges_frame,
+    role_comparison,
+    to_graphml,
+    to_html,
+    to_json,
+)
 from headvis_core.circuits.path_patching import Edge, induction_prompt_pairs, ioi_prompt_pairs, path_patch
 from headvis_core.circuits.published_roles import published_roles_for
+from headvis_core.errors import InputError
+from headvis_core.heads import HeadRef, parse_heads
 
 PROMPT_SETS = {"ioi": "IOI: clean vs ABC corruption (logit IO - S)",
                "induction": "Induction: repeated random tokens vs a fresh first half"}

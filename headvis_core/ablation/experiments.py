@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.ablation.ranking import HeadRanking
+from headvis_core.ablation.targeted import TargetedResult
+from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.paths import results_dir
 from headvis_core.storage import atomic_write_json, read_json
-from headvis_core.ablation.targeted import TargetedResult
 
 FORMAT = "headvis-ablation-experiment"
 VERSION = 1

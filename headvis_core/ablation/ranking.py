@@ -18,10 +18,15 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from headvis_core.ablation.runner import (DEFAULT_BATCH_TOKENS, Ablation, AblationPrompts, AblationRunner,
-                                   zero_ablation)
-from headvis_core.ablation.metrics import (METRIC_LABELS, AnswerMetrics, clean_metrics, prediction_shift,
-                                           prompt_mean, top_k_table)
+from headvis_core.ablation.metrics import (
+    METRIC_LABELS,
+    AnswerMetrics,
+    clean_metrics,
+    prediction_shift,
+    prompt_mean,
+    top_k_table,
+)
+from headvis_core.ablation.runner import DEFAULT_BATCH_TOKENS, Ablation, AblationPrompts, AblationRunner, zero_ablation
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, all_heads
 from headvis_core.progress import ProgressCallback, report, scaled

@@ -19,8 +19,8 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 import torch
 
-from headvis_core.ablation.runner import DEFAULT_BATCH_TOKENS, Ablation, AblationPrompts, AblationRunner, zero_ablation
 from headvis_core.ablation.metrics import AnswerMetrics, clean_metrics, prediction_shift, top_k_table
+from headvis_core.ablation.runner import DEFAULT_BATCH_TOKENS, Ablation, AblationPrompts, AblationRunner, zero_ablation
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, all_heads, parse_heads
 from headvis_core.progress import ProgressCallback, report, scaled

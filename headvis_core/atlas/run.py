@@ -19,15 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from headvis_core.atlas.copying import DEFAULT_MAX_VOCAB, copying_scores
-from headvis_core.data.corpus import TEXT_SUFFIXES, encode, file_encoding, open_corpus
-from headvis_core.errors import InputError
 from headvis_core.atlas.classes import classify_heads
-from headvis_core.atlas.metrics import (AttentionMetrics, attention_metrics, induction_probe,
-                                       layer_patterns)
+from headvis_core.atlas.copying import DEFAULT_MAX_VOCAB, copying_scores
+from headvis_core.atlas.metrics import AttentionMetrics, attention_metrics, induction_probe, layer_patterns
+from headvis_core.data.corpus import TEXT_SUFFIXES, encode, file_encoding, open_corpus
+from headvis_core.data.prompt_library import load_all_prompt_sets
+from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.progress import ProgressCallback, report, scaled
-from headvis_core.data.prompt_library import load_all_prompt_sets
 from headvis_core.tokens import bos_token_id
 
 BUILTIN = "built-in prompts"

@@ -16,7 +16,7 @@ with ``innerText``, but pyvis switches to ``innerHTML`` popups as soon as one ti
 import html
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 from headvis_core.circuits.composition import KIND_NAMES, KINDS, CompositionResult, IOScores, suggest_threshold
+from headvis_core.circuits.published_roles import PublishedRoles
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
-from headvis_core.circuits.published_roles import PublishedRoles
 
 EMBED, LOGITS = "embed", "logits"
 EDGE_KINDS = KINDS + ("out",)

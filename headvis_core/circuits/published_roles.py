@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from headvis_core.data.prompt_library import PROMPTS_DIR
 from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.heads import HeadRef, parse_head
-from headvis_core.data.prompt_library import PROMPTS_DIR
 
 PUBLISHED_ROLES_DIR = PROMPTS_DIR / "published_roles"
 

@@ -53,3 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def entry_point() -> None:
+    """The ``headvis`` console script: the same as ``python -m headvis_core``."""
+    sys.exit(main())

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from headvis_core.errors import InputError
 from headvis_core.data.prompt_library import PROMPTS_DIR
+from headvis_core.errors import InputError
 
 TEMPLATES_FILE = PROMPTS_DIR / "ioi_templates.json"
 

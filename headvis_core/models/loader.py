@@ -19,13 +19,18 @@ from urllib.parse import urlparse
 
 import torch
 
+from headvis_core.errors import (
+    ModelLoadError,
+    ModelNeedsNetworkError,
+    NotEnoughMemoryError,
+    UnknownModelError,
+    UnsupportedArchitectureError,
+)
 from headvis_core.models.devices import resolve_device, resolve_dtype
-from headvis_core.errors import (ModelLoadError, ModelNeedsNetworkError, NotEnoughMemoryError,
-                                 UnknownModelError, UnsupportedArchitectureError)
 from headvis_core.models.offline import fetch_offline_model, is_fetched
-from headvis_core.progress import ProgressCallback, report, scaled
 from headvis_core.models.random_models import RANDOM_PRESETS, RandomModelSpec, random_model_dir
 from headvis_core.models.registry import KNOWN_MODELS
+from headvis_core.progress import ProgressCallback, report, scaled
 
 HUB_PROBE_TIMEOUT_S = 4.0
 

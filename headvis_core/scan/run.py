@@ -56,17 +56,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from headvis_core.lab.patterns import pattern_hook
 from headvis_core.data.corpus import Corpus, iter_window_batches
 from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.heads import HeadRef
 from headvis_core.hooks import run_with_hooks
+from headvis_core.lab.patterns import pattern_hook
 from headvis_core.models.loader import LoadedModel
 from headvis_core.paths import results_dir
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.storage import atomic_write_bytes, atomic_write_json, read_json
-from headvis_core.viz.token_view import SparseAttention
 from headvis_core.tokens import bos_token_id
+from headvis_core.viz.token_view import SparseAttention
 
 FORMAT_VERSION = 1
 N_DECILES = 10

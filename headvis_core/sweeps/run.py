@@ -37,10 +37,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from headvis_core.lab.patterns import pattern_hook
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.hooks import capture, exclusive
+from headvis_core.lab.patterns import pattern_hook
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.sweeps.templates import SweepPlan
 

@@ -52,8 +52,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from headvis_core.errors import InputError
 from headvis_core.data.prompt_library import PROMPTS_DIR
+from headvis_core.errors import InputError
 
 MAX_VALUES = 100_000
 RESERVED_NAMES = {"last", "first", "bos", "mark"}

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from headvis_core.atlas.run import MAIN_METRICS, METRIC_COLUMNS, METRIC_LABELS, Passport
-from headvis_core.lab.patterns import attention_heatmap
 from headvis_core.atlas.classes import BEHAVIOURS, UNCLASSIFIED
+from headvis_core.atlas.run import MAIN_METRICS, METRIC_COLUMNS, METRIC_LABELS, Passport
 from headvis_core.heads import HeadRef
+from headvis_core.lab.patterns import attention_heatmap
 from headvis_core.tokens import visible
 
 AXES = ("layer", "head") + METRIC_COLUMNS

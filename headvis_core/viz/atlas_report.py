@@ -13,11 +13,11 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from headvis_core.atlas.run import METRICS, AtlasResult, passport
-from headvis_core.viz.atlas import BEHAVIOUR_COLOURS, behaviour_counts, head_scatter, layer_heatmap
 from headvis_core.atlas.classes import rules_table
+from headvis_core.atlas.run import METRICS, AtlasResult, passport
 from headvis_core.heads import HeadRef
 from headvis_core.tokens import token_labels, visible
+from headvis_core.viz.atlas import BEHAVIOUR_COLOURS, behaviour_counts, head_scatter, layer_heatmap
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }

@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 
 from headvis_core.ablation import experiments
+from headvis_core.ablation.experiments import (
+    AblationExperiment,
+    experiment_from_json_bytes,
+    list_experiments,
+    load_experiment,
+    save_experiment,
+)
+from headvis_core.ablation.ranking import rank_heads
 from headvis_core.ablation.runner import prompts_from_texts
+from headvis_core.ablation.targeted import targeted_search
 from headvis_core.cli.main import main
 from headvis_core.errors import CorruptFileError, InputError
-from headvis_core.ablation.experiments import (AblationExperiment, experiment_from_json_bytes, list_experiments,
-                                      load_experiment, save_experiment)
-from headvis_core.ablation.ranking import rank_heads
-from headvis_core.ablation.targeted import targeted_search
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 

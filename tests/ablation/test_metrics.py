@@ -6,10 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from headvis_core.ablation.metrics import (
+    AnswerMetrics,
+    clean_metrics,
+    kl_divergence,
+    logit_difference,
+    margin_over_rest,
+    next_token_loss,
+    prediction_shift,
+    prompt_mean,
+    token_probability,
+    token_rank,
+    top_k_table,
+)
 from headvis_core.ablation.runner import AblationRunner, prompts_from_texts, zero_ablation
-from headvis_core.ablation.metrics import (AnswerMetrics, clean_metrics, kl_divergence, logit_difference,
-                                           margin_over_rest, next_token_loss, prediction_shift, prompt_mean,
-                                           token_probability, token_rank, top_k_table)
 from headvis_core.heads import HeadRef
 
 

@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 
 from headvis_core import hooks
-from headvis_core.ablation.runner import induction_prompts, make_ablation, prompts_from_texts, z_hook_name
 from headvis_core.ablation.metrics import kl_divergence
+from headvis_core.ablation.ranking import HeadRanking, importance_heatmap, rank_heads
+from headvis_core.ablation.runner import induction_prompts, make_ablation, prompts_from_texts, z_hook_name
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
-from headvis_core.ablation.ranking import HeadRanking, importance_heatmap, rank_heads
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 PROMPTS = ["hello world, hello", "jello world, jello", "a prompt of another length"]

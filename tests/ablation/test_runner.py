@@ -4,9 +4,18 @@ import pytest
 import torch
 
 from headvis_core import hooks
-from headvis_core.ablation.runner import (AblationRunner, Ablation, check_hookable, induction_prompts, ioi_prompts,
-                                   make_ablation, prompts_from_texts, z_hook_name, zero_ablation)
 from headvis_core.ablation.metrics import AnswerMetrics
+from headvis_core.ablation.runner import (
+    Ablation,
+    AblationRunner,
+    check_hookable,
+    induction_prompts,
+    ioi_prompts,
+    make_ablation,
+    prompts_from_texts,
+    z_hook_name,
+    zero_ablation,
+)
 from headvis_core.errors import InputError, UnsupportedArchitectureError
 from headvis_core.heads import HeadRef, all_heads
 from headvis_core.models.loader import load_model

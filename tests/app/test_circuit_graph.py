@@ -1,7 +1,6 @@
 import shutil
 
 import pandas as pd
-import pytest
 
 from tests.conftest import app_test
 

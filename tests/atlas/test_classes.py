@@ -2,8 +2,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from headvis_core.atlas.classes import (BEHAVIOURS, RULES, UNCLASSIFIED, behaviour_confidences, classify_heads,
-                                       rules_table)
+from headvis_core.atlas.classes import (
+    BEHAVIOURS,
+    RULES,
+    UNCLASSIFIED,
+    behaviour_confidences,
+    classify_heads,
+    rules_table,
+)
 
 QUIET = dict(previous_token=0.05, induction=0.01, duplicate_token=0.05, copying=0.0, local_attention=0.1,
              attention_sink=0.3)

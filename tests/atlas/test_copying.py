@@ -2,8 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from headvis_core.atlas.copying import (copying_scores, effective_embedding, effective_unembedding, eigenvalue_ratio,
-                                  ov_weights, vocab_sample)
+from headvis_core.atlas.copying import (
+    copying_scores,
+    effective_embedding,
+    effective_unembedding,
+    eigenvalue_ratio,
+    ov_weights,
+    vocab_sample,
+)
 from headvis_core.models.loader import load_random_model
 from headvis_core.models.random_models import RandomModelSpec
 

@@ -6,16 +6,32 @@ import pandas as pd
 import pytest
 from plotly.offline import get_plotlyjs
 
-from headvis_core.atlas.run import (METRIC_COLUMNS, ExamplePatterns, build_probe_set, builtin_probe_set,
-                                folder_probe_set, passport, percentiles, run_atlas, top_heads)
-from headvis_core.viz.atlas import (AXES, behaviour_counts, head_scatter, layer_heatmap, passport_metrics_figure,
-                                        passport_pattern_figure, top_tokens_table)
-from headvis_core.viz.atlas_report import atlas_report_html
+from headvis_core.atlas.run import (
+    METRIC_COLUMNS,
+    ExamplePatterns,
+    build_probe_set,
+    builtin_probe_set,
+    folder_probe_set,
+    passport,
+    percentiles,
+    run_atlas,
+    top_heads,
+)
 from headvis_core.cli.main import main as cli_main
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.models.loader import load_random_model
 from headvis_core.models.random_models import RandomModelSpec
+from headvis_core.viz.atlas import (
+    AXES,
+    behaviour_counts,
+    head_scatter,
+    layer_heatmap,
+    passport_metrics_figure,
+    passport_pattern_figure,
+    top_tokens_table,
+)
+from headvis_core.viz.atlas_report import atlas_report_html
 
 EVIL = "<script>alert('pwned')</script>"
 

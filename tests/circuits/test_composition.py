@@ -3,9 +3,18 @@ import math
 import pytest
 import torch
 
-from headvis_core.circuits.composition import (HeadWeights, check_composable, composition_score_reference,
-                                      composition_scores_from_weights, compute_composition, head_weights, io_scores,
-                                      parse_kinds, random_baseline, transformer_lens_scores)
+from headvis_core.circuits.composition import (
+    HeadWeights,
+    check_composable,
+    composition_score_reference,
+    composition_scores_from_weights,
+    compute_composition,
+    head_weights,
+    io_scores,
+    parse_kinds,
+    random_baseline,
+    transformer_lens_scores,
+)
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, all_heads
 
@@ -149,8 +158,8 @@ def test_one_layer_models_and_bad_kinds_are_refused():
 def test_smollm2_induction_heads_read_keys_from_a_previous_token_head(smollm2):
     """The closing note's finding: SmolLM2's top induction heads take their strongest K-composition from a
     previous-token head (16.0 on this model)."""
-    from headvis_core.lab.patterns import head_patterns
     from headvis_core.data.probes import repeated_random_tokens
+    from headvis_core.lab.patterns import head_patterns
 
     model, info = smollm2.model, smollm2.info
     half = 16

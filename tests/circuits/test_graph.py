@@ -8,13 +8,25 @@ import pandas as pd
 import pytest
 import torch
 
-from headvis_core.circuits.graph import (EMBED, LOGITS, GraphFilter, all_edges, build_graph, edges_frame,
-                                        role_colour, role_comparison, save_graph, select_edges, to_graphml, to_html,
-                                        to_json)
 from headvis_core.circuits.composition import Baseline, CompositionResult, compute_composition, head_weights, io_scores
+from headvis_core.circuits.graph import (
+    EMBED,
+    LOGITS,
+    GraphFilter,
+    all_edges,
+    build_graph,
+    edges_frame,
+    role_colour,
+    role_comparison,
+    save_graph,
+    select_edges,
+    to_graphml,
+    to_html,
+    to_json,
+)
+from headvis_core.circuits.published_roles import PUBLISHED_ROLES_DIR, load_published_roles, published_roles_for
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
-from headvis_core.circuits.published_roles import PUBLISHED_ROLES_DIR, load_published_roles, published_roles_for
 
 EVIL = "<script>alert('role')</script>"
 EVIL_HREF = '<img src=x onerror="alert(1)"> href'

@@ -1,10 +1,16 @@
 import pytest
 import torch
 
+from headvis_core.circuits.path_patching import (
+    Edge,
+    PromptPairs,
+    induction_prompt_pairs,
+    logit_difference,
+    pad_prompt_pairs,
+    path_patch,
+)
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
-from headvis_core.circuits.path_patching import (Edge, PromptPairs, induction_prompt_pairs, logit_difference,
-                                        pad_prompt_pairs, path_patch)
 
 
 def _sharpened(name: str, factor: float = 4.0):

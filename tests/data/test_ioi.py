@@ -1,7 +1,7 @@
 import pytest
 
-from headvis_core.errors import InputError
 from headvis_core.data.ioi import generate_ioi, ioi_token_ids
+from headvis_core.errors import InputError
 
 
 def test_ioi_prompts_align_and_corrupt_only_the_second_subject(smollm2):

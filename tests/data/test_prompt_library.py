@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.data.prompt_library import load_all_prompt_sets, load_prompt_set, prompt_set_keys
+from headvis_core.errors import CorruptFileError, InputError
 
 
 def test_curated_sets_are_present_and_well_formed():

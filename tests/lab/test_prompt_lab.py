@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from headvis_core.lab.patterns import pattern_hook
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.hooks import capture
+from headvis_core.lab.patterns import pattern_hook
 from headvis_core.lab.prompt_lab import _pair_hooks, analyse_prompt, rank_heads_for_pair, top_predictions
 from headvis_core.tokens import tokenize_prompt
 

@@ -4,9 +4,13 @@ import time
 import pytest
 import torch
 
+from headvis_core.errors import (
+    ModelNeedsNetworkError,
+    NotEnoughMemoryError,
+    UnknownModelError,
+    UnsupportedArchitectureError,
+)
 from headvis_core.models import loader as models
-from headvis_core.errors import (ModelNeedsNetworkError, NotEnoughMemoryError, UnknownModelError,
-                                 UnsupportedArchitectureError)
 from headvis_core.models.loader import load_model, load_random_model
 from headvis_core.models.random_models import RandomModelSpec
 

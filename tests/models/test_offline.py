@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from headvis_core.models import offline as offline_model
 from headvis_core.errors import ModelLoadError
+from headvis_core.models import offline as offline_model
 
 
 def test_check_rejects_a_wrong_shape(tmp_path):

@@ -6,13 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from headvis_core.lab.patterns import pattern_hook
 from headvis_core.data.corpus import iter_windows, open_corpus
 from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.heads import HeadRef
 from headvis_core.hooks import capture
-from headvis_core.scan.run import (MANIFEST, ScanParams, bin_deciles, list_scans, load_scan, run_scan, score_bins,
-                               window_priorities)
+from headvis_core.lab.patterns import pattern_hook
+from headvis_core.scan.run import (
+    MANIFEST,
+    ScanParams,
+    bin_deciles,
+    list_scans,
+    load_scan,
+    run_scan,
+    score_bins,
+    window_priorities,
+)
 
 WINDOW, N_WINDOWS, BATCH = 12, 30, 8
 

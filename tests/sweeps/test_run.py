@@ -8,10 +8,20 @@ import torch
 from headvis_core.cli.main import main as cli_main
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
-from headvis_core.sweeps.run import (NumberTokens, curve_ranges, describe_ranges, detect_ranges, greater_than_score,
-                                number_tokens, run_sweep, run_sweep_loop, shared_prefix_length, usable_heads)
-from headvis_core.viz.sweeps import sweep_figure, sweep_heatmap_figure, sweep_line_figure
+from headvis_core.sweeps.run import (
+    NumberTokens,
+    curve_ranges,
+    describe_ranges,
+    detect_ranges,
+    greater_than_score,
+    number_tokens,
+    run_sweep,
+    run_sweep_loop,
+    shared_prefix_length,
+    usable_heads,
+)
 from headvis_core.sweeps.templates import SweepSpec, build_plan
+from headvis_core.viz.sweeps import sweep_figure, sweep_heatmap_figure, sweep_line_figure
 
 GREATER_THAN = ("The {noun} lasted from the year {XX}{YY} to the year {XX}",
                 ("year=1702..1705", "XX=year[:2]", "YY=year[2:]", "noun=war,feud"))

@@ -5,9 +5,20 @@ import json
 import pytest
 
 from headvis_core.errors import InputError
-from headvis_core.sweeps.templates import (MAX_VALUES, SweepSpec, build_plan, expand_values, load_presets, parse_position,
-                                    parse_slot, parse_template, preset, render, resolve_position,
-                                    tokenization_report)
+from headvis_core.sweeps.templates import (
+    MAX_VALUES,
+    SweepSpec,
+    build_plan,
+    expand_values,
+    load_presets,
+    parse_position,
+    parse_slot,
+    parse_template,
+    preset,
+    render,
+    resolve_position,
+    tokenization_report,
+)
 
 YEAR = "The war lasted from the year {year} to the year"
 GREATER_THAN = "The {noun} lasted from the year {XX}{YY} to the year {XX}"

@@ -68,12 +68,12 @@ def build_prompts(model, args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from headvis_core.ablation.runner import make_ablation
-    from headvis_core.cli.main import load_model_from_args
     from headvis_core.ablation.experiments import AblationExperiment, save_experiment
     from headvis_core.ablation.ranking import check_metric, rank_heads
-    from headvis_core.progress import tqdm_progress
+    from headvis_core.ablation.runner import make_ablation
     from headvis_core.ablation.targeted import targeted_search
+    from headvis_core.cli.main import load_model_from_args
+    from headvis_core.progress import tqdm_progress
     from headvis_core.tokens import single_token_id
 
     if args.mode == "targeted" and args.budget < 1:

@@ -10,12 +10,17 @@ from headvis_core.errors import InputError
 
 
 def _run(args: argparse.Namespace) -> int:
-    from headvis_core.circuits.graph import (EMBED, LOGITS, GraphFilter, all_edges, build_graph, edges_frame,
-                                            save_graph)
-    from headvis_core.circuits.composition import check_composable, compute_composition, head_weights, io_scores, parse_kinds
+    from headvis_core.circuits.composition import (
+        check_composable,
+        compute_composition,
+        head_weights,
+        io_scores,
+        parse_kinds,
+    )
+    from headvis_core.circuits.graph import EMBED, LOGITS, GraphFilter, all_edges, build_graph, edges_frame, save_graph
+    from headvis_core.circuits.published_roles import published_roles_for
     from headvis_core.heads import HeadRef, parse_heads
     from headvis_core.progress import tqdm_progress
-    from headvis_core.circuits.published_roles import published_roles_for
 
     kinds = parse_kinds(args.kinds)
     if args.out and not args.out.lower().endswith((".graphml", ".json", ".html")):

@@ -34,7 +34,11 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         KnownModel("smollm2-135m", "offline", "smollm2-135m",
                    "SmolLM2-135M-Instruct (30 layers x 9 heads, 3 KV heads); converted locally, no hub needed"),
         KnownModel("tiny-gpt2", "random", "tiny-gpt2", "random 2-layer, 4-head GPT-2 (for tests)"),
-        KnownModel("tiny-llama", "random", "tiny-llama", "random 2-layer Llama, 4 query heads sharing 2 KV heads (for tests)"),
+        KnownModel("tiny-llama", "random", "tiny-llama",
+                   "random 2-layer Llama, 4 query heads sharing 2 KV heads (for tests)"),
+        KnownModel("tiny-gemma3", "random", "tiny-gemma3",
+                   "random 3-layer Gemma 3: QK-norm, 4 query heads on 1 KV head, 8-token sliding window "
+                   "on layers 0-1 (for tests)"),
         KnownModel("gpt2-small-random", "random", "gpt2-small-random",
                    "randomly initialised model of GPT-2 small's shape (12 x 12, d_model 768)"),
         KnownModel("gpt2", "hub", "openai-community/gpt2", "GPT-2 small: the classic IOI circuit (needs the network)"),

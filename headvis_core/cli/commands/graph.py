@@ -17,9 +17,9 @@ def _run(args: argparse.Namespace) -> int:
         io_scores,
         parse_kinds,
     )
-    from headvis_core.circuits.graph import EMBED, LOGITS, GraphFilter, all_edges, build_graph, edges_frame, save_graph
+    from headvis_core.circuits.graph import GraphFilter, all_edges, build_graph, edges_frame, save_graph
     from headvis_core.circuits.published_roles import published_roles_for
-    from headvis_core.heads import HeadRef, parse_heads
+    from headvis_core.heads import parse_heads
     from headvis_core.progress import tqdm_progress
 
     kinds = parse_kinds(args.kinds)
@@ -45,12 +45,10 @@ def _run(args: argparse.Namespace) -> int:
     graph = build_graph(result, flt, io=io, published=published, model_name=info.name, edges=table)
     patching = None
     if pairs is not None:
-        from headvis_core.circuits.path_patching import Edge, path_patch
+        from headvis_core.circuits.candidates import patch_candidates
+        from headvis_core.circuits.path_patching import path_patch
 
-        strongest = edges_frame(graph)
-        edges = [Edge(HeadRef.from_label(u), HeadRef.from_label(v), kind)
-                 for u, v, kinds_here in zip(strongest.sender, strongest.receiver, strongest.kinds)
-                 if u != EMBED and v != LOGITS for kind in kinds_here.split(",") if kind != "out"][:args.patch_max]
+        edges = patch_candidates(edges_frame(graph), args.patch_max)
         patching = path_patch(loaded.model, pairs, edges, direction=args.direction,
                               progress=tqdm_progress("path patching"))
         graph = build_graph(result, flt, io=io, published=published, model_name=info.name, edges=table,

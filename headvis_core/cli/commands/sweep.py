@@ -45,7 +45,8 @@ def _run(args: argparse.Namespace) -> int:
     from headvis_core.cli.main import load_model_from_args
     from headvis_core.heads import parse_heads
     from headvis_core.progress import tqdm_progress
-    from headvis_core.sweeps.run import curve_ranges, describe_ranges, run_sweep, usable_heads
+    from headvis_core.sweeps.ranges import curve_range_reports
+    from headvis_core.sweeps.run import curve_ranges, run_sweep, usable_heads
     from headvis_core.sweeps.templates import build_plan, expand_values, tokenization_report
 
     spec, chosen = _spec_from_args(args)
@@ -74,16 +75,11 @@ def _run(args: argparse.Namespace) -> int:
     level = args.level if args.level is not None else (chosen.level if chosen else 0.5)
     curves = [args.curve] if args.curve else [c for c in result.curves
                                               if c.startswith("attn ") or c in ("greater_than", "logit_diff")]
-    x = plan.swept[0]
     for curve in curves:
-        by_row = curve_ranges(result, curve, level, above=not args.below, min_length=args.min_length,
-                              max_gap=args.max_gap)
-        for row, found in by_row.items():
-            label = curve if row is None else f"{curve} ({plan.swept[1]}={row})"
-            rows = result.table if row is None else result.table[result.table[plan.swept[1]] == row]
-            ordered = rows.sort_values(x, kind="stable") if plan.numeric.get(x) else rows
-            print(describe_ranges(found, x, label, level, ordered[x].tolist(), ordered[curve].to_numpy(float),
-                                  above=not args.below, limit=args.show_ranges))
+        reports = curve_range_reports(result, curve, level, above=not args.below, min_length=args.min_length,
+                                      max_gap=args.max_gap, limit=args.show_ranges)
+        for report in reports:
+            print(report.description)
     if args.figure:
         from headvis_core.storage import atomic_write_text
         from headvis_core.viz.sweeps import sweep_figure

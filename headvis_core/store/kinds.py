@@ -1,0 +1,90 @@
+"""The inputs that define each kind of stored result, built one way for the pages and the CLI.
+
+A page and the CLI that compute the same result must produce the same key,
+so both build their ``inputs`` here. Each function lists exactly what the
+result depends on (besides the model, which the key adds): settings that
+only change speed (batch sizes, engines) are left out, and a folder of text
+is named by the corpus fingerprint of its files (paths, sizes, modification
+times), so an edited corpus is not taken for the old one.
+"""
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from headvis_core.heads import HeadRef
+
+ATLAS = "atlas"
+COMPOSITION = "composition"
+IO_SCORES = "io_scores"
+PATH_PATCHING = "path_patching"
+KL_RANKING = "kl_ranking"
+TARGETED = "targeted_search"
+SWEEP = "sweep"
+ATTRIBUTION = "attribution"
+ESTIMATE = "ablation_estimate"
+
+KINDS = (ATLAS, COMPOSITION, IO_SCORES, PATH_PATCHING, KL_RANKING, TARGETED, SWEEP, ATTRIBUTION, ESTIMATE)
+
+
+def atlas_inputs(folder: Optional[str | Path], n_seqs: int, seq_len: int, n_induction_seqs: Optional[int],
+                 seed: int) -> dict[str, Any]:
+    """The head atlas (:func:`headvis_core.atlas.run.compute_atlas`) on the built-in prompts or a folder."""
+    from headvis_core.data.corpus import open_corpus
+    from headvis_core.data.prompt_library import load_all_prompt_sets
+
+    if folder is None:
+        probe = ["builtin", [p.text for s in load_all_prompt_sets() for p in s.prompts]]
+    else:
+        corpus = open_corpus(str(folder))
+        probe = ["folder", str(Path(str(folder)).expanduser().resolve()), corpus.fingerprint]
+    return {"probe": probe, "n_seqs": n_seqs, "seq_len": seq_len, "n_induction_seqs": n_induction_seqs,
+            "seed": seed}
+
+
+def composition_inputs(kinds: Sequence[str], fold_ln: bool) -> dict[str, Any]:
+    """Composition scores between all heads (:func:`headvis_core.circuits.composition.compute_composition`)."""
+    return {"kinds": list(kinds), "fold_ln": fold_ln}
+
+
+def io_inputs(kinds: Sequence[str], fold_ln: bool, seed: int = 0) -> dict[str, Any]:
+    """Embedding and unembedding scores (:func:`headvis_core.circuits.composition.io_scores`)."""
+    return {"kinds": list(kinds), "fold_ln": fold_ln, "seed": seed}
+
+
+def prompts_inputs(prompts: Any) -> dict[str, Any]:
+    """What an :class:`~headvis_core.ablation.runner.AblationPrompts` contributes: tokens and what is scored."""
+    return {"tokens": list(prompts.tokens), "answer_positions": list(prompts.answer_positions),
+            "target_ids": prompts.target_ids, "alternative_ids": prompts.alternative_ids,
+            "label_ids": prompts.label_ids,
+            "corrupted_tokens": list(prompts.corrupted_tokens) if prompts.corrupted_tokens is not None else None,
+            "texts": list(prompts.texts)}
+
+
+def ranking_inputs(prompts: Any, ablation_kind: str, metric: str, top_n: int) -> dict[str, Any]:
+    """A KL (or logit-difference, loss) ranking of every head (:func:`headvis_core.ablation.ranking.rank_heads`)."""
+    return {"prompts": prompts_inputs(prompts), "ablation": ablation_kind, "metric": metric, "top_n": top_n}
+
+
+def targeted_inputs(prompts: Any, ablation_kind: str, target: Optional[str], budget: int,
+                    prune: bool) -> dict[str, Any]:
+    """A targeted search (:func:`headvis_core.ablation.targeted.targeted_search`)."""
+    return {"prompts": prompts_inputs(prompts), "ablation": ablation_kind, "target": target, "budget": budget,
+            "prune": prune}
+
+
+def estimate_inputs(prompts: Any, ablation_kind: str, metric: str, refine: int) -> dict[str, Any]:
+    """An attribution-patching estimate of every head's ablation effect, the top ``refine`` refined exactly."""
+    return {"prompts": prompts_inputs(prompts), "ablation": ablation_kind, "metric": metric, "refine": refine}
+
+
+def sweep_inputs(plan: Any, heads: Sequence[HeadRef], predictions: bool) -> dict[str, Any]:
+    """A prompt sweep (:func:`headvis_core.sweeps.run.run_sweep`): the tokenized plan, the heads read."""
+    return {"spec": plan.spec, "token_ids": plan.token_ids, "query_pos": plan.query_pos, "key_pos": plan.key_pos,
+            "answer_pos": plan.answer_pos, "answer_ids": plan.answer_ids, "answer_labels": plan.answer_labels,
+            "greater_than_refs": plan.greater_than_refs, "values": plan.values,
+            "heads": [str(h) for h in heads], "predictions": predictions}
+
+
+def path_patching_inputs(pairs: Any, edges: Sequence[Any], direction: str) -> dict[str, Any]:
+    """Path patching of ``edges`` on clean/corrupted prompt pairs."""
+    return {"pairs": pairs, "edges": list(edges), "direction": direction}

@@ -85,11 +85,9 @@ def forward_only(loaded, batches) -> float:
 
 def scan_batches_only(loaded, batches, params) -> float:
     """The scan's per-batch work alone (hooked pass, reductions, merging) on the same tensors as forward_only."""
-    from headvis_core.scan.run import ScanState, _bos_id, _vocab_size, scan_batch
+    from headvis_core.scan.run import new_state, scan_batch
 
-    info = loaded.info
-    state = ScanState(info.n_layers, info.n_heads, params.window_len + (_bos_id(loaded.model) is not None),
-                      _vocab_size(loaded.model), params)
+    state = new_state(loaded, params)
     started, cpu = time.perf_counter(), time.process_time()
     for seq, indices in batches:
         scan_batch(loaded.model, state, seq, indices)
@@ -97,7 +95,7 @@ def scan_batches_only(loaded, batches, params) -> float:
 
 
 def scan_once(loaded, corpus, params, batch_size: int) -> tuple[tuple[float, float], object]:
-    from headvis_core.scan.run import run_scan
+    from headvis_core.scan import run_scan
 
     with tempfile.TemporaryDirectory() as out:
         started, cpu = time.perf_counter(), time.process_time()
@@ -108,7 +106,7 @@ def scan_once(loaded, corpus, params, batch_size: int) -> tuple[tuple[float, flo
 def memory_child(windows: int, window_len: int, batch_size: int) -> None:
     from headvis_core.data.corpus import open_corpus
     from headvis_core.models.loader import load_model
-    from headvis_core.scan.run import ScanParams
+    from headvis_core.scan import ScanParams
 
     loaded = load_model("smollm2-135m", device="cpu")
     corpus = open_corpus(str(CORPUS))
@@ -139,7 +137,7 @@ def main() -> None:
 
     from headvis_core.data.corpus import open_corpus
     from headvis_core.models.loader import load_model
-    from headvis_core.scan.run import ScanParams
+    from headvis_core.scan import ScanParams
 
     print(f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     loaded = load_model("smollm2-135m", device="cpu")

@@ -13,8 +13,25 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
+from transformer_lens.utilities import get_act_name
 
 HookFn = Callable[[torch.Tensor, Any], Optional[torch.Tensor]]
+
+
+def pattern_hook(layer: int) -> str:
+    """``blocks.{layer}.attn.hook_pattern``: post-softmax attention ``[batch, head, query, key]``."""
+    return get_act_name("pattern", layer)
+
+
+def z_hook(layer: int) -> str:
+    """``blocks.{layer}.attn.hook_z``: each head's output before ``W_O``, where heads are ablated."""
+    return get_act_name("z", layer)
+
+
+def resid_pre_hook(layer: int) -> str:
+    """``blocks.{layer}.hook_resid_pre``: the residual stream entering block ``layer``."""
+    return get_act_name("resid_pre", layer)
+
 
 _locks: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()

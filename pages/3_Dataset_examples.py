@@ -6,10 +6,12 @@ import pandas as pd
 import streamlit as st
 
 import headvis_ui as ui
+from headvis_core import scan as scans
 from headvis_core.data.corpus import open_corpus
 from headvis_core.errors import CorruptFileError
 from headvis_core.heads import HeadRef
-from headvis_core.scan import run as scans
+from headvis_core.scan import store as scan_store
+from headvis_core.viz import scan as scan_figures
 from headvis_core.viz.token_view import token_view_html
 
 SHARED_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
@@ -46,7 +48,7 @@ stored = [s for s in scans.list_scans(model_name=info.name)]
 folder = None
 url_scan = ui.query_param("scan")
 if url_scan and "ex_scan_folder" not in state:
-    state.ex_scan_folder = str(scans.scans_root() / Path(url_scan).name)
+    state.ex_scan_folder = str(scan_store.scans_root() / Path(url_scan).name)
 
 run_tab, open_tab = st.tabs(["Run a scan", f"Open a stored scan ({len(stored)})"])
 with run_tab:
@@ -150,14 +152,14 @@ with k_col:
 d_col, s_col = st.columns(2)
 with d_col:
     shares = result.distance_histogram(head)
-    fig = scans.distance_figure(shares, title=f"Head {head}: attention by query-key distance")
+    fig = scan_figures.distance_figure(shares, title=f"Head {head}: attention by query-key distance")
     st.plotly_chart(fig, width="stretch", key="ex_distance")
     ui.download_figure(fig, f"distance_{head}.html")
     ui.download_table(pd.DataFrame({"distance": range(len(shares)), "share": shares}), f"distance_{head}.csv",
                       label="Download distances (CSV)")
 with s_col:
     edges, counts = result.score_histogram(head)
-    fig = scans.score_histogram_figure(edges, counts, title=f"Head {head}: window scores")
+    fig = scan_figures.score_histogram_figure(edges, counts, title=f"Head {head}: window scores")
     st.plotly_chart(fig, width="stretch", key="ex_scores")
     ui.download_figure(fig, f"window_scores_{head}.html", label="Download score histogram (HTML)")
 

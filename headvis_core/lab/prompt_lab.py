@@ -21,7 +21,7 @@ from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.hooks import capture
 from headvis_core.lab.patterns import pattern_hook
-from headvis_core.viz.token_view import SparseAttention
+from headvis_core.sparse_attention import SparseAttention
 
 
 @dataclass

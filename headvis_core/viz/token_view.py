@@ -18,52 +18,15 @@ bidi-isolated so a right-to-left override cannot reorder its neighbours.
 import html
 import json
 import unicodedata
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from headvis_core.sparse_attention import SparseAttention, sparse_from_dense
 from headvis_core.tokens import visible
 
 COLOUR_MODES = ("received", "paid")
-
-
-@dataclass(frozen=True)
-class SparseAttention:
-    """The top keys of each query of one head.
-
-    ``keys [query, k]`` positions and ``values [query, k]`` attention weights
-    (a value of 0 marks an unused slot); ``first [query]`` is the attention
-    each query pays to position 0, where known.
-    """
-
-    keys: np.ndarray
-    values: np.ndarray
-    first: Optional[np.ndarray] = None
-
-    @property
-    def n_queries(self) -> int:
-        return int(self.keys.shape[0])
-
-
-def sparse_from_dense(pattern: torch.Tensor | np.ndarray, top_k: int = 8, exclude_first: bool = True) -> SparseAttention:
-    """Keep the ``top_k`` largest keys of each query of a dense ``[query, key]`` pattern.
-
-    With ``exclude_first`` the keys are chosen among positions 1.. (position
-    0's weight is kept in ``first``).
-    """
-    values = pattern.detach().float().cpu().numpy() if isinstance(pattern, torch.Tensor) else np.asarray(pattern, float)
-    n_q, n_k = values.shape
-    first = values[:, 0].copy()
-    candidates = values[:, 1:] if exclude_first else values
-    offset = 1 if exclude_first else 0
-    k = max(0, min(top_k, candidates.shape[1]))
-    if k == 0:
-        return SparseAttention(np.zeros((n_q, 0), np.int64), np.zeros((n_q, 0), np.float32), first)
-    order = np.argsort(-candidates, axis=1, kind="stable")[:, :k]
-    top_values = np.take_along_axis(candidates, order, axis=1)
-    return SparseAttention(keys=(order + offset).astype(np.int64), values=top_values.astype(np.float32), first=first)
 
 
 def _printable(text: str) -> str:

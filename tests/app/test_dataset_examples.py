@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from headvis_core.scan import run as scans
+from headvis_core.scan import store as scans
 from tests.conftest import app_test
 
 PAGE = "pages/3_Dataset_examples.py"

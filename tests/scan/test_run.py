@@ -9,18 +9,10 @@ import torch
 from headvis_core.data.corpus import iter_windows, open_corpus
 from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.heads import HeadRef
-from headvis_core.hooks import capture
-from headvis_core.lab.patterns import pattern_hook
-from headvis_core.scan.run import (
-    MANIFEST,
-    ScanParams,
-    bin_deciles,
-    list_scans,
-    load_scan,
-    run_scan,
-    score_bins,
-    window_priorities,
-)
+from headvis_core.hooks import capture, pattern_hook
+from headvis_core.scan import ScanParams, list_scans, load_scan, run_scan
+from headvis_core.scan.state import score_bins
+from headvis_core.scan.store import MANIFEST
 
 WINDOW, N_WINDOWS, BATCH = 12, 30, 8
 
@@ -157,24 +149,6 @@ def test_token_averages_and_distance_histogram_match_the_reference(scanned):
         assert result.distance_histogram(head) == pytest.approx(expected, rel=1e-5, abs=1e-8)
 
 
-def test_bin_deciles_on_distinct_scores_give_equal_tenths():
-    scores = np.random.default_rng(0).permutation(np.arange(1000)) / 1000 + 0.0004
-    counts = np.bincount(score_bins(scores, 1000), minlength=1000)
-    assert counts.max() == 1
-    deciles = bin_deciles(counts)[score_bins(scores, 1000)]
-    ranks = np.argsort(np.argsort(scores))
-    assert np.array_equal(deciles, ranks // 100 + 1)
-    assert np.bincount(deciles, minlength=11)[1:].tolist() == [100] * 10
-
-
-def test_priorities_are_uniform_and_reproducible():
-    u = window_priorities(np.arange(20000), seed=3)
-    assert np.array_equal(u, window_priorities(np.arange(20000), seed=3))
-    assert not np.array_equal(u, window_priorities(np.arange(20000), seed=4))
-    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
-    assert np.histogram(u, bins=10, range=(0, 1))[0].min() > 1800
-
-
 def test_memory_does_not_grow_with_the_corpus(tiny_llama, text_dir, tmp_path):
     params = dict(window_len=8, examples_per_decile=2, reservoir_size=16, histogram_bins=256)
     corpus = open_corpus(str(text_dir))
@@ -203,7 +177,8 @@ def test_stored_result_is_reused_and_a_corrupt_one_recomputed(tiny_gpt2, text_di
     with pytest.raises(CorruptFileError, match="checksum"):
         load_scan(first.path)
     messages = []
-    redone = run_scan(tiny_gpt2, corpus, params, out_dir=tmp_path, batch_size=4, progress=lambda f, m: messages.append(m))
+    redone = run_scan(tiny_gpt2, corpus, params, out_dir=tmp_path, batch_size=4,
+                      progress=lambda f, m: messages.append(m))
     assert any("corrupt" in m and "Recomputing" in m for m in messages)
     for name in first.arrays:
         assert np.array_equal(redone.arrays[name], first.arrays[name], equal_nan=True), name

@@ -7,7 +7,8 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from headvis_core.viz.token_view import SparseAttention, script_json, sparse_from_dense, token_view_html
+from headvis_core.sparse_attention import SparseAttention, sparse_from_dense
+from headvis_core.viz.token_view import script_json, token_view_html
 
 VOID = {"meta", "br", "input", "img", "hr", "link"}
 NASTY = ["<|endoftext|>", "<script>alert(1)</script>", " </script><!--", "&amp;", "\u202eevil", "a\u200bb",

@@ -30,7 +30,7 @@ def _show_head(result, spec: str, n_examples: int) -> None:
 def _run(args: argparse.Namespace) -> int:
     from headvis_core.data.corpus import open_corpus
     from headvis_core.progress import tqdm_progress
-    from headvis_core.scan.run import ScanParams, run_scan
+    from headvis_core.scan import ScanParams, run_scan
 
     corpus = open_corpus(args.corpus, text_field=args.text_field)  # before loading the model: fail fast
     for skipped in corpus.skipped:

@@ -1,0 +1,230 @@
+"""The streaming state of a dataset scan: fixed-size accumulators folded batch by batch.
+
+Per head (indexed by ``layer * n_heads + head``) the state keeps a histogram
+of window scores, the exact running top-``top_examples`` windows, a shared
+reservoir sample of windows (chosen by a hash-derived priority of the window
+index, so a resumed scan keeps the same sample), attention paid and received
+per vocabulary entry, and attention summed by query-key distance. Its size
+depends on the model and the parameters only, never on the corpus.
+"""
+
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch head" are not Python expressions)
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+from headvis_core.errors import CorruptFileError
+from headvis_core.scan.params import N_DECILES, ScanParams
+
+
+def window_priorities(indices: np.ndarray, seed: int) -> np.ndarray:
+    """Uniform pseudo-random numbers in [0, 1) from window indices (splitmix64), the same on every run."""
+    with np.errstate(over="ignore"):
+        z = (np.asarray(indices, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z ^= np.uint64(seed & 0xFFFFFFFF) * np.uint64(0xD1B54A32D192ED03)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def score_bins(scores: torch.Tensor | np.ndarray, n_bins: int) -> np.ndarray:
+    """Histogram bin of each window score in [0, 1] (1.0 goes in the last bin)."""
+    values = scores.cpu().numpy() if isinstance(scores, torch.Tensor) else scores
+    values = np.asarray(values, dtype=np.float64)
+    return np.clip(np.floor(values * n_bins), 0, n_bins - 1).astype(np.int64)
+
+
+def bin_deciles(counts: np.ndarray) -> np.ndarray:
+    """Decile (1-10) of every histogram bin ``counts [..., bins]``, from the bin's middle rank.
+
+    ``floor(10 * (windows below the bin + half the bin) / windows) + 1``: exact
+    up to the bin width; windows in one bin share a decile.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(axis=-1, keepdims=True)
+    below = np.cumsum(counts, axis=-1) - counts
+    middle = (below + counts / 2) / np.maximum(total, 1)
+    return np.clip(np.floor(middle * N_DECILES), 0, N_DECILES - 1).astype(np.int64) + 1
+
+
+@dataclass
+class LayerBatch:
+    """What one layer's hook keeps from one batch (all on the CPU)."""
+
+    win_max: Float[torch.Tensor, "batch head"]
+    paid: Float[torch.Tensor, "batch head pos_after_0"]
+    received: Float[torch.Tensor, "batch head pos_after_0"]
+    distance: Float[torch.Tensor, "head pos_after_0"]
+    cand_batch: Int[torch.Tensor, " n"]  # window of each top-example candidate
+    cand_head: Int[torch.Tensor, " n"]
+    cand_keys: Int[torch.Tensor, "n pos k"]
+    cand_values: Float[torch.Tensor, "n pos k"]
+    cand_first: Float[torch.Tensor, "n pos"]
+    res_keys: Int[torch.Tensor, "incoming head pos k"]
+    res_values: Float[torch.Tensor, "incoming head pos k"]
+    res_first: Float[torch.Tensor, "incoming head pos"]
+
+
+class ScanState:
+    """Everything a scan accumulates; fixed size for a given model and parameters.
+
+    Per-head arrays are indexed by ``layer * n_heads + head``.
+    """
+
+    ARRAYS = ("hist", "top_scores", "top_window", "top_tokens", "top_keys", "top_values", "top_first",
+              "res_priority", "res_window", "res_tokens", "res_scores", "res_keys", "res_values", "res_first",
+              "distance_sum")
+
+    def __init__(self, n_layers: int, n_heads: int, seq_len: int, d_vocab: int, params: ScanParams):
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.seq_len = seq_len
+        self.d_vocab = d_vocab
+        self.params = params
+        self.n_windows = 0
+        heads = n_layers * n_heads
+        self._init_histogram_and_top(heads)
+        self._init_reservoir(heads)
+        self.paid_sum = torch.zeros(heads, d_vocab, dtype=torch.float64)
+        self.received_sum = torch.zeros(heads, d_vocab, dtype=torch.float64)
+        self.token_count = torch.zeros(d_vocab, dtype=torch.int64)
+        self.distance_sum = torch.zeros(heads, seq_len - 1, dtype=torch.float64)
+
+    def _init_histogram_and_top(self, heads: int) -> None:
+        m, s, k = self.params.top_examples, self.seq_len, self.k
+        self.hist = torch.zeros(heads, self.params.histogram_bins, dtype=torch.int64)
+        self.top_scores = torch.full((heads, m), -np.inf, dtype=torch.float32)
+        self.top_window = torch.full((heads, m), -1, dtype=torch.int64)
+        self.top_tokens = torch.zeros(heads, m, s, dtype=torch.int32)
+        self.top_keys = torch.zeros(heads, m, s, k, dtype=torch.int16)
+        self.top_values = torch.zeros(heads, m, s, k, dtype=torch.float16)
+        self.top_first = torch.zeros(heads, m, s, dtype=torch.float16)
+
+    def _init_reservoir(self, heads: int) -> None:
+        r, s, k = self.params.reservoir, self.seq_len, self.k
+        self.res_priority = torch.full((r,), np.inf, dtype=torch.float64)
+        self.res_window = torch.full((r,), -1, dtype=torch.int64)
+        self.res_tokens = torch.zeros(r, s, dtype=torch.int32)
+        self.res_scores = torch.zeros(heads, r, dtype=torch.float32)
+        self.res_keys = torch.zeros(heads, r, s, k, dtype=torch.int16)
+        self.res_values = torch.zeros(heads, r, s, k, dtype=torch.float16)
+        self.res_first = torch.zeros(heads, r, s, dtype=torch.float16)
+
+    @property
+    def k(self) -> int:
+        """Keys kept per query of a stored example."""
+        return min(self.params.top_k_keys, self.seq_len - 1)
+
+    def nbytes(self) -> int:
+        tensors = [getattr(self, name) for name in self.ARRAYS] + [self.paid_sum, self.received_sum, self.token_count]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- planning and merging -----------------------------------------------------------------
+
+    def plan_reservoir(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which windows of the batch enter the reservoir: ``(batch rows, slots, priorities)``."""
+        u = window_priorities(indices, self.params.seed)
+        r = self.params.reservoir
+        combined = np.concatenate([self.res_priority.numpy(), u])
+        chosen = np.argsort(combined, kind="stable")[:r]
+        incoming = np.sort(chosen[chosen >= r] - r)
+        kept_slots = set(chosen[chosen < r].tolist())
+        free = np.array([s for s in range(r) if s not in kept_slots], dtype=np.int64)[:len(incoming)]
+        return incoming.astype(np.int64), free, u[incoming]
+
+    def merge(self, layer: int, batch: LayerBatch, seq_tokens: Int[torch.Tensor, "batch pos"], indices: np.ndarray,
+              res_rows: np.ndarray, res_slots: np.ndarray) -> None:
+        """Fold one layer's reductions of a batch into the state."""
+        h0, h1 = layer * self.n_heads, (layer + 1) * self.n_heads
+        scores = batch.win_max.t().contiguous()  # [head, batch]
+        bins = torch.from_numpy(score_bins(scores, self.params.histogram_bins))
+        self.hist[h0:h1].scatter_add_(1, bins, torch.ones_like(bins))
+        self._merge_token_sums(h0, h1, batch, seq_tokens)
+        self.distance_sum[h0:h1] += batch.distance.double()
+        if len(batch.cand_batch):
+            self._merge_top(h0, h1, scores, batch, seq_tokens, indices)
+        if len(res_rows):
+            slots = torch.from_numpy(res_slots)
+            self.res_scores[h0:h1, slots] = scores[:, torch.from_numpy(res_rows)]
+            self.res_keys[h0:h1, slots] = batch.res_keys.transpose(0, 1)
+            self.res_values[h0:h1, slots] = batch.res_values.transpose(0, 1)
+            self.res_first[h0:h1, slots] = batch.res_first.transpose(0, 1)
+
+    def _merge_token_sums(self, h0: int, h1: int, batch: LayerBatch, seq_tokens: torch.Tensor) -> None:
+        text = seq_tokens[:, 1:].reshape(-1)  # tokens at positions 1..
+        paid = batch.paid.permute(1, 0, 2).reshape(self.n_heads, -1).double()
+        received = batch.received.permute(1, 0, 2).reshape(self.n_heads, -1).double()
+        self.paid_sum[h0:h1].index_add_(1, text, paid)
+        self.received_sum[h0:h1].index_add_(1, text, received)
+
+    def _merge_top(self, h0: int, h1: int, scores: torch.Tensor, batch: LayerBatch, seq_tokens: torch.Tensor,
+                   indices: np.ndarray) -> None:
+        n_heads, m = h1 - h0, self.params.top_examples
+        n_batch = scores.shape[1]
+        candidate_row = torch.full((n_heads, n_batch), -1, dtype=torch.int64)
+        candidate_row[batch.cand_head, batch.cand_batch] = torch.arange(len(batch.cand_batch))
+        masked = torch.where(candidate_row >= 0, scores, torch.tensor(-np.inf))
+        # A stable sort keeps earlier windows first among equal scores (old entries precede the batch).
+        values, order = torch.sort(torch.cat([self.top_scores[h0:h1], masked], dim=1), dim=1, descending=True,
+                                   stable=True)
+        values, order = values[:, :m], order[:, :m]
+        from_old = order < m
+        heads = torch.arange(n_heads)[:, None]
+        rows = candidate_row[heads, (order - m).clamp(min=0)].clamp(min=0)  # [head, m]
+        old_pick = order.clamp(max=m - 1)
+        cand_window = torch.from_numpy(indices)[batch.cand_batch]
+        cand_tokens = seq_tokens[batch.cand_batch].to(torch.int32)
+
+        def choose(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            picked_old = old[h0:h1][heads, old_pick]
+            picked_new = new[rows]
+            mask = from_old.reshape(from_old.shape + (1,) * (picked_old.dim() - 2))
+            return torch.where(mask, picked_old, picked_new)
+
+        self.top_window[h0:h1] = choose(self.top_window, cand_window)
+        self.top_tokens[h0:h1] = choose(self.top_tokens, cand_tokens)
+        self.top_keys[h0:h1] = choose(self.top_keys, batch.cand_keys)
+        self.top_values[h0:h1] = choose(self.top_values, batch.cand_values)
+        self.top_first[h0:h1] = choose(self.top_first, batch.cand_first)
+        self.top_scores[h0:h1] = values
+
+    def commit_reservoir(self, seq_tokens: torch.Tensor, indices: np.ndarray, rows: np.ndarray, slots: np.ndarray,
+                         priorities: np.ndarray) -> None:
+        """Record the windows planned into the reservoir (after every layer has merged)."""
+        if len(rows):
+            slots_t = torch.from_numpy(slots)
+            self.res_priority[slots_t] = torch.from_numpy(priorities)
+            self.res_window[slots_t] = torch.from_numpy(indices[rows])
+            self.res_tokens[slots_t] = seq_tokens[torch.from_numpy(rows)].to(torch.int32)
+
+    def count_tokens(self, seq_tokens: torch.Tensor, n_windows: int) -> None:
+        """Count the batch's tokens at positions 1.. and its windows."""
+        text = seq_tokens[:, 1:].reshape(-1)
+        self.token_count.index_add_(0, text, torch.ones_like(text))
+        self.n_windows += n_windows
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {name: getattr(self, name).numpy() for name in self.ARRAYS}
+        seen = torch.nonzero(self.token_count).flatten()
+        arrays.update(seen_ids=seen.numpy(), seen_count=self.token_count[seen].numpy(),
+                      seen_paid=self.paid_sum[:, seen].numpy(), seen_received=self.received_sum[:, seen].numpy())
+        return arrays
+
+    def load_arrays(self, arrays: dict[str, np.ndarray], n_windows: int) -> None:
+        for name in self.ARRAYS:
+            current = getattr(self, name)
+            value = torch.from_numpy(np.array(arrays[name]))
+            if value.shape != current.shape or value.dtype != current.dtype:
+                raise CorruptFileError(f"The scan checkpoint's {name} has the wrong shape; it will be recomputed.")
+            setattr(self, name, value)
+        seen = torch.from_numpy(np.array(arrays["seen_ids"])).long()
+        self.token_count[seen] = torch.from_numpy(np.array(arrays["seen_count"]))
+        self.paid_sum[:, seen] = torch.from_numpy(np.array(arrays["seen_paid"]))
+        self.received_sum[:, seen] = torch.from_numpy(np.array(arrays["seen_received"]))
+        self.n_windows = n_windows

@@ -1,0 +1,175 @@
+"""A memory guard: estimate what a request needs from its shape, and refuse it before it runs if it will not fit.
+
+The app serves every browser session from one process, so one request that
+takes all the memory takes the server down for everyone. Each request that
+runs the model calls :func:`check_forward` (or :func:`check_memory`) with its
+shape before its first forward pass; one that would take the process past the
+cap is refused with a :class:`MemoryLimitError` giving the estimate and the
+limit.
+
+The cap bounds the whole process: the memory it holds now (model weights,
+stored results, the Python runtime: its resident set size) plus the request's
+estimate must stay under it. It is, in order of precedence, the ``cap_gb``
+argument, ``$HEADVIS_MEMORY_CAP_GB``, or :data:`DEFAULT_CAP_GB`.
+
+The estimate of one forward pass is deliberately on the high side (it adds
+up peaks that do not all coincide):
+
+* attention: ``batch x heads x tokens^2`` per copy, one layer at a time
+  (eager attention holds the scores, the pattern and a temporary of the
+  pattern's size while a hook reduces it: :data:`PATTERN_COPIES`);
+* the MLP's hidden activations, ``batch x tokens x d_mlp`` (3 copies for a
+  gated MLP), and a few residual-stream tensors ``batch x tokens x d_model``;
+* logits, ``batch x positions x vocab`` (2 copies: logits and a log-softmax),
+  only where the request computes them;
+* ``extra_bytes`` for what the caller keeps across layers (captured
+  activations, a replay cache).
+"""
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from headvis_core.errors import InputError
+
+DEFAULT_CAP_GB = 4.0
+PATTERN_COPIES = 3
+MLP_COPIES = 3
+RESIDUAL_COPIES = 6
+LOGIT_COPIES = 2
+GIB = 2**30
+
+
+class MemoryLimitError(InputError):
+    """A request whose estimated memory is over the cap (raised before it runs)."""
+
+
+def memory_cap_bytes(cap_gb: Optional[float] = None) -> int:
+    """The cap in bytes: ``cap_gb``, else ``$HEADVIS_MEMORY_CAP_GB``, else :data:`DEFAULT_CAP_GB`."""
+    if cap_gb is None:
+        raw = os.environ.get("HEADVIS_MEMORY_CAP_GB", "").strip()
+        try:
+            cap_gb = float(raw) if raw else DEFAULT_CAP_GB
+        except ValueError:
+            raise InputError(f"HEADVIS_MEMORY_CAP_GB={raw!r} is not a number of gigabytes.") from None
+    if not (math.isfinite(cap_gb) and cap_gb > 0):
+        raise InputError(f"The memory cap must be a positive number of gigabytes, not {cap_gb}.")
+    return int(cap_gb * GIB)
+
+
+def process_bytes() -> int:
+    """The resident set size of this process now."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    bytes_per_value: int = 4
+
+    @classmethod
+    def of(cls, model: Any) -> "ModelDims":
+        """The dimensions of a ``TransformerBridge`` or a ``LoadedModel``."""
+        model = getattr(model, "model", model)
+        cfg = model.cfg
+        d_model = int(cfg.d_model)
+        d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d_model)
+        dtype = getattr(cfg, "dtype", None)
+        size = getattr(dtype, "itemsize", 4) if dtype is not None else 4
+        return cls(n_layers=int(cfg.n_layers), n_heads=int(cfg.n_heads), d_model=d_model, d_mlp=d_mlp,
+                   d_vocab=int(cfg.d_vocab), n_ctx=int(cfg.n_ctx), bytes_per_value=max(4, int(size)))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a request needs, by part."""
+
+    what: str
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.parts.values()))
+
+    def describe(self) -> str:
+        shown = sorted(((name, b) for name, b in self.parts.items() if b >= 2**20), key=lambda p: -p[1])
+        return ", ".join(f"{name} {gib(b)}" for name, b in shown) or "under 1 MiB"
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= 0.1 * GIB else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def forward_estimate(dims: ModelDims, batch: int, tokens: int, logit_positions: Optional[int] = None,
+                     extra_bytes: int = 0, what: str = "this request") -> MemoryEstimate:
+    """What one forward pass of ``batch`` sequences of ``tokens`` tokens needs (see the module docstring).
+
+    ``logit_positions``: positions per sequence whose logits are computed (default every
+    position; 0 for a pass that stops before the unembedding).
+    """
+    b, t, size = int(batch), int(tokens), dims.bytes_per_value
+    positions = t if logit_positions is None else int(logit_positions)
+    parts = {
+        "attention patterns": b * dims.n_heads * t * t * size * PATTERN_COPIES,
+        "MLP activations": b * t * dims.d_mlp * size * MLP_COPIES,
+        "residual stream": b * t * dims.d_model * size * RESIDUAL_COPIES,
+        "logits": b * positions * dims.d_vocab * size * LOGIT_COPIES,
+    }
+    if extra_bytes:
+        parts["kept activations"] = int(extra_bytes)
+    return MemoryEstimate(what=what, parts=parts)
+
+
+def check_memory(estimate: MemoryEstimate, cap_gb: Optional[float] = None, hint: str = "") -> None:
+    """Raise :class:`MemoryLimitError` where the process plus ``estimate`` would pass the cap."""
+    cap = memory_cap_bytes(cap_gb)
+    held = process_bytes()
+    if held + estimate.total <= cap:
+        return
+    raise MemoryLimitError(
+        f"{estimate.what[:1].upper() + estimate.what[1:]} needs about {gib(estimate.total)} of memory "
+        f"({estimate.describe()}) on top of the {gib(held)} this process holds, over the limit of {gib(cap)} "
+        f"(set HEADVIS_MEMORY_CAP_GB to change it). {hint}".strip())
+
+
+def largest_tokens(dims: ModelDims, batch: int, budget: int, logits: bool = True, extra_per_token: int = 0) -> int:
+    """The longest sequence whose :func:`forward_estimate` at ``batch`` fits in ``budget`` bytes (0 if none)."""
+    low, high = 0, max(1, dims.n_ctx)
+    while low < high:
+        mid = (low + high + 1) // 2
+        estimate = forward_estimate(dims, batch, mid, None if logits else 0, extra_per_token * mid * batch)
+        if estimate.total <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def check_forward(model: Any, batch: int, tokens: int, what: str, logits: bool = True,
+                  logit_positions: Optional[int] = None, extra_bytes: int = 0,
+                  cap_gb: Optional[float] = None) -> MemoryEstimate:
+    """Refuse a forward pass of ``batch x tokens`` on ``model`` that would pass the memory cap.
+
+    The message says how long a sequence fits at this batch size. Returns the estimate where it fits.
+    """
+    dims = ModelDims.of(model)
+    positions = (logit_positions if logit_positions is not None else None) if logits else 0
+    estimate = forward_estimate(dims, batch, tokens, positions, extra_bytes, what)
+    budget = memory_cap_bytes(cap_gb) - process_bytes()
+    per_token = extra_bytes // max(1, batch * tokens)
+    fits = largest_tokens(dims, batch, budget, logits=logits, extra_per_token=per_token) if budget > 0 else 0
+    if fits >= 2:
+        hint = (f"At {batch} sequence{'s' if batch != 1 else ''} per pass, sequences of up to about {fits} tokens "
+                "fit" + ("; a smaller batch size fits longer ones." if batch > 1 else "."))
+    else:
+        hint = "Nothing of this size fits: free memory (close other models) or raise the cap."
+    check_memory(estimate, cap_gb, hint=hint)
+    return estimate

@@ -5,13 +5,12 @@ import streamlit as st
 
 import headvis_ui as ui
 from headvis_core.atlas.classes import rules_table
-from headvis_core.atlas.run import BUILTIN, METRIC_COLUMNS, METRICS, compute_atlas, passport
-from headvis_core.errors import InputError
+from headvis_core.atlas.run import METRIC_COLUMNS, METRICS, compute_atlas, passport
+from headvis_core.atlas.selection import opening_head
 from headvis_core.heads import HeadRef
 from headvis_core.viz.atlas import (
     AXES,
     COLOURS,
-    axis_label,
     head_scatter,
     layer_heatmap,
     passport_metrics_figure,
@@ -19,8 +18,6 @@ from headvis_core.viz.atlas import (
     top_tokens_table,
 )
 from headvis_core.viz.atlas_report import atlas_report_html
-
-FOLDER = "Corpus folder"
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -46,21 +43,17 @@ st.caption("Every head measured on a probe set: real text for the attention metr
            "induction, the weights for the OV copying score. Heads at the extremes of a metric are usually the "
            "ones worth studying. Select a point (or pick a head below) to open its passport card.")
 
+# Widget keys are the URL's parameter names (bind="query-params"): a link reopens the same view.
 with st.form("atlas_probe"):
-    cols = st.columns([2, 3, 1, 1])
-    source = cols[0].radio("Probe text", [BUILTIN, FOLDER], key="atlas_source",
-                           index=1 if ui.query_param("corpus") else 0)
-    folder_text = cols[1].text_input("Corpus folder (text files)", key="atlas_folder",
-                                     value=ui.query_param("corpus", ""), placeholder="/path/to/folder/of/text/files")
-    n_seqs = cols[2].number_input("Sequences", 1, 1024, ui.query_int("n", 64, 1, 1024), key="atlas_n_seqs")
-    seq_len = cols[3].number_input("Tokens each", 8, 8192, ui.query_int("len", 128, 8, 8192), key="atlas_seq_len")
+    cols = st.columns([4, 1, 1])
+    folder_text = cols[0].text_input("Corpus folder of text files (empty: the built-in prompts)", key="corpus",
+                                     bind="query-params", placeholder="/path/to/folder/of/text/files")
+    n_seqs = cols[1].number_input("Sequences", 1, 1024, 64, key="n", bind="query-params")
+    seq_len = cols[2].number_input("Tokens each", 8, 8192, 128, key="len", bind="query-params")
     st.form_submit_button("Compute atlas")
 
-folder = folder_text.strip() if source == FOLDER else None
-ui.set_query_params(corpus=folder or None, n=int(n_seqs), len=int(seq_len))
+folder = folder_text.strip() or None
 with ui.user_errors():
-    if source == FOLDER and not folder:
-        raise InputError("Type the path of a folder of text files, or choose the built-in prompts.")
     result = cached_atlas(ui.model_key(loaded), folder, int(n_seqs), int(seq_len), loaded.model, loaded.info.name)
 table = result.table
 ui.remember(ui.ATLAS_METRICS, loaded, table)
@@ -72,24 +65,15 @@ heads = [str(HeadRef(int(l), int(h))) for l, h in zip(table.layer, table["head"]
 behaviour_of = dict(zip(heads, zip(table.behaviour, table.confidence)))
 selected = ui.selected_head(loaded)
 if st.session_state.get("atlas_head") not in heads:
-    if selected is None:
-        # open on the most confident head of a specific behaviour (the sink and unclassified say least)
-        best = table[~table.behaviour.isin(["unclassified", "attention-sink"])].sort_values(
-            "confidence", ascending=False, kind="stable")
-        row = (best if not best.empty else table).iloc[0]
-        selected = HeadRef(int(row.layer), int(row["head"]))
-    st.session_state["atlas_head"] = str(selected)
+    st.session_state["atlas_head"] = str(selected or opening_head(table))
 
 left, right = st.columns([3, 2])
 with left:
     axes = st.columns(3)
-    x = axes[0].selectbox("x", AXES, index=AXES.index(ui.query_choice("x", AXES, "previous_token")), format_func=axis_label,
-                          key="atlas_x")
-    y = axes[1].selectbox("y", AXES, index=AXES.index(ui.query_choice("y", AXES, "induction")), format_func=axis_label,
-                          key="atlas_y")
-    colour = axes[2].selectbox("colour", COLOURS, index=COLOURS.index(ui.query_choice("colour", COLOURS, "behaviour")),
-                               format_func=axis_label, key="atlas_colour")
-    ui.set_query_params(x=x, y=y, colour=colour)
+    # Options are the table's column names, which are also what the URL holds (?x=previous_token).
+    x = axes[0].selectbox("x", AXES, index=AXES.index("previous_token"), key="x", bind="query-params")
+    y = axes[1].selectbox("y", AXES, index=AXES.index("induction"), key="y", bind="query-params")
+    colour = axes[2].selectbox("colour", COLOURS, key="colour", bind="query-params")
     current = HeadRef.from_label(st.session_state["atlas_head"])
     scatter = head_scatter(table, x, y, colour, selected=current)
     event = st.plotly_chart(scatter, width="stretch", on_select="rerun", selection_mode="points",
@@ -119,9 +103,8 @@ with right:
     st.dataframe(top_tokens_table(card), hide_index=True, width="stretch")
 
 st.subheader("Layer breakdown")
-heat_metric = st.selectbox("Metric", METRIC_COLUMNS, index=METRIC_COLUMNS.index(
-    ui.query_choice("heat", METRIC_COLUMNS, "induction")), format_func=axis_label, key="atlas_heat")
-ui.set_query_params(heat=heat_metric)
+heat_metric = st.selectbox("Metric", METRIC_COLUMNS, index=METRIC_COLUMNS.index("induction"), key="heat",
+                           bind="query-params")
 heatmap = layer_heatmap(table, heat_metric)
 st.plotly_chart(heatmap, width="stretch")
 ui.download_figure(heatmap, f"head_atlas_{heat_metric}.html")

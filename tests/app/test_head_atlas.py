@@ -1,6 +1,7 @@
 import pandas as pd
 
 from headvis_core.heads import HeadRef
+from tests.app import bound_params
 from tests.conftest import app_test
 
 PAGE = "pages/1_Head_atlas.py"
@@ -26,7 +27,8 @@ def test_atlas_shows_scatter_passport_table_and_downloads():
     assert any(len(df.value) == 8 and "behaviour" in df.value.columns for df in at.dataframe)  # all heads
     labels = [b.proto.label for b in at.get("download_button")]
     assert "Download CSV" in labels and any("HTML report" in label for label in labels)
-    assert at.query_params["x"] == "previous_token" and at.query_params["y"] == "induction"
+    assert at.selectbox(key="x").value == "previous_token" and at.selectbox(key="y").value == "induction"
+    assert bound_params(at) == {"corpus", "n", "len", "x", "y", "colour", "heat"}
 
 
 def test_choosing_a_head_opens_its_card_and_shares_it():
@@ -42,31 +44,45 @@ def test_url_reopens_the_same_view():
     at = atlas_page(layer=1, head=3, x="layer", y="copying", colour="entropy", heat="attention_sink").run()
     assert not at.exception and not at.error
     assert at.subheader[0].value == "Passport: head 1.3"
-    assert at.selectbox(key="atlas_x").value == "layer" and at.selectbox(key="atlas_y").value == "copying"
-    assert at.selectbox(key="atlas_colour").value == "entropy"
-    assert at.selectbox(key="atlas_heat").value == "attention_sink"
+    assert at.selectbox(key="x").value == "layer" and at.selectbox(key="y").value == "copying"
+    assert at.selectbox(key="colour").value == "entropy"
+    assert at.selectbox(key="heat").value == "attention_sink"
+    assert at.number_input(key="n").value == 6 and at.number_input(key="len").value == 32
+
+
+def test_hostile_url_values_give_defaults_or_a_warning():
+    at = app_test(PAGE, model="tiny-llama", n="6", len="nan", x="<script>", y="", colour="1e309",
+                  heat="induction,copying", layer="9", head="-1").run()
+    assert not at.exception and not at.error
+    assert at.number_input(key="len").value == 128 and at.number_input(key="n").value == 6
+    assert (at.selectbox(key="x").value, at.selectbox(key="y").value) == ("previous_token", "induction")
+    assert at.selectbox(key="colour").value == "behaviour" and at.selectbox(key="heat").value == "induction"
+    assert any("out of range" in w.value for w in at.warning)  # head 9.-1 is ignored, with a word why
+    assert at.query_params.get("layer") != "9" and "len" not in at.query_params
 
 
 def test_a_missing_corpus_folder_is_an_error_box_and_the_form_keeps_its_values(tmp_path):
     at = atlas_page().run()
-    at.radio(key="atlas_source").set_value("Corpus folder")
-    at.text_input(key="atlas_folder").set_value(str(tmp_path / "no_such_folder"))
+    at.text_input(key="corpus").set_value(str(tmp_path / "no_such_folder"))
     at.button[0].click().run()
     assert not at.exception
     assert any("does not exist" in e.value for e in at.error)
-    assert at.text_input(key="atlas_folder").value == str(tmp_path / "no_such_folder")
-    at.text_input(key="atlas_folder").set_value("")
-    at.button[0].click().run()
-    assert any("Type the path of a folder" in e.value for e in at.error)
-
-
-def test_a_corpus_folder_with_text_works_and_goes_into_the_url(tmp_path):
-    (tmp_path / "doc.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
-    at = atlas_page().run()
-    at.radio(key="atlas_source").set_value("Corpus folder")
-    at.text_input(key="atlas_folder").set_value(str(tmp_path))
+    assert at.text_input(key="corpus").value == str(tmp_path / "no_such_folder")
+    at.text_input(key="corpus").set_value("  ")
     at.button[0].click().run()
     assert not at.exception and not at.error
-    assert at.query_params["corpus"] == str(tmp_path)
+    assert any(c.value.startswith("Probe: ") and "folder" not in c.value for c in at.caption)
+
+
+def test_a_corpus_folder_with_text_works_and_reopens_from_the_url(tmp_path):
+    (tmp_path / "doc.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    at = atlas_page().run()
+    at.text_input(key="corpus").set_value(str(tmp_path))
+    at.button[0].click().run()
+    assert not at.exception and not at.error
     assert any(f"folder {tmp_path}" in c.value for c in at.caption)
     assert any("hold more text than the atlas reads" in i.value for i in at.info)
+    reopened = atlas_page(corpus=str(tmp_path)).run()
+    assert not reopened.exception and not reopened.error
+    assert reopened.text_input(key="corpus").value == str(tmp_path)
+    assert any(f"folder {tmp_path}" in c.value for c in reopened.caption)

@@ -143,13 +143,35 @@ def page_setup(title: str, icon: str = ":material/visibility:") -> LoadedModel:
 
 
 def set_query_params(**params: Any) -> None:
-    """Write view state into the URL so that it reopens the same view; ``None`` removes a key."""
+    """Write view state into the URL so that it reopens the same view; ``None`` removes a key.
+
+    For state that is not one widget's value (the model, the head shared between pages, a stored
+    scan). A widget's own value goes into the URL by ``bind="query-params"`` with the parameter's
+    name as its key; Streamlit refuses to set such a bound parameter here.
+    """
     for key, value in params.items():
         if value is None:
             if key in st.query_params:
                 del st.query_params[key]
         elif st.query_params.get(key) != str(value):
             st.query_params[key] = str(value)
+
+
+def split_list_params(*keys: str) -> None:
+    """Rewrite old links' comma lists (``?heads=1.2,0.3``) into the repeated parameters that a
+    multiselect bound with ``bind="query-params"`` reads (``?heads=1.2&heads=0.3``).
+
+    Call it before the page draws its bound widgets: a widget seeds itself from the URL the run
+    started with, so after a rewrite the page reruns once with the new URL.
+    """
+    rewritten = False
+    for key in keys:
+        values = st.query_params.get_all(key)
+        if len(values) == 1 and "," in values[0]:
+            st.query_params[key] = [part.strip() for part in values[0].split(",") if part.strip()]
+            rewritten = True
+    if rewritten:
+        st.rerun()
 
 
 def query_param(key: str, default: Optional[str] = None) -> Optional[str]:

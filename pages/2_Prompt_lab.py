@@ -4,9 +4,9 @@ import streamlit as st
 
 import headvis_ui as ui
 from headvis_core.data.prompt_library import load_all_prompt_sets
-from headvis_core.errors import InputError
-from headvis_core.heads import HeadRef, all_heads, parse_heads
+from headvis_core.heads import HeadRef, all_heads
 from headvis_core.lab.patterns import attention_heatmap
+from headvis_core.lab.positions import induction_key
 from headvis_core.lab.prompt_lab import analyse_prompt, head_grid_picker, pair_figure
 from headvis_core.tokens import token_labels, tokenize_prompt
 from headvis_core.viz.token_view import token_view_html
@@ -14,11 +14,11 @@ from headvis_core.viz.token_view import token_view_html
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy"
 OWN_PROMPT = "(your own prompt)"
 LONG_PROMPT = 160  # tokens; longer prompts get a window slider
-URL_PROMPT_LIMIT = 1500  # characters kept in the URL
 
 loaded = ui.page_setup("Prompt lab")
 info, model = loaded.info, loaded.model
 state = st.session_state
+ui.split_list_params("heads")  # old links: ?heads=1.2,0.3
 
 
 @st.cache_data(show_spinner=False)
@@ -35,20 +35,19 @@ def analyse(model_key: str, tokens: tuple, heads: tuple, query: int, key: int, w
 
 
 # -- prompt --------------------------------------------------------------------------------------------
+# Keys of widgets bound with bind="query-params" are the URL's parameter names (?prompt=, ?heads=).
 prompts = library()
-if "lab_prompt" not in state:
-    state.lab_prompt = ui.query_param("prompt", DEFAULT_PROMPT)
 
 
 def use_library_prompt() -> None:
     choice = state.lab_library
     if choice != OWN_PROMPT:
-        state.lab_prompt = prompts[choice]
+        state.prompt = prompts[choice]
 
 
 st.selectbox("Prompt library", [OWN_PROMPT] + list(prompts), key="lab_library", on_change=use_library_prompt,
              help="Curated prompts from prompts/ (IOI, induction, years, lists, multilingual, code).")
-text = st.text_area("Prompt", key="lab_prompt", height=100)
+text = st.text_area("Prompt", DEFAULT_PROMPT, key="prompt", height=100, bind="query-params")
 cut = st.checkbox(f"Cut a prompt longer than the context ({info.n_ctx} tokens) instead of refusing it",
                   key="lab_cut")
 with ui.user_errors():
@@ -60,27 +59,22 @@ n = prompt.n_tokens
 
 # -- heads -------------------------------------------------------------------------------------------------
 names = [str(h) for h in all_heads(info.n_layers, info.n_heads)]
-if "lab_heads" not in state:
-    try:
-        from_url = parse_heads(ui.query_param("heads", ""), info.n_layers, info.n_heads)
-    except InputError:
-        from_url = []
-    atlas = ui.selected_head(loaded)
-    state.lab_heads = [str(h) for h in from_url] or ([str(atlas)] if atlas else names[:1])
+atlas = ui.selected_head(loaded)
+if "heads" not in state:  # a URL's heads (valid ones; the bound widget drops the rest) win over this
+    state.heads = [str(atlas)] if atlas else names[:1]
 grid_state = state.get("lab_grid")
 clicked = [p.get("customdata") for p in (grid_state or {}).get("selection", {}).get("points", [])]
 if clicked and clicked != state.get("lab_grid_seen"):
     state.lab_grid_seen = clicked
-    state.lab_heads = list(dict.fromkeys(state.lab_heads + [c for c in clicked if c in names]))
-atlas = ui.selected_head(loaded)
+    state.heads = list(dict.fromkeys(state.heads + [c for c in clicked if c in names]))
 
 
 def add_atlas_head() -> None:
-    state.lab_heads = list(dict.fromkeys(state.lab_heads + [str(atlas)]))
+    state.heads = list(dict.fromkeys(state.heads + [str(atlas)]))
 
 
 left, right = st.columns([3, 1])
-chosen = left.multiselect("Heads (layer.head)", names, key="lab_heads",
+chosen = left.multiselect("Heads (layer.head)", names, key="heads", bind="query-params",
                           help="Several heads at once; or click cells in the grid below.")
 if atlas is not None:
     right.button(f"Add atlas head {atlas}", disabled=str(atlas) in chosen, on_click=add_atlas_head)
@@ -90,31 +84,27 @@ with st.expander("Pick heads on the layer x head grid"):
                     selection_mode="points", width="stretch")
 
 # -- query / key pair and window ----------------------------------------------------------------------------
-def default_key(query: int) -> int:
-    """The token after the previous occurrence of the query's token (where an induction head looks), else the one before."""
-    tokens = prompt.tokens[0].tolist()
-    for pos in range(query - 1, 0, -1):
-        if tokens[pos] == tokens[query] and pos + 1 < query:
-            return pos + 1
-    return max(query - 1, 0)
+# Positions index this prompt's tokens, so they are not bound widgets: ?q= and ?k= are read once per
+# prompt (out of range: the defaults) and written back below.
+token_ids = prompt.tokens[0].tolist()
 
 
-def url_position(name: str):
-    value = str(ui.query_param(name, ""))
-    return int(value) if value.isdigit() and int(value) < n else None
+def url_position(name: str) -> int | None:
+    position = ui.query_int(name, -1, -1, n)  # unreadable: -1; past the end: n
+    return position if 0 <= position < n else None
 
 
 if state.get("lab_n") != n:  # first run, or a new prompt: positions from the URL once, else defaults
     first = "lab_n" not in state
-    query_default = (url_position("q") if first else None)
-    state.lab_query = n - 1 if query_default is None else query_default
-    key_from_url = url_position("k") if first else None
-    state.lab_key = default_key(state.lab_query) if key_from_url is None else key_from_url
+    url_query = url_position("q") if first else None
+    state.lab_query = n - 1 if url_query is None else url_query
+    url_key = url_position("k") if first else None
+    state.lab_key = induction_key(token_ids, state.lab_query) if url_key is None else url_key
     state.lab_n = n
 
 
 def reset_key() -> None:
-    state.lab_key = default_key(state.lab_query)
+    state.lab_key = induction_key(token_ids, state.lab_query)
 
 
 c1, c2 = st.columns(2)
@@ -127,8 +117,7 @@ if n > LONG_PROMPT:
     start = st.slider("Window of positions shown (long prompt)", 0, n - 1, max(0, n - LONG_PROMPT), key="lab_window")
     window = (start, min(n, start + LONG_PROMPT))
 
-ui.set_query_params(prompt=text if len(text) <= URL_PROMPT_LIMIT else None, heads=",".join(chosen) or None,
-                    q=query, k=key)
+ui.set_query_params(q=query, k=key)
 
 with ui.user_errors():
     result = analyse(ui.model_key(loaded), tuple(prompt.tokens[0].tolist()), tuple(heads), query, key, window,

@@ -1,4 +1,5 @@
 from headvis_core.heads import HeadRef
+from tests.app import bound_params
 from tests.conftest import app_test
 
 PAGE = "pages/2_Prompt_lab.py"
@@ -11,7 +12,7 @@ def iframes(at):
 def test_heads_from_the_url_get_a_heatmap_and_a_token_view_each():
     at = app_test(PAGE, prompt="abcabc", heads="1.2,0.3").run()
     assert not at.exception and not at.error
-    assert at.multiselect(key="lab_heads").value == ["1.2", "0.3"]
+    assert at.multiselect(key="heads").value == ["1.2", "0.3"]
     assert [s.value for s in at.subheader][-2:] == ["Head 1.2", "Head 0.3"]
     views = iframes(at)
     assert len(views) == 2 and "head 1.2" in views[0]
@@ -19,14 +20,16 @@ def test_heads_from_the_url_get_a_heatmap_and_a_token_view_each():
     assert at.selectbox(key="lab_query").value == 6 and at.selectbox(key="lab_key").value == 4
     ranking = at.dataframe[0].value
     assert len(ranking) == 8 and list(ranking.columns[:4]) == ["layer", "head", "name", "attention"]
-    assert at.query_params["heads"] == "1.2,0.3" and at.query_params["q"] == "6" and at.query_params["k"] == "4"
+    # The old comma list is rewritten into the repeated parameters the bound multiselect reads.
+    assert at.query_params["heads"] == ["1.2", "0.3"] and at.query_params["q"] == "6" and at.query_params["k"] == "4"
+    assert bound_params(at) == {"prompt", "heads"}
     labels = {b.label for b in at.get("download_button")}
     assert {"Download CSV", "Download predictions (CSV)", "Download figure (HTML)"} <= labels
 
 
 def test_script_in_a_prompt_is_escaped_in_the_token_view():
     at = app_test(PAGE, heads="0.0").run()
-    at.text_area(key="lab_prompt").set_value("<script>alert('x')</script> \u202eok").run()
+    at.text_area(key="prompt").set_value("<script>alert('x')</script> \u202eok").run()
     assert not at.exception and not at.error
     view = iframes(at)[0]
     assert view.count("<script") == 1 and "&lt;" in view and "\u202e" not in view
@@ -34,9 +37,9 @@ def test_script_in_a_prompt_is_escaped_in_the_token_view():
 
 def test_empty_and_too_long_prompts_show_errors():
     at = app_test(PAGE, heads="0.0").run()
-    at.text_area(key="lab_prompt").set_value("   ").run()
+    at.text_area(key="prompt").set_value("   ").run()
     assert not at.exception and "empty" in at.error[0].value
-    at.text_area(key="lab_prompt").set_value("x" * 300).run()  # 301 tokens, context 256
+    at.text_area(key="prompt").set_value("x" * 300).run()  # 301 tokens, context 256
     assert not at.exception and "301 tokens long" in at.error[0].value
     at.checkbox(key="lab_cut").check().run()
     assert not at.exception and not at.error
@@ -52,16 +55,16 @@ def test_key_after_query_is_an_error_and_library_prompts_load():
     choice = next(o for o in at.selectbox(key="lab_library").options if o.startswith("Induction"))
     at.selectbox(key="lab_library").set_value(choice).run()
     assert not at.exception and not at.error
-    assert at.text_area(key="lab_prompt").value.startswith("Mr and Mrs Dursley")
+    assert at.text_area(key="prompt").value.startswith("Mr and Mrs Dursley")
 
 
 def test_atlas_head_is_the_default_and_can_be_added():
     at = app_test(PAGE, layer=1, head=3).run()
-    assert not at.exception and at.multiselect(key="lab_heads").value == ["1.3"]
+    assert not at.exception and at.multiselect(key="heads").value == ["1.3"]
     at.session_state["selected_head"] = HeadRef(0, 2)
     at.run()
     at.button[0].click().run()
-    assert at.multiselect(key="lab_heads").value == ["1.3", "0.2"]
+    assert at.multiselect(key="heads").value == ["1.3", "0.2"]
     assert len(iframes(at)) == 2
 
 
@@ -69,5 +72,27 @@ def test_clicking_the_grid_adds_heads():
     at = app_test(PAGE, heads="1.1").run()
     at.session_state["lab_grid"] = {"selection": {"points": [{"customdata": "0.2"}]}}  # what a click leaves
     at.run()
-    assert not at.exception and at.multiselect(key="lab_heads").value == ["1.1", "0.2"]
+    assert not at.exception and at.multiselect(key="heads").value == ["1.1", "0.2"]
     assert [s.value for s in at.subheader][-2:] == ["Head 1.1", "Head 0.2"]
+
+
+def test_the_url_reopens_the_same_view_with_repeated_heads_and_positions():
+    at = app_test(PAGE, prompt="abcabcabc", q=5, k=2)
+    at.query_params["heads"] = ["0.1", "1.3"]
+    at.run()
+    assert not at.exception and not at.error
+    assert at.text_area(key="prompt").value == "abcabcabc"
+    assert at.multiselect(key="heads").value == ["0.1", "1.3"]
+    assert at.selectbox(key="lab_query").value == 5 and at.selectbox(key="lab_key").value == 2
+    assert [s.value for s in at.subheader][-2:] == ["Head 0.1", "Head 1.3"]
+
+
+def test_hostile_url_values_give_defaults():
+    at = app_test(PAGE, prompt="abcabc", heads="9.9,<script>,1.1", q="nan", k="-3").run()
+    assert not at.exception and not at.error
+    assert at.multiselect(key="heads").value == ["1.1"]  # heads that do not exist are dropped
+    assert at.selectbox(key="lab_query").value == 6 and at.selectbox(key="lab_key").value == 4
+    at = app_test(PAGE, prompt="abcabc", heads="7.7", q="99", k="1e9").run()
+    assert not at.exception and not at.error
+    assert at.multiselect(key="heads").value == ["0.0"]  # none valid: the default, the model's first head
+    assert at.selectbox(key="lab_query").value == 6 and at.selectbox(key="lab_key").value == 4

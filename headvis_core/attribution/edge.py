@@ -29,7 +29,7 @@ from headvis_core.attribution.components import (
     residual_components,
 )
 from headvis_core.attribution.ov import OVAttribution, ov_attribution
-from headvis_core.attribution.qk import QKTerms, check_linear_scores, qk_terms
+from headvis_core.attribution.qk import QKTerms, check_linear_scores, offset_profile, qk_terms
 from headvis_core.attribution.sae import SparseDictionary, check_sae
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
@@ -59,6 +59,7 @@ class EdgeAttribution:
     qk: QKTerms
     ov: OVAttribution
     top_tokens: pd.DataFrame
+    offsets: Optional[pd.DataFrame] = None  # RoPE models: the score of the same content at each offset
     sae_side: Optional[str] = None
     notes: list[str] = field(default_factory=list)
 
@@ -109,6 +110,7 @@ class EdgeAttribution:
             "ov_norm": float(self.ov.total.norm()),
             "ov_top_tokens": records(self.top_tokens, ["token", "token_id", "logit"]),
             "ov_readers": records(self.ov.readers.head(top_readers), ["reader", "kind", "share"]),
+            "offset_profile": None if self.offsets is None else records(self.offsets, ["offset", "score"]),
             "sae_side": self.sae_side, "notes": self.notes,
         }
 
@@ -198,8 +200,9 @@ def attribute_edges(model: Any, tokens: torch.Tensor, edges: Sequence[EdgeSpec],
         if terms.relative_error > 1e-3 and abs(terms.score) > 1e-3:
             notes.append(f"The terms sum to {terms.reconstructed:.6g}, not the model's {terms.score:.6g}: this "
                          "architecture computes its score in a way the attribution does not model exactly.")
+        offsets = offset_profile(model, acts, query, key, layer, head)
         results.append(EdgeAttribution(edge=edge, token_ids=acts.token_ids, tokens=acts.str_tokens, qk=terms, ov=ov,
-                                       top_tokens=ov.top_tokens(model, TOP_TOKENS),
+                                       top_tokens=ov.top_tokens(model, TOP_TOKENS), offsets=offsets,
                                        sae_side=sae_side if sae is not None else None, notes=notes))
         report(progress, 0.5 + 0.5 * (index + 1) / len(edges), f"edge {edge}")
     return results

@@ -20,7 +20,7 @@ features as the sides; the query- and key-side marginals are the rows and column
 # one-axis shapes are written " vocab" so that ruff reads them as strings, not names)
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 import torch
@@ -93,9 +93,10 @@ def _qk_norm(model: Any, acts: EdgeActivations, layer: int, side: str, head: int
 
 
 def side_vectors(model: Any, acts: EdgeActivations, components: Components, layer: int, head: int,
-                 side: str) -> Float[torch.Tensor, "component d_head"]:
+                 side: str, rotate: bool = True) -> Float[torch.Tensor, "component d_head"]:
     """Each component's part of the head's final query (``side="q"``) or key (``"k"``) vector:
-    after ``ln1`` (frozen), the projection, QK-norm (frozen) and RoPE; biases in the ``bias`` row."""
+    after ``ln1`` (frozen), the projection, QK-norm (frozen) and RoPE (unless ``rotate=False``);
+    biases in the ``bias`` row."""
     block = model.blocks[layer]
     attn = block.attn
     position = components.position
@@ -116,13 +117,43 @@ def side_vectors(model: Any, acts: EdgeActivations, components: Components, laye
         if qk_norm.bias is not None:
             out[bias_row] += qk_norm.bias
     cos_name = f"blocks.{layer}.attn.hook_cos"
-    if cos_name in acts:
-        from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
-
+    if rotate and cos_name in acts:
         cos, sin = acts[cos_name][position], acts[f"blocks.{layer}.attn.hook_sin"][position]
-        full = cos.shape[-1] * 2 == out.shape[-1] and get_rotary_pct_from_config(model.cfg) == 1.0
-        out = apply_rope(out, cos, sin, full_rotation=full)
+        out = apply_rope(out, cos, sin, full_rotation=_full_rotation(model, cos, out))
     return out
+
+
+def _full_rotation(model: Any, cos: torch.Tensor, rows: torch.Tensor) -> bool:
+    from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
+
+    return cos.shape[-1] * 2 == rows.shape[-1] and get_rotary_pct_from_config(model.cfg) == 1.0
+
+
+def offset_profile(model: Any, acts: EdgeActivations, query: Components, key: Components, layer: int,
+                   head: int) -> Optional[pd.DataFrame]:
+    """On a RoPE model, the score this query/key content would get at every query-key offset.
+
+    RoPE makes ``q_p . k_p'`` depend on the positions only through ``p - p'`` (Su et al. 2021), so
+    with the unrotated query and key held fixed, ``score(d) = scaling * R_d q . k`` is the score
+    the same content would get ``d`` positions apart. A positional head's preference shows up as a
+    peak at its offset (1 for a previous-token head) that the content alone does not give
+    (``d = 0``: no rotation at all). ``None`` on models without RoPE (their position information
+    is the ``pos_embed`` component).
+    """
+    cos_name = f"blocks.{layer}.attn.hook_cos"
+    if cos_name not in acts:
+        return None
+    q = side_vectors(model, acts, query, layer, head, "q", rotate=False).sum(dim=0)
+    k = side_vectors(model, acts, key, layer, head, "k", rotate=False).sum(dim=0)
+    cos_all, sin_all = acts[cos_name], acts[f"blocks.{layer}.attn.hook_sin"]
+    full = _full_rotation(model, cos_all[0], q[None])
+    k0 = apply_rope(k[None], cos_all[0], sin_all[0], full_rotation=full)[0]
+    scaling = score_scaling(model, layer)
+    offsets = list(range(query.position + 1))
+    scores = [float(apply_rope(q[None], cos_all[d], sin_all[d], full_rotation=full)[0] @ k0) * scaling
+              for d in offsets]
+    actual = query.position - key.position
+    return pd.DataFrame({"offset": offsets, "score": scores, "actual": [d == actual for d in offsets]})
 
 
 @dataclass

@@ -95,7 +95,7 @@ class EdgeAttribution:
     def as_json(self, top_readers: int = 20) -> dict[str, Any]:
         """The CLI's JSON: tokens, score, qk_terms, query_side, key_side, ov_value_side, ov_top_tokens..."""
         def records(frame: pd.DataFrame, columns: Sequence[str]) -> list[dict[str, Any]]:
-            return [{c: (float(v) if isinstance(v, float) else v) for c, v in zip(columns, row)}
+            return [{c: (v.item() if hasattr(v, "item") else v) for c, v in zip(columns, row)}
                     for row in frame[list(columns)].itertuples(index=False)]
 
         return {

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from headvis_core.ablation.ranking import rank_heads
-from headvis_core.ablation.runner import ioi_prompts, prompts_from_texts
 from headvis_core.ablation.targeted import targeted_search
 from headvis_core.data.ioi import load_templates
+from headvis_core.data.prompt_pairs import ioi_prompts, prompts_from_texts
 from headvis_core.heads import all_heads
 from headvis_core.models.loader import load_model
 

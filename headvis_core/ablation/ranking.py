@@ -26,7 +26,9 @@ from headvis_core.ablation.metrics import (
     prompt_mean,
     top_k_table,
 )
-from headvis_core.ablation.runner import DEFAULT_BATCH_TOKENS, Ablation, AblationPrompts, AblationRunner, zero_ablation
+from headvis_core.ablation.runner import DEFAULT_BATCH_TOKENS, AblationRunner
+from headvis_core.ablation.values import Ablation, zero_ablation
+from headvis_core.data.prompt_pairs import PromptPairs
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, all_heads
 from headvis_core.progress import ProgressCallback, report, scaled
@@ -96,7 +98,7 @@ def table_from_json(data: Any) -> pd.DataFrame:
     return pd.DataFrame(data)
 
 
-def check_metric(metric: str, prompts: AblationPrompts) -> None:
+def check_metric(metric: str, prompts: PromptPairs) -> None:
     if metric not in RANKING_METRICS:
         raise InputError(f"Unknown metric {metric!r}; choose one of {', '.join(RANKING_METRICS)}.")
     if metric == "logit_diff" and (prompts.target_ids is None or prompts.alternative_ids is None):
@@ -115,7 +117,7 @@ def _importance(metric: str, mean: dict[str, torch.Tensor], clean: dict[str, flo
     return mean["loss"] - clean["loss"]
 
 
-def rank_heads(model: Any, prompts: AblationPrompts, ablation: Optional[Ablation] = None, metric: str = "kl",
+def rank_heads(model: Any, prompts: PromptPairs, ablation: Optional[Ablation] = None, metric: str = "kl",
                heads: Optional[Sequence[HeadRef]] = None, top_n: int = 5, k: int = 10, engine: str = "replay",
                max_batch_tokens: int = DEFAULT_BATCH_TOKENS, runner: Optional[AblationRunner] = None,
                progress: Optional[ProgressCallback] = None) -> HeadRanking:

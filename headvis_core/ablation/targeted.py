@@ -20,7 +20,9 @@ import pandas as pd
 import torch
 
 from headvis_core.ablation.metrics import AnswerMetrics, clean_metrics, prediction_shift, top_k_table
-from headvis_core.ablation.runner import DEFAULT_BATCH_TOKENS, Ablation, AblationPrompts, AblationRunner, zero_ablation
+from headvis_core.ablation.runner import DEFAULT_BATCH_TOKENS, AblationRunner
+from headvis_core.ablation.values import Ablation, zero_ablation
+from headvis_core.data.prompt_pairs import PromptPairs
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, all_heads, parse_heads
 from headvis_core.progress import ProgressCallback, report, scaled
@@ -81,7 +83,7 @@ class TargetedResult:
                    seconds=float(data.get("seconds", 0.0)))
 
 
-def alternative_token_ids(model: Any, prompts: AblationPrompts, alternative: Any) -> list[int]:
+def alternative_token_ids(model: Any, prompts: PromptPairs, alternative: Any) -> list[int]:
     """Per-prompt ids: a token text (one token, else a clear error), one id, or one id per prompt."""
     if alternative is None or (isinstance(alternative, str) and not alternative):
         if prompts.alternative_ids is None:
@@ -120,7 +122,7 @@ def _best(steps: list[_Step]) -> int:
     return max(range(len(steps)), key=lambda i: (steps[i].success, steps[i].objective))
 
 
-def targeted_search(model: Any, prompts: AblationPrompts, alternative: Any = None,
+def targeted_search(model: Any, prompts: PromptPairs, alternative: Any = None,
                     ablation: Optional[Ablation] = None, budget: int = 10, prune: bool = True,
                     candidates: Optional[Sequence[HeadRef] | str] = None, k: int = 10, engine: str = "replay",
                     max_batch_tokens: int = DEFAULT_BATCH_TOKENS, runner: Optional[AblationRunner] = None,

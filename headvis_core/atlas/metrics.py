@@ -46,7 +46,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from headvis_core.data.probes import random_token_range, repeated_random_tokens
+from headvis_core.data.probes import InductionProbe, induction_probe
 from headvis_core.hooks import run_with_hooks
 from headvis_core.lab.patterns import pattern_hook
 from headvis_core.progress import ProgressCallback, report
@@ -56,23 +56,6 @@ TEXT_METRICS = ("previous_token", "duplicate_token", "attention_sink", "self_att
                 "mean_distance", "max_attention_no_bos", "local_attention")
 ATTENTION_METRICS = ("previous_token", "induction") + TEXT_METRICS[1:]
 LOCAL_WINDOW = 4  # current token and the three before it
-
-
-@dataclass(frozen=True)
-class InductionProbe:
-    """``tokens [batch, prefix + 2 * half_len]``: optional BOS, then random tokens repeated twice."""
-
-    tokens: torch.Tensor
-    half_len: int
-    prefix_len: int  # 1 with a BOS token, else 0
-
-
-def induction_probe(model: Any, n_seqs: int, half_len: int, seed: int = 0) -> InductionProbe:
-    """The Olsson et al. induction probe for ``model``: BOS (if the model uses one) + ``r`` + ``r``."""
-    low, high = random_token_range(model)
-    bos = bos_token_id(model)
-    tokens = repeated_random_tokens(n_seqs, half_len, high, bos, seed=seed, low=low)
-    return InductionProbe(tokens=tokens, half_len=half_len, prefix_len=0 if bos is None else 1)
 
 
 # ---------------------------------------------------------------------------

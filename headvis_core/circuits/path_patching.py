@@ -25,15 +25,20 @@ and value inputs are shared with other query heads, and for ordinary multi-head 
 result equals ``get_act_patch_direct_path`` (``tests/test_path_patching.py``).
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "rows pos vocab" are not Python expressions)
+
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pandas as pd
 import torch
+from jaxtyping import Float
 
+from headvis_core.ablation.metrics import logit_difference
+from headvis_core.data.prompt_pairs import PaddedPairs, PromptPairs
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
-from headvis_core.hooks import capture, exclusive, run_with_hooks
+from headvis_core.hooks import capture, exclusive, run_with_hooks, z_hook
 from headvis_core.progress import ProgressCallback, report
 
 DIRECTIONS = ("noising", "denoising")
@@ -50,102 +55,16 @@ class Edge:
         return f"{self.sender} -> {self.receiver} ({self.kind.upper()})"
 
 
-@dataclass(frozen=True)
-class PromptPairs:
-    """Clean and corrupted prompts of equal token length, right-padded into one batch.
-
-    ``clean, corrupted``: ``[batch, pos]``; ``last``: ``[batch]`` index of each prompt's last real
-    token (where the answer is predicted); ``answer, alternative``: ``[batch]`` token ids. Right
-    padding is harmless under causal attention: real tokens never attend to later pads.
-    """
-
-    clean: torch.Tensor
-    corrupted: torch.Tensor
-    last: torch.Tensor
-    answer: torch.Tensor
-    alternative: torch.Tensor
-    description: str = ""
-
-    @property
-    def n_prompts(self) -> int:
-        return int(self.clean.shape[0])
-
-
-def pad_prompt_pairs(clean: Sequence[torch.Tensor], corrupted: Sequence[torch.Tensor], answer: Sequence[int],
-                     alternative: Sequence[int], pad_id: int = 0, description: str = "") -> PromptPairs:
-    """Build :class:`PromptPairs` from 1-D token tensors (a clean and its corrupted twin alike long)."""
-    if not clean:
-        raise InputError("Path patching needs at least one prompt pair.")
-    if not (len(clean) == len(corrupted) == len(answer) == len(alternative)):
-        raise InputError("Give as many corrupted prompts, answers and alternatives as clean prompts.")
-    for i, (c, x) in enumerate(zip(clean, corrupted)):
-        if c.shape[-1] != x.shape[-1]:
-            raise InputError(f"Prompt pair {i + 1}: the clean prompt is {c.shape[-1]} tokens and the corrupted "
-                             f"one {x.shape[-1]}; path patching needs them aligned token for token.")
-    width = max(int(c.shape[-1]) for c in clean)
-
-    def pad(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-        out = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        for i, row in enumerate(rows):
-            out[i, :row.shape[-1]] = row.reshape(-1)
-        return out
-
-    return PromptPairs(clean=pad(clean), corrupted=pad(corrupted),
-                       last=torch.tensor([int(c.shape[-1]) - 1 for c in clean]),
-                       answer=torch.tensor(list(answer)), alternative=torch.tensor(list(alternative)),
-                       description=description)
-
-
-def ioi_prompt_pairs(model: Any, n_prompts: int = 8, seed: int = 0) -> PromptPairs:
-    """IOI prompts (clean) and their ABC corruptions; answer = IO, alternative = S."""
-    from headvis_core.data.ioi import generate_ioi, ioi_token_ids
-
-    dataset = generate_ioi(model, n_prompts, seed=seed)
-    clean = [model.to_tokens(p.clean)[0].cpu() for p in dataset.prompts]
-    corrupted = [model.to_tokens(p.corrupted)[0].cpu() for p in dataset.prompts]
-    io, s = ioi_token_ids(model, dataset)
-    return pad_prompt_pairs(clean, corrupted, io.tolist(), s.tolist(), pad_id=int(clean[0][-1]),
-                            description=f"{n_prompts} IOI prompts vs ABC corruptions (seed {seed})")
-
-
-def induction_prompt_pairs(model: Any, n_prompts: int = 8, half_len: int = 20, seed: int = 0) -> PromptPairs:
-    """Repeated random tokens (Olsson et al. 2022) against the same with a fresh first half.
-
-    Clean: ``BOS r_1..r_n r_1..r_{n-1}``, predicting ``r_n`` by induction. Corrupted:
-    ``BOS s_1..s_n r_1..r_{n-1}``: nothing repeats, so induction has nothing to copy. Answer
-    ``r_n``, alternative ``s_n``.
-    """
-    from headvis_core.data.probes import random_token_range, repeated_random_tokens
-    from headvis_core.tokens import bos_token_id
-
-    if n_prompts < 1 or half_len < 2:
-        raise InputError("Ask for at least one induction prompt of at least two tokens per half.")
-    bos = bos_token_id(model)
-    low, high = random_token_range(model)
-    clean = repeated_random_tokens(n_prompts, half_len, high, bos, seed=seed, low=low)
-    fresh = repeated_random_tokens(n_prompts, half_len, high, bos, seed=seed + 1, low=low)
-    start = 0 if bos is None else 1
-    corrupted = clean.clone()
-    corrupted[:, start:start + half_len] = fresh[:, start:start + half_len]
-    answer = clean[:, start + half_len - 1]
-    alternative = corrupted[:, start + half_len - 1]
-    clean, corrupted = clean[:, :-1], corrupted[:, :-1]
-    return PromptPairs(clean=clean, corrupted=corrupted, last=torch.full((n_prompts,), clean.shape[1] - 1),
-                       answer=answer, alternative=alternative,
-                       description=f"{n_prompts} repeated random sequences ({half_len} tokens) vs a fresh first half")
-
-
-def logit_difference(logits: torch.Tensor, pairs: PromptPairs, repeats: int = 1) -> torch.Tensor:
-    """``[repeats]``: mean over prompts of ``logit(answer) - logit(alternative)`` at the last token.
+def mean_logit_difference(logits: Float[torch.Tensor, "rows pos vocab"], pairs: PaddedPairs,
+                          repeats: int = 1) -> Float[torch.Tensor, " repeats"]:
+    """``[repeats]``: mean over prompts of ``logit(answer) - logit(alternative)`` at each prompt's last position.
 
     ``logits``: ``[repeats * batch, pos, vocab]``, copy ``r`` of the batch in rows ``r*batch..``.
     """
     batch = pairs.n_prompts
     rows = torch.arange(repeats * batch)
     last = pairs.last.repeat(repeats).to(logits.device)
-    final = logits[rows, last].float()
-    diff = (final[rows, pairs.answer.repeat(repeats).to(logits.device)]
-            - final[rows, pairs.alternative.repeat(repeats).to(logits.device)])
+    diff = logit_difference(logits[rows, last], pairs.answer.repeat(repeats), pairs.alternative.repeat(repeats))
     return diff.reshape(repeats, batch).mean(dim=1).cpu()
 
 
@@ -162,10 +81,6 @@ class PathPatchingResult:
     @property
     def base_metric(self) -> float:
         return self.clean_metric if self.direction == "noising" else self.corrupted_metric
-
-
-def _z_hook(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
 
 
 def _check_edges(model: Any, edges: Sequence[Edge]) -> None:
@@ -206,76 +121,93 @@ class _SplitQKVInput:
             self.model.set_use_attn_in(True)
 
 
+def _fork_hook(chunk: Sequence[Edge], deltas: list[torch.Tensor], layer: int, kind: str, batch: int,
+               group: int) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """Add edge ``i``'s sender delta to the ``kind`` input fork of its receiver, in rows of copy ``i``."""
+    def hook(fork: torch.Tensor, hook: Any) -> torch.Tensor:
+        # fork: [rows, pos, heads (q) or kv heads (k, v), d_model], pre-ln1 residual copies
+        fork = fork.clone()
+        for i, edge in enumerate(chunk):
+            if edge.receiver.layer == layer and edge.kind == kind:
+                index = edge.receiver.head if kind == "q" else edge.receiver.head // group
+                fork[i * batch:(i + 1) * batch, :, index] += deltas[i].to(fork.dtype)
+        return fork
+    return hook
+
+
+def _receiver_z_hook(chunk: Sequence[Edge], patched_z: dict[str, torch.Tensor], layer: int,
+                     batch: int) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """Put each receiver's patched output ``z_B`` into the base run, at head B of its copy's rows only."""
+    def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
+        z = z.clone()  # [rows, pos, head, d_head]
+        for i, edge in enumerate(chunk):
+            if edge.receiver.layer == layer:
+                rows, h = slice(i * batch, (i + 1) * batch), edge.receiver.head
+                z[rows, :, h] = patched_z[z_hook(layer)][rows, :, h]
+        return z
+    return hook
+
+
+def _patch_chunk(model: Any, chunk: Sequence[Edge], deltas: list[torch.Tensor], base_tokens: torch.Tensor,
+                 padded: PaddedPairs, group: int) -> torch.Tensor:
+    """``[len(chunk)]`` mean logit difference with each edge of ``chunk`` patched alone (two passes)."""
+    batch = padded.n_prompts
+    tokens = base_tokens.repeat(len(chunk), 1)
+    receiver_layers = sorted({e.receiver.layer for e in chunk})
+    fork_hooks = []
+    for layer in receiver_layers:
+        for kind in sorted({e.kind for e in chunk if e.receiver.layer == layer}):
+            fork_hooks.append((f"blocks.{layer}.attn.hook_{kind}_input",
+                               _fork_hook(chunk, deltas, layer, kind, batch, group)))
+    with _SplitQKVInput(model):
+        _, patched_z = capture(model, tokens, [z_hook(l) for l in receiver_layers], fwd_hooks=fork_hooks,
+                               stop_at_layer=receiver_layers[-1] + 1)
+    z_hooks = [(z_hook(l), _receiver_z_hook(chunk, patched_z, l, batch)) for l in receiver_layers]
+    logits = run_with_hooks(model, tokens, z_hooks)
+    return mean_logit_difference(logits, padded, repeats=len(chunk))
+
+
 def path_patch(model: Any, pairs: PromptPairs, edges: Sequence[Edge], direction: str = "noising",
                max_rows: int = MAX_ROWS_PER_PASS, progress: Optional[ProgressCallback] = None) -> PathPatchingResult:
-    """Path-patch each edge alone and return its effect on the mean logit difference."""
+    """Path-patch each edge alone and return its effect on the mean logit difference.
+
+    ``pairs`` needs a corrupted twin, an answer and an alternative for every
+    prompt; each prompt is scored at its last answer position.
+    """
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}.")
     edges = list(dict.fromkeys(edges))
     _check_edges(model, edges)
+    padded = pairs.padded()
     n_heads = int(model.cfg.n_heads)
     n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or n_heads)
     group = n_heads // n_kv
-    batch = pairs.n_prompts
     device = next(iter(model.parameters())).device
-    clean, corrupted = pairs.clean.to(device), pairs.corrupted.to(device)
+    clean, corrupted = padded.clean.to(device), padded.corrupted.to(device)
     base_tokens, source_tokens = (clean, corrupted) if direction == "noising" else (corrupted, clean)
     sender_layers = sorted({e.sender.layer for e in edges})
-    per_pass = max(1, max_rows // batch)
+    per_pass = max(1, max_rows // padded.n_prompts)
     chunks = [edges[i:i + per_pass] for i in range(0, len(edges), per_pass)]
     results: list[dict] = []
     with exclusive(model):
         report(progress, 0.0, "clean and corrupted runs")
-        sender_z = [_z_hook(l) for l in sender_layers]
+        sender_z = [z_hook(l) for l in sender_layers]
         base_logits, base_z = capture(model, base_tokens, sender_z)
         source_logits, source_z = capture(model, source_tokens, sender_z)
-        base_metric = float(logit_difference(base_logits, pairs)[0])
-        source_metric = float(logit_difference(source_logits, pairs)[0])
+        base_metric = float(mean_logit_difference(base_logits, padded)[0])
+        source_metric = float(mean_logit_difference(source_logits, padded)[0])
         clean_metric, corrupted_metric = ((base_metric, source_metric) if direction == "noising"
                                           else (source_metric, base_metric))
         del base_logits, source_logits
         W_O = {l: model.blocks[l].attn.W_O.detach() for l in sender_layers}  # [head, d_head, d_model]
 
         def write_delta(sender: HeadRef) -> torch.Tensor:  # [batch, pos, d_model]
-            name, h = _z_hook(sender.layer), sender.head
+            name, h = z_hook(sender.layer), sender.head
             return (source_z[name][:, :, h] - base_z[name][:, :, h]) @ W_O[sender.layer][h].to(base_z[name].dtype)
 
         for chunk_index, chunk in enumerate(chunks):
-            n = len(chunk)
-            tokens = base_tokens.repeat(n, 1)
             deltas = [write_delta(e.sender) for e in chunk]
-            receiver_layers = sorted({e.receiver.layer for e in chunk})
-
-            def fork_hook(layer: int, kind: str):
-                def hook(fork: torch.Tensor, hook: Any) -> torch.Tensor:
-                    # fork: [rows, pos, heads (q) or kv heads (k, v), d_model], pre-ln1 residual copies
-                    fork = fork.clone()
-                    for i, edge in enumerate(chunk):
-                        if edge.receiver.layer == layer and edge.kind == kind:
-                            index = edge.receiver.head if kind == "q" else edge.receiver.head // group
-                            fork[i * batch:(i + 1) * batch, :, index] += deltas[i].to(fork.dtype)
-                    return fork
-                return hook
-
-            fork_hooks = [(f"blocks.{l}.attn.hook_{kind}_input", fork_hook(l, kind))
-                          for l in receiver_layers for kind in sorted({e.kind for e in chunk if e.receiver.layer == l})]
-            with _SplitQKVInput(model):
-                _, patched_z = capture(model, tokens, [_z_hook(l) for l in receiver_layers], fwd_hooks=fork_hooks,
-                                       stop_at_layer=receiver_layers[-1] + 1)
-
-            def z_hook(layer: int):
-                def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
-                    z = z.clone()  # [rows, pos, head, d_head]
-                    for i, edge in enumerate(chunk):
-                        if edge.receiver.layer == layer:
-                            rows, h = slice(i * batch, (i + 1) * batch), edge.receiver.head
-                            z[rows, :, h] = patched_z[_z_hook(layer)][rows, :, h]
-                    return z
-                return hook
-
-            logits = run_with_hooks(model, tokens, [(_z_hook(l), z_hook(l)) for l in receiver_layers])
-            metrics = logit_difference(logits, pairs, repeats=n)
-            del logits
+            metrics = _patch_chunk(model, chunk, deltas, base_tokens, padded, group)
             for edge, metric in zip(chunk, metrics.tolist()):
                 results.append({"sender": str(edge.sender), "receiver": str(edge.receiver), "kind": edge.kind,
                                 "patched": metric, "effect": metric - base_metric})

@@ -1,12 +1,18 @@
-"""Synthetic probe inputs."""
+"""Synthetic probe inputs: the induction probe of repeated random tokens."""
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
+
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Int
+
+from headvis_core.tokens import bos_token_id
 
 
-def repeated_random_tokens(n_seqs: int, half_len: int, d_vocab: int, bos_token_id: int | None,
-                           seed: int = 0, low: int = 0) -> torch.Tensor:
+def repeated_random_tokens(n_seqs: int, half_len: int, d_vocab: int, bos_id: int | None,
+                           seed: int = 0, low: int = 0) -> Int[torch.Tensor, "seq pos"]:
     """``[n_seqs, (1 +) 2 * half_len]``: BOS (if given) then random tokens r repeated twice.
 
     The induction probe of Olsson et al. 2022: on the second copy an
@@ -17,8 +23,8 @@ def repeated_random_tokens(n_seqs: int, half_len: int, d_vocab: int, bos_token_i
     generator = torch.Generator().manual_seed(seed)
     half = torch.randint(low, d_vocab, (n_seqs, half_len), generator=generator)
     parts = [half, half]
-    if bos_token_id is not None:
-        parts.insert(0, torch.full((n_seqs, 1), bos_token_id, dtype=half.dtype))
+    if bos_id is not None:
+        parts.insert(0, torch.full((n_seqs, 1), bos_id, dtype=half.dtype))
     return torch.cat(parts, dim=1)
 
 
@@ -36,3 +42,28 @@ def random_token_range(model: Any) -> tuple[int, int]:
     while high - 1 in specials and high - 1 > low:
         high -= 1
     return low, high
+
+
+@dataclass(frozen=True)
+class InductionProbe:
+    """``tokens [batch, prefix + 2 * half_len]``: optional BOS, then random tokens repeated twice."""
+
+    tokens: Int[torch.Tensor, "seq pos"]
+    half_len: int
+    prefix_len: int  # 1 with a BOS token, else 0
+
+    @property
+    def second_copy_start(self) -> int:
+        """Position of the second copy's first token."""
+        return self.prefix_len + self.half_len
+
+
+def induction_probe(model: Any, n_seqs: int, half_len: int, seed: int = 0) -> InductionProbe:
+    """The Olsson et al. 2022 induction probe for ``model``: BOS (if the model uses one) + ``r`` + ``r``.
+
+    Tokens are drawn from the model's ordinary ids (:func:`random_token_range`).
+    """
+    low, high = random_token_range(model)
+    bos = bos_token_id(model)
+    tokens = repeated_random_tokens(n_seqs, half_len, high, bos, seed=seed, low=low)
+    return InductionProbe(tokens=tokens, half_len=half_len, prefix_len=0 if bos is None else 1)

@@ -52,7 +52,7 @@ def io_inputs(kinds: Sequence[str], fold_ln: bool, seed: int = 0) -> dict[str, A
 
 
 def prompts_inputs(prompts: Any) -> dict[str, Any]:
-    """What an :class:`~headvis_core.ablation.runner.AblationPrompts` contributes: tokens and what is scored."""
+    """What an :class:`~headvis_core.data.prompt_pairs.PromptPairs` contributes: tokens and what is scored."""
     return {"tokens": list(prompts.tokens), "answer_positions": list(prompts.answer_positions),
             "target_ids": prompts.target_ids, "alternative_ids": prompts.alternative_ids,
             "label_ids": prompts.label_ids,

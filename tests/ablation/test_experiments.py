@@ -14,9 +14,9 @@ from headvis_core.ablation.experiments import (
     save_experiment,
 )
 from headvis_core.ablation.ranking import rank_heads
-from headvis_core.ablation.runner import prompts_from_texts
 from headvis_core.ablation.targeted import targeted_search
 from headvis_core.cli.main import main
+from headvis_core.data.prompt_pairs import prompts_from_texts
 from headvis_core.errors import CorruptFileError, InputError
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"

@@ -19,7 +19,9 @@ from headvis_core.ablation.metrics import (
     token_rank,
     top_k_table,
 )
-from headvis_core.ablation.runner import AblationRunner, prompts_from_texts, zero_ablation
+from headvis_core.ablation.runner import AblationRunner
+from headvis_core.ablation.values import zero_ablation
+from headvis_core.data.prompt_pairs import prompts_from_texts
 from headvis_core.heads import HeadRef
 
 

@@ -7,9 +7,11 @@ import pytest
 from headvis_core import hooks
 from headvis_core.ablation.metrics import kl_divergence
 from headvis_core.ablation.ranking import HeadRanking, importance_heatmap, rank_heads
-from headvis_core.ablation.runner import induction_prompts, make_ablation, prompts_from_texts, z_hook_name
+from headvis_core.ablation.values import make_ablation
+from headvis_core.data.prompt_pairs import induction_prompts, prompts_from_texts
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
+from headvis_core.hooks import z_hook
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 PROMPTS = ["hello world, hello", "jello world, jello", "a prompt of another length"]
@@ -34,7 +36,7 @@ def _hand_loop_kl(model, tokens, head):
         z[:, :, head.head] = 0
         return z
 
-    ablated = hooks.run_with_hooks(model, tokens, [(z_hook_name(head.layer), zero)])[:, -1]
+    ablated = hooks.run_with_hooks(model, tokens, [(z_hook(head.layer), zero)])[:, -1]
     return float(kl_divergence(clean, ablated).mean())
 
 

@@ -5,19 +5,13 @@ import torch
 
 from headvis_core import hooks
 from headvis_core.ablation.metrics import AnswerMetrics
-from headvis_core.ablation.runner import (
-    Ablation,
-    AblationRunner,
-    check_hookable,
-    induction_prompts,
-    ioi_prompts,
-    make_ablation,
-    prompts_from_texts,
-    z_hook_name,
-    zero_ablation,
-)
+from headvis_core.ablation.replay import BlockReplay
+from headvis_core.ablation.runner import AblationRunner
+from headvis_core.ablation.values import Ablation, check_hookable, make_ablation, zero_ablation
+from headvis_core.data.prompt_pairs import induction_prompts, ioi_prompts, prompts_from_texts
 from headvis_core.errors import InputError, UnsupportedArchitectureError
 from headvis_core.heads import HeadRef, all_heads
+from headvis_core.hooks import z_hook
 from headvis_core.models.loader import load_model
 
 TEXTS = ["hello world, hello", "jello world, jello"]  # same byte length
@@ -52,7 +46,7 @@ def test_zero_ablation_at_hook_z_equals_zeroing_the_heads_rows_of_w_o(name):
         z[:, :, head] = 0
         return z
 
-    hooked = hooks.run_with_hooks(model, tokens, [(z_hook_name(layer), zero)])
+    hooked = hooks.run_with_hooks(model, tokens, [(z_hook(layer), zero)])
     _zero_head_rows_of_w_o(ablated.model, layer, head, d_head)
     edited = hooks.forward(ablated.model, tokens)
     assert not torch.allclose(hooked, hooks.forward(model, tokens), atol=1e-3)  # the head matters
@@ -69,7 +63,7 @@ def test_gqa_query_heads_sharing_a_kv_head_are_ablated_one_by_one(tiny_llama):
     model = tiny_llama.model
     assert tiny_llama.info.n_kv_heads < tiny_llama.info.n_heads
     tokens = model.to_tokens("hello world")
-    _, cache = hooks.capture(model, tokens, [z_hook_name(0)])
+    _, cache = hooks.capture(model, tokens, [z_hook(0)])
     (z,) = cache.values()
     assert z.shape[2] == tiny_llama.info.n_heads  # one slot per query head
 
@@ -92,13 +86,13 @@ def _slow_logprobs(model, tokens_list, replace_fn, head):
             z[:, :, head.head] = replace_fn(i, z)[..., head.head, :]
             return z
 
-        logits = hooks.run_with_hooks(model, tokens[None], [(z_hook_name(head.layer), hook)])
+        logits = hooks.run_with_hooks(model, tokens[None], [(z_hook(head.layer), hook)])
         out.append(logits[0, -1].log_softmax(-1))
     return torch.stack(out)
 
 
 def _z(model, tokens, layer):
-    _, cache = hooks.capture(model, tokens[None], [z_hook_name(layer)])
+    _, cache = hooks.capture(model, tokens[None], [z_hook(layer)])
     return next(iter(cache.values()))[0]  # [pos, heads, d_head]
 
 
@@ -234,14 +228,12 @@ def test_ioi_preset_on_a_byte_level_model_explains_the_names(tiny_llama):
 
 
 def test_runner_falls_back_to_full_forward_passes_if_the_replay_is_wrong(tiny_gpt2, monkeypatch):
-    from headvis_core.ablation import runner as ablation
-
     model = tiny_gpt2.model
     prompts = prompts_from_texts(model, TEXTS)
     expected = AblationRunner(model, prompts, zero_ablation(model)).evaluate([(HeadRef(0, 2),)],
                                                                               AnswerMetrics(keep_logprobs=True))
-    real_block = ablation._BlockReplay.block
-    monkeypatch.setattr(ablation._BlockReplay, "block", lambda self, i, h: real_block(self, i, h) * 1.01)
+    real_block = BlockReplay.block
+    monkeypatch.setattr(BlockReplay, "block", lambda self, i, h: real_block(self, i, h) * 1.01)
     runner = AblationRunner(model, prompts, zero_ablation(model))
     assert runner.engine == "forward" and "differs from the full forward" in runner.engine_note
     got = runner.evaluate([(HeadRef(0, 2),)], AnswerMetrics(keep_logprobs=True))

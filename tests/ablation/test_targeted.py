@@ -5,10 +5,11 @@ import torch
 
 from headvis_core import hooks
 from headvis_core.ablation.metrics import margin_over_rest
-from headvis_core.ablation.runner import prompts_from_texts, z_hook_name
 from headvis_core.ablation.targeted import TargetedResult, targeted_search, trajectory_figure
+from headvis_core.data.prompt_pairs import prompts_from_texts
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, all_heads
+from headvis_core.hooks import z_hook
 from headvis_core.models.loader import load_random_model
 from headvis_core.models.random_models import RandomModelSpec
 
@@ -28,7 +29,7 @@ def _zero_heads_logits(model, tokens, heads):
             return z
         return hook
 
-    return hooks.run_with_hooks(model, tokens, [(z_hook_name(l), make(l)) for l in by_layer])[0, -1]
+    return hooks.run_with_hooks(model, tokens, [(z_hook(l), make(l)) for l in by_layer])[0, -1]
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,8 @@
 import pytest
 import torch
 
-from headvis_core.circuits.path_patching import (
-    Edge,
-    PromptPairs,
-    induction_prompt_pairs,
-    logit_difference,
-    pad_prompt_pairs,
-    path_patch,
-)
+from headvis_core.circuits.path_patching import Edge, mean_logit_difference, path_patch
+from headvis_core.data.prompt_pairs import induction_prompt_pairs, pairs_from_tokens
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 
@@ -42,17 +36,18 @@ def _random_pairs(n=3, length=10, seed=0):
     clean[:, 0] = 256
     corrupted = clean.clone()
     corrupted[:, 1:length - 2] = torch.randint(0, 256, (n, length - 3), generator=g)
-    return PromptPairs(clean=clean, corrupted=corrupted, last=torch.full((n,), length - 1),
-                       answer=torch.randint(0, 256, (n,), generator=g), alternative=torch.randint(0, 256, (n,), generator=g))
+    answer = torch.randint(0, 256, (n,), generator=g)
+    alternative = torch.randint(0, 256, (n,), generator=g)
+    return pairs_from_tokens(list(clean), list(corrupted), answer.tolist(), alternative.tolist())
 
 
 def _metric(pairs):
-    return lambda logits: logit_difference(logits, pairs)[0]
+    return lambda logits: mean_logit_difference(logits, pairs.padded())[0]
 
 
 def _caches(model, pairs):
-    _, clean = model.run_with_cache(pairs.clean)
-    _, corrupted = model.run_with_cache(pairs.corrupted)
+    _, clean = model.run_with_cache(pairs.padded().clean)
+    _, corrupted = model.run_with_cache(pairs.padded().corrupted)
     return clean, corrupted
 
 
@@ -65,7 +60,7 @@ def test_multi_head_edges_equal_transformer_lens_direct_path_patching(sharp_gpt2
     ours = path_patch(model, pairs, edges, direction="denoising", max_rows=12)  # several chunks
     clean, corrupted = _caches(model, pairs)
     for sender in range(4):
-        theirs = get_act_patch_direct_path(model, pairs.corrupted, clean, corrupted, _metric(pairs), 0, sender,
+        theirs = get_act_patch_direct_path(model, pairs.padded().corrupted, clean, corrupted, _metric(pairs), 0, sender,
                                            component=kind, verbose=False)[1]
         mine = ours.table[ours.table.sender == f"0.{sender}"].sort_values("receiver")
         assert mine.patched.to_numpy() == pytest.approx(theirs.numpy(), abs=1e-5)
@@ -80,7 +75,7 @@ def test_noising_is_denoising_with_the_prompt_sets_swapped(sharp_gpt2):
     edges = [Edge(HeadRef(0, 2), HeadRef(1, r), "v") for r in range(4)]
     ours = path_patch(model, pairs, edges, direction="noising")
     clean, corrupted = _caches(model, pairs)
-    theirs = get_act_patch_direct_path(model, pairs.clean, corrupted, clean, _metric(pairs), 0, 2, component="v",
+    theirs = get_act_patch_direct_path(model, pairs.padded().clean, corrupted, clean, _metric(pairs), 0, 2, component="v",
                                        verbose=False)[1]
     assert ours.table.patched.to_numpy() == pytest.approx(theirs.numpy(), abs=1e-5)
     assert ours.table.effect.abs().max() > 0.01
@@ -93,7 +88,8 @@ def _manual_edge(model, pairs, edge, direction="denoising"):
     """Direct two-run computation of one edge on a Llama (RMSNorm, rotary, GQA) model, without the Q/K/V
     forks: run 1 recomputes the receiver layer's q, k or v from ln1(resid + delta) by hand and keeps head B's
     output; run 2 puts that output into the base run at head B only."""
-    base, source = (pairs.corrupted, pairs.clean) if direction == "denoising" else (pairs.clean, pairs.corrupted)
+    padded = pairs.padded()
+    base, source = (padded.corrupted, padded.clean) if direction == "denoising" else (padded.clean, padded.corrupted)
     sender, receiver = edge.sender, edge.receiver
     z_name = f"blocks.{sender.layer}.attn.hook_z"
     _, base_cache = model.run_with_cache(base)
@@ -123,7 +119,7 @@ def _manual_edge(model, pairs, edge, direction="denoising"):
         return z
 
     logits = model.run_with_hooks(base, fwd_hooks=[(f"blocks.{receiver.layer}.attn.hook_z", put)])
-    return float(logit_difference(logits, pairs)[0])
+    return float(mean_logit_difference(logits, padded)[0])
 
 
 @pytest.mark.parametrize("kind", ["q", "k", "v"])
@@ -141,8 +137,8 @@ def test_grouped_query_edges_equal_a_direct_two_run_computation(sharp_llama, kin
 def test_right_padding_does_not_change_the_numbers(sharp_gpt2):
     model = sharp_gpt2
     a, b = _random_pairs(1, 8, seed=3), _random_pairs(1, 11, seed=4)
-    both = pad_prompt_pairs([a.clean[0], b.clean[0]], [a.corrupted[0], b.corrupted[0]],
-                            [int(a.answer), int(b.answer)], [int(a.alternative), int(b.alternative)])
+    both = pairs_from_tokens(a.tokens + b.tokens, a.corrupted_tokens + b.corrupted_tokens,
+                             a.target_ids + b.target_ids, a.alternative_ids + b.alternative_ids)
     edges = [Edge(HeadRef(0, 1), HeadRef(1, 2), "k"), Edge(HeadRef(0, 0), HeadRef(1, 0), "q")]
     together = path_patch(model, both, edges)
     alone = [path_patch(model, pairs, edges) for pairs in (a, b)]
@@ -153,11 +149,11 @@ def test_right_padding_does_not_change_the_numbers(sharp_gpt2):
 
 def test_the_shared_model_is_left_as_it_was(tiny_llama):
     model, pairs = tiny_llama.model, _random_pairs(seed=5)
-    before = model(pairs.clean)
+    before = model(pairs.padded().clean)
     path_patch(model, pairs, [Edge(HeadRef(0, 0), HeadRef(1, 1), "k")])
     assert not model.cfg.use_split_qkv_input
     assert not any(hook_point.fwd_hooks for hook_point in model.hook_dict.values())
-    torch.testing.assert_close(model(pairs.clean), before)
+    torch.testing.assert_close(model(pairs.padded().clean), before)
 
 
 def test_bad_edges_and_prompts_are_refused(tiny_gpt2):
@@ -172,7 +168,7 @@ def test_bad_edges_and_prompts_are_refused(tiny_gpt2):
     with pytest.raises(InputError, match="direction"):
         path_patch(model, pairs, [Edge(HeadRef(0, 0), HeadRef(1, 1), "q")], direction="sideways")
     with pytest.raises(InputError, match="aligned token for token"):
-        pad_prompt_pairs([torch.arange(5)], [torch.arange(6)], [1], [2])
+        pairs_from_tokens([torch.arange(5)], [torch.arange(6)], [1], [2])
     with pytest.raises(InputError, match="at least one"):
         induction_prompt_pairs(model, 0)
 

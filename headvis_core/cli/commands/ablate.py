@@ -38,7 +38,7 @@ def read_prompt_file(path: str) -> tuple[list[str], list, list]:
 
 
 def build_prompts(model, args: argparse.Namespace):
-    from headvis_core.ablation.runner import induction_prompts, ioi_prompts, prompts_from_texts
+    from headvis_core.data.prompt_pairs import induction_prompts, ioi_prompts, prompts_from_texts
 
     if args.preset == "ioi":
         template = args.template
@@ -70,8 +70,8 @@ def build_prompts(model, args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from headvis_core.ablation.experiments import AblationExperiment, save_experiment
     from headvis_core.ablation.ranking import check_metric, rank_heads
-    from headvis_core.ablation.runner import make_ablation
     from headvis_core.ablation.targeted import targeted_search
+    from headvis_core.ablation.values import make_ablation
     from headvis_core.cli.main import load_model_from_args
     from headvis_core.progress import tqdm_progress
     from headvis_core.tokens import single_token_id
@@ -112,7 +112,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from headvis_core.ablation.runner import ABLATION_KINDS, ENGINES
+    from headvis_core.ablation.runner import ENGINES
+    from headvis_core.ablation.values import ABLATION_KINDS
     from headvis_core.cli.main import add_model_arguments
 
     parser = subparsers.add_parser(

@@ -78,7 +78,8 @@ class ModelDims:
     @classmethod
     def of(cls, model: Any) -> "ModelDims":
         """The dimensions of a ``TransformerBridge`` or a ``LoadedModel``."""
-        model = getattr(model, "model", model)
+        if hasattr(model, "info") and hasattr(model, "model"):  # a LoadedModel (a bridge's .model is the HF model)
+            model = model.model
         cfg = model.cfg
         d_model = int(cfg.d_model)
         d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d_model)

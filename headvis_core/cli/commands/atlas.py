@@ -1,30 +1,68 @@
-"""``atlas --model NAME --out metrics.csv [--report report.html]``: every head's metrics and behaviour."""
+"""``atlas --model NAME --out metrics.csv [--report report.html]``: every head's metrics and behaviour.
+
+The result goes into the result store: the same atlas asked for again (same
+model weights, probe and sizes) is read back at once; ``--no-cache`` recomputes.
+"""
 
 import argparse
-from pathlib import Path
+
+from headvis_core.cli.main import (
+    add_cache_argument,
+    add_model_arguments,
+    check_output_file,
+    load_model_from_args,
+    non_negative_int,
+    positive_int,
+    report_stored,
+)
+
+
+def check_atlas_memory(model, n_seqs: int, seq_len: int, n_induction_seqs: int | None, batch_size: int) -> None:
+    """Refuse an atlas whose largest forward pass would pass the memory cap (before it runs)."""
+    from headvis_core.limits import check_forward
+
+    tokens = min(seq_len, int(model.cfg.n_ctx))
+    n_induction = n_induction_seqs or max(4, n_seqs // 4)
+    batch = min(batch_size, max(n_seqs, n_induction))
+    # the pass stops after the last layer's pattern: no logits
+    check_forward(model, batch, tokens, f"the atlas ({batch} sequences of {tokens} tokens per pass)", logits=False)
 
 
 def _atlas(args: argparse.Namespace) -> int:
-    from headvis_core.atlas.run import compute_atlas, corpus_files, top_heads
-    from headvis_core.cli.main import load_model_from_args
+    from headvis_core.atlas.run import MIN_SEQ_LEN, compute_atlas, corpus_files, top_heads
+    from headvis_core.errors import InputError
     from headvis_core.progress import tqdm_progress
     from headvis_core.storage import atomic_write_text
+    from headvis_core.store.kinds import ATLAS, atlas_inputs
+    from headvis_core.store.results import cached
 
+    if args.seq_len < MIN_SEQ_LEN:
+        raise InputError(f"--seq-len {args.seq_len} is too short: use at least {MIN_SEQ_LEN} tokens.")
+    out = check_output_file(args.out, "--out")
+    report_path = check_output_file(args.report, "--report")
     if args.corpus is not None:
         corpus_files(args.corpus)  # a bad folder fails before the model loads
     loaded = load_model_from_args(args)
-    result = compute_atlas(loaded.model, folder=args.corpus, n_seqs=args.n_seqs, seq_len=args.seq_len,
-                           n_induction_seqs=args.n_induction_seqs, batch_size=args.batch_size, seed=args.seed,
-                           model_name=loaded.info.name, progress=tqdm_progress("head atlas"))
+    check_atlas_memory(loaded.model, args.n_seqs, args.seq_len, args.n_induction_seqs, args.batch_size)
+
+    def compute():
+        return compute_atlas(loaded.model, folder=args.corpus, n_seqs=args.n_seqs, seq_len=args.seq_len,
+                             n_induction_seqs=args.n_induction_seqs, batch_size=args.batch_size, seed=args.seed,
+                             model_name=loaded.info.name, progress=tqdm_progress("head atlas"))
+
+    inputs = atlas_inputs(args.corpus, args.n_seqs, args.seq_len, args.n_induction_seqs, args.seed)
+    stored = cached(ATLAS, loaded, inputs, compute, refresh=args.no_cache)
+    report_stored(stored, "atlas")
+    result = stored.value
     for note in result.notes:
         print(f"note: {note}")
-    atomic_write_text(Path(args.out), result.table.to_csv(index=False))
+    atomic_write_text(out, result.table.to_csv(index=False))
     print(f"{len(result.table)} heads of {loaded.info.name} -> {args.out} ({result.seconds:.1f} s; probe: "
           f"{result.probe})")
-    if args.report:
+    if report_path:
         from headvis_core.viz.atlas_report import atlas_report_html
 
-        atomic_write_text(Path(args.report), atlas_report_html(result))
+        atomic_write_text(report_path, atlas_report_html(result))
         print(f"report -> {args.report}")
     for metric in ("induction", "previous_token"):
         best = ", ".join(f"{int(r.layer)}.{int(r['head'])} ({r[metric]:.3f})"
@@ -36,18 +74,18 @@ def _atlas(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from headvis_core.cli.main import add_model_arguments
-
     parser = subparsers.add_parser("atlas", help="per-head metrics and behaviours of every head (CSV, HTML report)")
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="CSV file to write: one row per head")
     parser.add_argument("--report", help="also write a standalone HTML report here")
     parser.add_argument("--corpus", metavar="FOLDER",
                         help="folder of text files to probe with (default: the built-in prompt sample)")
-    parser.add_argument("--n-seqs", type=int, default=64, help="probe sequences of real text (default 64)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per probe sequence (default 128)")
-    parser.add_argument("--n-induction-seqs", type=int, default=None,
+    parser.add_argument("--n-seqs", type=positive_int, default=64, help="probe sequences of real text (default 64)")
+    parser.add_argument("--seq-len", type=positive_int, default=128,
+                        help="tokens per probe sequence (default 128)")
+    parser.add_argument("--n-induction-seqs", type=positive_int, default=None,
                         help="repeated-random-token sequences for the induction score (default n-seqs / 4)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass (default 16)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    add_cache_argument(parser)
     parser.set_defaults(func=_atlas)

@@ -8,8 +8,73 @@ Example (the year-range test on SmolLM2)::
 """
 
 import argparse
+import re
 
+from headvis_core.cli.main import (
+    add_cache_argument,
+    add_model_arguments,
+    check_output_file,
+    finite_float,
+    non_negative_int,
+    positive_int,
+    report_stored,
+    text_argument,
+)
 from headvis_core.errors import InputError
+
+# a definition that looks like a range (two dots) but whose ends are not whole numbers, e.g. year=a..b
+_NOT_A_RANGE = re.compile(r"^[^@,|\[\]]*\.\.[^,|]*$")
+_WHOLE_RANGE = re.compile(r"^\s*-?\d+\s*\.\.\s*-?\d+\s*(?::\s*\d+)?\s*$")
+
+
+def slot_argument(text: str) -> str:
+    """An argparse type for ``--slot NAME=VALUES``: text decoded, and a range of non-numbers refused.
+
+    ``year=a..b`` would otherwise be a list of one value, the literal text ``a..b``.
+    """
+    text = text_argument(text)
+    name, sep, definition = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a slot: write NAME=VALUES, for example year=1000..1999")
+    if _NOT_A_RANGE.match(definition) and not _WHOLE_RANGE.match(definition):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {definition.strip()!r} is not a range of whole numbers; write START..STOP[:STEP] "
+            "with whole numbers, for example year=1000..1999:10")
+    return text
+
+
+def check_slots_used(spec) -> None:
+    """Refuse a slot the template, answers and positions never use: it would turn a curve into a grid."""
+    from headvis_core.sweeps.templates import define_slots, parse_position, parse_template
+
+    defs = define_slots(spec.slots)
+    used = set(parse_template(spec.template).slot_names)
+    for answer in spec.answers:
+        if answer:
+            used |= set(parse_template(answer, allow_blank=True).slot_names)
+    if spec.greater_than:
+        used.add(spec.greater_than)
+    for position in (spec.query, spec.key):
+        if position:
+            name = parse_position(position).name
+            if name:
+                used.add(name)
+    for slot in defs.values():  # a list file's slot is used where any of its fields is
+        if slot.records and used & set(slot.companions()):
+            used.add(slot.name)
+    frontier = list(used)
+    while frontier:  # a derived slot uses its base
+        slot = defs.get(frontier.pop())
+        if slot is not None and slot.base and slot.base not in used:
+            used.add(slot.base)
+            frontier.append(slot.base)
+    unused = [name for name in defs if name not in used]
+    if unused:
+        names = ", ".join(unused)
+        raise InputError(f"Slot{'s' if len(unused) > 1 else ''} {names} {'are' if len(unused) > 1 else 'is'} "
+                         "defined but not used in the template, the answers or the positions; each value would "
+                         "repeat the same prompt (an unused slot turns the sweep into a grid). Remove "
+                         f"{'them' if len(unused) > 1 else 'it'} or use {{{unused[0]}}} in the template.")
 
 
 def _list_presets() -> int:
@@ -44,13 +109,20 @@ def _run(args: argparse.Namespace) -> int:
         return _list_presets()
     from headvis_core.cli.main import load_model_from_args
     from headvis_core.heads import parse_heads
+    from headvis_core.limits import check_forward
     from headvis_core.progress import tqdm_progress
+    from headvis_core.storage import atomic_write_text
+    from headvis_core.store.kinds import SWEEP, sweep_inputs
+    from headvis_core.store.results import cached
     from headvis_core.sweeps.ranges import curve_range_reports
-    from headvis_core.sweeps.run import curve_ranges, run_sweep, usable_heads
+    from headvis_core.sweeps.run import MAX_BATCH, curve_ranges, run_sweep, usable_heads
     from headvis_core.sweeps.templates import build_plan, expand_values, tokenization_report
 
+    out = check_output_file(args.out, "--out")
+    figure_path = check_output_file(args.figure, "--figure")
     spec, chosen = _spec_from_args(args)
     expand_values(spec, sample=args.sample, seed=args.seed)  # bad slots fail before the model loads
+    check_slots_used(spec)
     loaded = load_model_from_args(args)
     info = loaded.info
     if args.heads is not None:
@@ -67,10 +139,19 @@ def _run(args: argparse.Namespace) -> int:
     print(tokenization_report(loaded.model, plan).to_string(index=False))
     for warning in plan.warnings:
         print(f"note: {warning}")
-    result = run_sweep(loaded.model, plan, heads, predictions=not args.no_predictions,
-                       batch_tokens=args.batch_tokens, progress=tqdm_progress("sweeping"))
-    if args.out:
-        result.table.to_csv(args.out, index=False)
+    longest = int(plan.lengths.max()) + 2  # the greater-than score reads two more steps
+    batch = max(1, min(MAX_BATCH, args.batch_tokens // longest, plan.n_values))
+    check_forward(loaded.model, batch, longest, f"the sweep ({batch} prompts of up to {longest} tokens per pass)",
+                  logits=not args.no_predictions)
+    predictions = not args.no_predictions
+    stored = cached(SWEEP, loaded, sweep_inputs(plan, heads, predictions),
+                    lambda: run_sweep(loaded.model, plan, heads, predictions=predictions,
+                                      batch_tokens=args.batch_tokens, progress=tqdm_progress("sweeping")),
+                    refresh=args.no_cache)
+    report_stored(stored, "sweep")
+    result = stored.value
+    if out:
+        atomic_write_text(out, result.table.to_csv(index=False))
         print(f"wrote {len(result.table)} rows to {args.out}")
     level = args.level if args.level is not None else (chosen.level if chosen else 0.5)
     curves = [args.curve] if args.curve else [c for c in result.curves
@@ -80,21 +161,19 @@ def _run(args: argparse.Namespace) -> int:
                                       max_gap=args.max_gap, limit=args.show_ranges)
         for report in reports:
             print(report.description)
-    if args.figure:
-        from headvis_core.storage import atomic_write_text
+    if figure_path:
         from headvis_core.viz.sweeps import sweep_figure
 
         first = curves[0]
         figure = sweep_figure(result, curves if len(plan.swept) == 1 else [first], level,
                               curve_ranges(result, first, level, above=not args.below, min_length=args.min_length,
                                            max_gap=args.max_gap), title=spec.template)
-        atomic_write_text(args.figure, figure.to_html(include_plotlyjs=True, full_html=True))
+        atomic_write_text(figure_path, figure.to_html(include_plotlyjs=True, full_html=True))
         print(f"wrote the figure to {args.figure}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from headvis_core.cli.main import add_model_arguments
     from headvis_core.sweeps.run import DEFAULT_BATCH_TOKENS
 
     parser = subparsers.add_parser(
@@ -106,31 +185,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     parser.add_argument("--preset", help="start from a preset of prompts/sweeps.json (see --list-presets)")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
-    parser.add_argument("--template",
+    parser.add_argument("--template", type=text_argument,
                         help="text with {slot} references, e.g. 'The war lasted from the year {year} to the year'")
-    parser.add_argument("--slot", action="append", metavar="NAME=VALUES",
+    parser.add_argument("--slot", action="append", metavar="NAME=VALUES", type=slot_argument,
                         help="year=1000..1999, year=1000..1999:10, noun=war,feud, name=@sweeps:ioi_names, "
                              "XX=year[:2], next=year+1 (repeat for several slots)")
     parser.add_argument("--heads", help="heads whose attention is read, e.g. 5.1,6.9")
     parser.add_argument("--query", help="query position: last, SLOT:first, SLOT:last, mark, ... (default last)")
     parser.add_argument("--key", help="key position (default: the first slot's first token)")
-    parser.add_argument("--answer", action="append", metavar="TOKEN",
+    parser.add_argument("--answer", action="append", metavar="TOKEN", type=text_argument,
                         help="answer token read at the last position, may hold {slot} (repeatable), e.g. ' Mary'")
     parser.add_argument("--greater-than", metavar="SLOT", help="slot holding the number the answer should exceed (YY)")
-    parser.add_argument("--level", type=float, help="report ranges where a curve is at or above this (default 0.5)")
+    parser.add_argument("--level", type=finite_float,
+                        help="report ranges where a curve is at or above this (default 0.5)")
     parser.add_argument("--below", action="store_true", help="report ranges at or below the level instead")
     parser.add_argument("--curve", help="only report this column (default: every head, greater_than, logit_diff)")
-    parser.add_argument("--min-length", type=int, default=1, help="drop ranges of fewer values")
-    parser.add_argument("--max-gap", type=int, default=0, help="merge ranges split by at most this many values")
-    parser.add_argument("--show-ranges", type=int, default=30, help="print at most this many ranges per curve")
-    parser.add_argument("--sample", type=int, help="sweep a random sample of this many combinations")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-length", type=positive_int, default=1, help="drop ranges of fewer values")
+    parser.add_argument("--max-gap", type=non_negative_int, default=0,
+                        help="merge ranges split by at most this many values")
+    parser.add_argument("--show-ranges", type=positive_int, default=30, help="print at most this many ranges per curve")
+    parser.add_argument("--sample", type=positive_int, help="sweep a random sample of this many combinations")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--drop-odd", action="store_true",
                         help="leave out values that tokenize into a different number of tokens than most")
     parser.add_argument("--no-predictions", action="store_true",
                         help="attention only: stop the pass after the last head's layer (faster)")
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+    parser.add_argument("--batch-tokens", type=positive_int, default=DEFAULT_BATCH_TOKENS,
                         help=f"tokens per forward pass (default {DEFAULT_BATCH_TOKENS})")
     parser.add_argument("--out", help="write the table here (CSV)")
     parser.add_argument("--figure", help="write the plot here (standalone HTML)")
+    add_cache_argument(parser)
     parser.set_defaults(func=_run)

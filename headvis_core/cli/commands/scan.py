@@ -2,9 +2,15 @@
 
 import argparse
 import time
-from pathlib import Path
 
-from headvis_core.cli.main import add_model_arguments, load_model_from_args
+from headvis_core.cli.main import (
+    add_model_arguments,
+    check_output_dir,
+    int_at_least,
+    load_model_from_args,
+    non_negative_int,
+    positive_int,
+)
 
 
 def _show_head(result, spec: str, n_examples: int) -> None:
@@ -27,11 +33,22 @@ def _show_head(result, spec: str, n_examples: int) -> None:
                                                   zip(table["token"], table["mean_attention"])))
 
 
+def check_scan_memory(model, window_len: int, batch_size: int, max_windows: int) -> None:
+    """Refuse a scan whose batches would pass the memory cap, before any window is read."""
+    from headvis_core.limits import check_forward
+
+    batch = min(batch_size, max_windows) if max_windows else batch_size
+    tokens = window_len + 1  # BOS
+    # every layer's pattern is reduced inside its hook, and the pass stops before the unembedding: no logits
+    check_forward(model, batch, tokens, f"the scan ({batch} windows of {tokens} tokens per pass)", logits=False)
+
+
 def _run(args: argparse.Namespace) -> int:
     from headvis_core.data.corpus import open_corpus
     from headvis_core.progress import tqdm_progress
     from headvis_core.scan import ScanParams, run_scan
 
+    out_dir = check_output_dir(args.out, "--out")
     corpus = open_corpus(args.corpus, text_field=args.text_field)  # before loading the model: fail fast
     for skipped in corpus.skipped:
         print(f"skipped {skipped.path}: {skipped.reason}")
@@ -39,8 +56,10 @@ def _run(args: argparse.Namespace) -> int:
                         examples_per_decile=args.examples, top_examples=args.top_examples,
                         top_k_keys=args.top_k, seed=args.seed)
     loaded = load_model_from_args(args)
+    params.check(loaded.info.n_ctx)
+    check_scan_memory(loaded.model, params.window_len, args.batch_size, args.max_windows)
     started = time.time()
-    result = run_scan(loaded, corpus, params, out_dir=Path(args.out) if args.out else None,
+    result = run_scan(loaded, corpus, params, out_dir=out_dir,
                       batch_size=args.batch_size, progress=tqdm_progress("scanning"), force=args.force)
     seconds = time.time() - started
     n_tokens = result.n_windows * params.window_len
@@ -58,20 +77,27 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("scan", help="scan a corpus: each head's top windows by decile, top tokens, distances")
+    parser = subparsers.add_parser("scan",
+                                   help="scan a corpus: each head's top windows by decile, top tokens, distances")
     add_model_arguments(parser)
     parser.add_argument("--corpus", required=True,
                         help="a folder of .txt files, a .txt or .jsonl file (field 'text'), or a HF dataset name")
     parser.add_argument("--out", default=None, help="folder for results (default: the per-user scans folder)")
-    parser.add_argument("--window", type=int, default=64, help="tokens per window (default 64)")
-    parser.add_argument("--max-windows", type=int, default=1000, help="stop after this many windows; 0 = all")
-    parser.add_argument("--examples", type=int, default=4, help="example windows kept per decile (default 4)")
-    parser.add_argument("--top-examples", type=int, default=8, help="exact top windows kept per head (default 8)")
-    parser.add_argument("--top-k", type=int, default=4, help="keys kept per query of an example (default 4)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the example sample")
+    parser.add_argument("--window", type=int_at_least(2, "--window"), default=64,
+                        help="tokens per window (default 64)")
+    parser.add_argument("--max-windows", type=non_negative_int, default=1000,
+                        help="stop after this many windows; 0 = all")
+    parser.add_argument("--examples", type=positive_int, default=4,
+                        help="example windows kept per decile (default 4)")
+    parser.add_argument("--top-examples", type=positive_int, default=8,
+                        help="exact top windows kept per head (default 8)")
+    parser.add_argument("--top-k", type=positive_int, default=4, help="keys kept per query of an example (default 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the example sample")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
     parser.add_argument("--force", action="store_true", help="recompute even if a result is stored")
-    parser.add_argument("--show", action="append", metavar="LAYER.HEAD", help="print this head's deciles (repeatable)")
-    parser.add_argument("--show-examples", type=int, default=2, help="examples printed per decile with --show")
+    parser.add_argument("--show", action="append", metavar="LAYER.HEAD",
+                        help="print this head's deciles (repeatable)")
+    parser.add_argument("--show-examples", type=non_negative_int, default=2,
+                        help="examples printed per decile with --show")
     parser.set_defaults(func=_run)

@@ -37,8 +37,9 @@ import torch
 
 from headvis_core.heads import parse_heads
 from headvis_core.models.loader import load_model
+from headvis_core.sweeps.plan import SweepSpec, build_plan
+from headvis_core.sweeps.presets import preset
 from headvis_core.sweeps.run import run_sweep, run_sweep_loop
-from headvis_core.sweeps.templates import SweepSpec, build_plan, preset
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Running a prompt sweep: head attention and model answers for every value of a template's slots.
 
-For each value of a :class:`~headvis_core.sweeps.templates.SweepPlan` this measures
+For each value of a :class:`~headvis_core.sweeps.plan.SweepPlan` this measures
 
 * ``attn L.H``: the attention probability of head ``L.H`` from the query
   position to the key position (one entry of ``blocks.L.attn.hook_pattern``);
@@ -42,7 +42,7 @@ from headvis_core.heads import HeadRef
 from headvis_core.hooks import capture, exclusive
 from headvis_core.lab.patterns import pattern_hook
 from headvis_core.progress import ProgressCallback, report
-from headvis_core.sweeps.templates import SweepPlan
+from headvis_core.sweeps.plan import SweepPlan
 
 DEFAULT_BATCH_TOKENS = 2048  # tokens per forward pass: large enough to fill the CPU, small for memory
 MAX_BATCH = 256

@@ -8,6 +8,7 @@ import torch
 from headvis_core.cli.main import main as cli_main
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
+from headvis_core.sweeps.plan import SweepSpec, build_plan
 from headvis_core.sweeps.run import (
     NumberTokens,
     curve_ranges,
@@ -20,7 +21,6 @@ from headvis_core.sweeps.run import (
     shared_prefix_length,
     usable_heads,
 )
-from headvis_core.sweeps.templates import SweepSpec, build_plan
 from headvis_core.viz.sweeps import sweep_figure, sweep_heatmap_figure, sweep_line_figure
 
 GREATER_THAN = ("The {noun} lasted from the year {XX}{YY} to the year {XX}",

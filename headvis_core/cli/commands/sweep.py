@@ -45,7 +45,9 @@ def slot_argument(text: str) -> str:
 
 def check_slots_used(spec) -> None:
     """Refuse a slot the template, answers and positions never use: it would turn a curve into a grid."""
-    from headvis_core.sweeps.templates import define_slots, parse_position, parse_template
+    from headvis_core.sweeps.positions import parse_position
+    from headvis_core.sweeps.slots import define_slots
+    from headvis_core.sweeps.template import parse_template
 
     defs = define_slots(spec.slots)
     used = set(parse_template(spec.template).slot_names)
@@ -78,7 +80,7 @@ def check_slots_used(spec) -> None:
 
 
 def _list_presets() -> int:
-    from headvis_core.sweeps.templates import load_presets
+    from headvis_core.sweeps.presets import load_presets
 
     for entry in load_presets():
         print(f"{entry.id:<20} {entry.name}")
@@ -88,7 +90,8 @@ def _list_presets() -> int:
 
 
 def _spec_from_args(args: argparse.Namespace):
-    from headvis_core.sweeps.templates import SweepSpec, preset
+    from headvis_core.sweeps.plan import SweepSpec
+    from headvis_core.sweeps.presets import preset
 
     chosen = preset(args.preset) if args.preset else None
     base = chosen.spec if chosen else SweepSpec(template="", slots=())
@@ -116,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     from headvis_core.store.results import cached
     from headvis_core.sweeps.ranges import curve_range_reports
     from headvis_core.sweeps.run import MAX_BATCH, curve_ranges, run_sweep, usable_heads
-    from headvis_core.sweeps.templates import build_plan, expand_values, tokenization_report
+    from headvis_core.sweeps.plan import build_plan, expand_values, tokenization_report
 
     out = check_output_file(args.out, "--out")
     figure_path = check_output_file(args.figure, "--figure")

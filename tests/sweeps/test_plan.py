@@ -1,102 +1,15 @@
-"""Templates: slot definitions, expansion, tokenization and position resolution, bad input."""
-
-import json
+"""Sweep plans: expansion over slot values, tokenization, positions on real tokenizers, bad input."""
 
 import pytest
 
 from headvis_core.errors import InputError
-from headvis_core.sweeps.templates import (
-    MAX_VALUES,
-    SweepSpec,
-    build_plan,
-    expand_values,
-    load_presets,
-    parse_position,
-    parse_slot,
-    parse_template,
-    preset,
-    render,
-    resolve_position,
-    tokenization_report,
-)
+from headvis_core.sweeps.plan import SweepSpec, build_plan, expand_values, tokenization_report
+from headvis_core.sweeps.presets import preset
+from headvis_core.sweeps.slots import MAX_VALUES
 
 YEAR = "The war lasted from the year {year} to the year"
 GREATER_THAN = "The {noun} lasted from the year {XX}{YY} to the year {XX}"
 
-
-# ----------------------------------------------------------------------------- slots
-
-def test_range_slot_with_step_and_padding():
-    slot = parse_slot("year=1000..1999")
-    assert slot.kind == "range" and len(slot) == 1000 and slot.values[0] == 1000 and slot.values[-1] == 1999
-    assert list(parse_slot("y = 1000..1010:5").values) == [1000, 1005, 1010]
-    padded = parse_slot("YY=02..98")
-    assert padded.text_of(padded.values[0]) == "02" and len(padded) == 97
-
-
-def test_list_and_derived_slots():
-    assert parse_slot("noun=war, feud ,expedition").values == ("war", "feud", "expedition")
-    assert parse_slot("place=Paris, France|Lyon, France").values == ("Paris, France", "Lyon, France")
-    assert parse_slot("XX=year[:2]").op == ("slice", None, 2)
-    assert parse_slot("YY=year[2:]").op == ("slice", 2, None)
-    assert parse_slot("d=year[0]").op == ("index", 0)
-    assert parse_slot("next=year+1").op == ("offset", 1)
-
-
-def test_list_files_from_prompts():
-    names = parse_slot("name=@sweeps:ioi_names")
-    assert "John" in names.values and "Mary" not in names.values
-    assert "Mary" in parse_slot("name=@ioi_templates:names").values
-    cities = parse_slot("city=@sweeps:foreign_cities")
-    assert cities.companions() == ["country"] and cities.records[cities.values.index("Berlin")]["country"] == "Germany"
-
-
-def test_text_list_file_and_folder_escape(tmp_path):
-    (tmp_path / "colours.txt").write_text("# a comment\nred\n\ngreen\n")
-    (tmp_path / "sets.json").write_text(json.dumps({"lists": {"fruit": ["apple", "pear"]}}))
-    assert parse_slot("c=@colours.txt", folder=tmp_path).values == ("red", "green")
-    assert parse_slot("f=@sets:fruit", folder=tmp_path).values == ("apple", "pear")
-    with pytest.raises(InputError, match="no list file"):
-        parse_slot("c=@../../etc/passwd", folder=tmp_path)
-    with pytest.raises(InputError, match="no list 'veg'"):
-        parse_slot("f=@sets:veg", folder=tmp_path)
-
-
-@pytest.mark.parametrize("spec, message", [
-    ("year", "not a slot definition"),
-    ("year=1999..1000", "empty.*did you mean 1000..1999"),
-    ("year=1..10:0", "step must be a positive"),
-    ("five cities=Paris", "not a slot name"),
-    ("last=1..3", "reserved"),
-    ("noun=war,,feud", "empty value"),
-    ("year=", "no values"),
-])
-def test_bad_slot_definitions(spec, message):
-    with pytest.raises(InputError, match=message):
-        parse_slot(spec)
-
-
-# ----------------------------------------------------------------------------- template text
-
-def test_template_slots_marks_and_braces():
-    template = parse_template("When [[Mary]] and {name} met, {name} said {{hi}}")
-    assert template.slot_names == ["name"] and template.n_marks == 1
-    rendered = render(template, {"name": "John"})
-    assert rendered.text == "When Mary and John met, John said {hi}"
-    assert [rendered.text[s:e] for s, e in rendered.slot_spans["name"]] == ["John", "John"]
-    assert [rendered.text[s:e] for s, e in rendered.mark_spans] == ["Mary"]
-
-
-@pytest.mark.parametrize("text, message", [
-    ("", "empty"), ("a {five cities} b", "not a slot name"), ("a { b", "lone"),
-    ("[[a [[b]] c]]", "unbalanced or nested"), ("[[a b", "without its closing"),
-])
-def test_bad_templates(text, message):
-    with pytest.raises(InputError, match=message):
-        parse_template(text)
-
-
-# ----------------------------------------------------------------------------- expansion
 
 def test_expand_derived_values_for_greater_than():
     axes, values, total = expand_values(SweepSpec(GREATER_THAN, ("year=1702..1798", "XX=year[:2]", "YY=year[2:]",
@@ -131,28 +44,6 @@ def test_expand_refuses_too_many_values_and_samples():
     assert total == 1_000_000 and len(values) == 50 and len(values.drop_duplicates()) == 50
     _, again, _ = expand_values(SweepSpec("{a} {b}", ("a=0..999", "b=0..999")), sample=50, seed=1)
     assert values.equals(again)
-
-
-# ----------------------------------------------------------------------------- positions
-
-def test_parse_positions():
-    assert parse_position("last").kind == "last"
-    assert parse_position("year:first").edge == "first"
-    spec = parse_position("{name}#2:first+1")
-    assert (spec.kind, spec.name, spec.occurrence, spec.edge, spec.offset) == ("slot", "name", 2, "first", 1)
-    assert parse_position("mark#2").occurrence == 2 and parse_position("-2").index == -2
-    assert parse_position("year").edge == "last"
-    with pytest.raises(InputError, match="not a position"):
-        parse_position("year:middle")
-
-
-def test_overlap_resolution_on_merged_tokens():
-    # a GPT-2-like split of " 1732" into " 17" + "32": the year's first token starts before the year
-    rendered = render(parse_template("from {year} on"), {"year": "1732"})
-    offsets = [(0, 4), (4, 7), (7, 9), (9, 12)]  # "from", " 17", "32", " on"
-    assert resolve_position(parse_position("year:first"), rendered, offsets, 1, 5) == 2
-    assert resolve_position(parse_position("year:last"), rendered, offsets, 1, 5) == 3
-    assert resolve_position(parse_position("year:first-3"), rendered, offsets, 1, 5) is None
 
 
 def test_byte_tokenizer_positions(tiny_gpt2):
@@ -200,8 +91,6 @@ def test_odd_token_counts_reported_and_dropped(smollm2):
     assert list(dropped.values.city) == ["Nice", "Berlin", "Rome"] and "left out" in dropped.warnings[0]
 
 
-# ----------------------------------------------------------------------------- bad input at plan time
-
 def test_position_missing_for_some_values_lists_them(tiny_llama):
     with pytest.raises(InputError, match=r"query position '7' does not exist for 1 of 2 values: w=ab"):
         build_plan(tiny_llama.model, SweepSpec("{w} x", ("w=ab,abcdefgh",), query="7", key="w:first"))
@@ -224,13 +113,3 @@ def test_bad_answers_and_greater_than(tiny_llama):
         build_plan(tiny_llama.model, SweepSpec("{w} x", ("w=a,bc",), answers=("{w}",)))
     with pytest.raises(InputError, match="same 1 to 3 digits.*w=ab"):
         build_plan(tiny_llama.model, SweepSpec("{w} x", ("w=12,ab",), greater_than="w"))
-
-
-def test_presets_load_and_plan(smollm2):
-    presets = load_presets()
-    assert {p.id for p in presets} >= {"year_range", "greater_than", "cities", "ioi_names"}
-    for entry in presets:
-        plan = build_plan(smollm2.model, entry.spec)
-        assert plan.n_values > 10, entry.id
-    with pytest.raises(InputError, match="No sweep preset called 'nope'"):
-        preset("nope")

@@ -8,7 +8,8 @@ import headvis_ui as ui
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, parse_heads
 from headvis_core.sweeps.run import curve_ranges, describe_ranges, run_sweep, usable_heads
-from headvis_core.sweeps.templates import SweepSpec, build_plan, load_presets, tokenization_report
+from headvis_core.sweeps.plan import SweepSpec, build_plan, tokenization_report
+from headvis_core.sweeps.presets import load_presets
 from headvis_core.viz.sweeps import sweep_figure
 
 loaded = ui.page_setup("Prompt sweeps", icon=":material/ssid_chart:")

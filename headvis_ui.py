@@ -11,10 +11,12 @@ analysis lives in :mod:`headvis_core`. A page typically does::
 
 import contextlib
 import gc
+import math
 import os
 from typing import Any, Iterator, Optional
 
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
 from headvis_core.errors import HeadVisError, InputError
 from headvis_core.heads import HeadRef
@@ -157,21 +159,48 @@ def set_query_params(**params: Any) -> None:
             st.query_params[key] = str(value)
 
 
-def split_list_params(*keys: str) -> None:
-    """Rewrite old links' comma lists (``?heads=1.2,0.3``) into the repeated parameters that a
-    multiselect bound with ``bind="query-params"`` reads (``?heads=1.2&heads=0.3``).
+def repair_url(lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), integers: tuple[str, ...] = ()) -> None:
+    """Put URL parameters into the form that widgets bound with ``bind="query-params"`` read.
+
+    ``lists``: an old link's comma list (``?heads=1.2,0.3``) becomes repeated parameters
+    (``?heads=1.2&heads=0.3``) for a multiselect. ``flags``: an old link's ``1``/``0`` becomes
+    ``true``/``false`` for a checkbox. ``integers``: a value that is not a finite number
+    (``?n=inf``, ``?n=1e400``) is dropped, because Streamlit 1.67 raises OverflowError, not a
+    clean fallback to the default, when it seeds an integer widget with one.
 
     Call it before the page draws its bound widgets: a widget seeds itself from the URL the run
-    started with, so after a rewrite the page reruns once with the new URL.
+    started with, so after a repair the page reruns once with the new URL.
     """
-    rewritten = False
-    for key in keys:
+    repaired = {}
+    for key in lists:
         values = st.query_params.get_all(key)
         if len(values) == 1 and "," in values[0]:
-            st.query_params[key] = [part.strip() for part in values[0].split(",") if part.strip()]
-            rewritten = True
-    if rewritten:
+            repaired[key] = [part.strip() for part in values[0].split(",") if part.strip()]
+    for key in flags:
+        if st.query_params.get(key) in ("0", "1"):
+            repaired[key] = "true" if st.query_params[key] == "1" else "false"
+    for key in integers:
+        if key in st.query_params and not _finite_number(st.query_params[key]):
+            repaired[key] = None
+    changed = False
+    for key, value in repaired.items():
+        try:  # a parameter bound earlier in this session cannot be changed here: leave it to the widget
+            if value is None:
+                del st.query_params[key]
+            else:
+                st.query_params[key] = value
+            changed = True
+        except StreamlitAPIException:
+            continue
+    if changed:
         st.rerun()
+
+
+def _finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return True  # not a number at all: the widget itself falls back to its default
 
 
 def query_param(key: str, default: Optional[str] = None) -> Optional[str]:

@@ -44,6 +44,7 @@ st.caption("Every head measured on a probe set: real text for the attention metr
            "ones worth studying. Select a point (or pick a head below) to open its passport card.")
 
 # Widget keys are the URL's parameter names (bind="query-params"): a link reopens the same view.
+ui.repair_url(integers=("n", "len"))
 with st.form("atlas_probe"):
     cols = st.columns([4, 1, 1])
     folder_text = cols[0].text_input("Corpus folder of text files (empty: the built-in prompts)", key="corpus",

@@ -18,7 +18,7 @@ LONG_PROMPT = 160  # tokens; longer prompts get a window slider
 loaded = ui.page_setup("Prompt lab")
 info, model = loaded.info, loaded.model
 state = st.session_state
-ui.split_list_params("heads")  # old links: ?heads=1.2,0.3
+ui.repair_url(lists=("heads",))  # old links: ?heads=1.2,0.3
 
 
 @st.cache_data(show_spinner=False)

@@ -14,17 +14,11 @@ from headvis_core.ablation.experiments import (
 )
 from headvis_core.ablation.metrics import METRIC_LABELS
 from headvis_core.ablation.ranking import check_metric, importance_heatmap, rank_heads
-from headvis_core.ablation.runner import (
-    ABLATION_KINDS,
-    induction_prompts,
-    ioi_prompts,
-    library_prompts,
-    make_ablation,
-    prompts_from_texts,
-)
 from headvis_core.ablation.targeted import targeted_search, trajectory_figure
+from headvis_core.ablation.values import ABLATION_KINDS, make_ablation
 from headvis_core.data.ioi import load_templates
 from headvis_core.data.prompt_library import prompt_set_keys
+from headvis_core.data.prompt_pairs import induction_prompts, ioi_prompts, library_prompts, prompts_from_texts
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.lab.prompt_lab import top_predictions
@@ -45,33 +39,23 @@ model, info = loaded.model, loaded.info
 state = st.session_state
 
 
-def _init(key: str, value) -> None:
-    if key not in state:
-        state[key] = value
-
-
-# Widget defaults come from the URL the first time, so a shared link reopens the same setup.
-_init("abl_source", ui.query_choice("source", SOURCES, "prompt"))
-_init("abl_prompt", ui.query_param("prompt", DEFAULT_PROMPT))
-_init("abl_set", ui.query_choice("set", prompt_set_keys(), "ioi"))
-_init("abl_kind", ui.query_choice("kind", ABLATION_KINDS, "zero"))
-_init("abl_mode", ui.query_choice("mode", MODES, "kl"))
-_init("abl_metric", ui.query_choice("metric", METRIC_LABELS, "kl"))
-_init("abl_alt_typed", ui.query_param("alt", ""))
-_init("abl_budget", ui.query_int("budget", 10, 0, 200))
-_init("abl_n", ui.query_int("n", 8, 1, 64))
-_init("abl_previous_source", state.abl_source)
-
 st.caption("Ablate attention heads at hook_z (each head's own output, before W_O) and measure how the "
            "prediction at the last token moves. KL ranking ablates every head alone; the targeted search "
            "looks for a small set of heads whose ablation makes a chosen token the top prediction.")
 
+# Widgets bound with bind="query-params" take the URL parameter's name as their key (?source=ioi&n=4):
+# a shared link reopens the same setup, and a value the widget cannot hold gives its default.
+# Widgets drawn only for some choices are read with state.get, since a hidden widget has no state.
+URL = "query-params"
+ui.repair_url(integers=("n", "budget"))
 left, right = st.columns([3, 2])
 with left:
-    source = st.radio("Prompts", list(SOURCES), format_func=SOURCES.get, key="abl_source", horizontal=True)
+    source = st.radio("Prompts", list(SOURCES), captions=list(SOURCES.values()), key="source", bind=URL,
+                      horizontal=True)
     templates = load_templates()["templates"]
+    answer = alternative_ld = corrupted = ""
     if source == "prompt":
-        st.text_area("Prompt", key="abl_prompt", height=80)
+        st.text_area("Prompt", DEFAULT_PROMPT, key="prompt", height=80, bind=URL)
         c1, c2, c3 = st.columns(3)
         answer = c1.text_input("Answer token (optional)", key="abl_answer", placeholder=" Mary",
                                help="For the logit difference: answer minus alternative.")
@@ -79,45 +63,52 @@ with left:
         corrupted = c3.text_input("Corrupted prompt (resample)", key="abl_corrupted",
                                   placeholder="When Mary and John went to the store, Anna gave a drink to")
     elif source == "set":
-        st.selectbox("Prompt set", prompt_set_keys(), key="abl_set")
+        sets = prompt_set_keys()
+        st.selectbox("Prompt set", sets, index=sets.index("ioi") if "ioi" in sets else 0, key="set", bind=URL)
     elif source == "ioi":
         c1, c2, c3 = st.columns([1, 3, 1])
-        c1.number_input("Prompts", 1, 64, key="abl_n")
+        c1.number_input("Prompts", 1, 64, 8, key="n", bind=URL)
         c2.selectbox("Template", [ALL_TEMPLATES] + templates, index=1, key="abl_template")
         c3.number_input("Seed", 0, 10_000, 0, key="abl_seed")
     else:
         c1, c2, c3 = st.columns(3)
-        c1.number_input("Sequences", 1, 64, key="abl_n")
+        c1.number_input("Sequences", 1, 64, 8, key="n", bind=URL)
         c2.number_input("Half length", 2, 200, 20, key="abl_half")
         c3.number_input("Seed", 0, 10_000, 0, key="abl_seed")
-if state.abl_previous_source != source:
+if state.setdefault("abl_previous_source", source) != source:
     # Each preset has its natural metric: IOI's logit(IO) - logit(S), induction's loss on the second copy.
-    state.abl_metric = {"ioi": "logit_diff", "induction": "loss"}.get(source, "kl")
+    state.metric = {"ioi": "logit_diff", "induction": "loss"}.get(source, "kl")
     state.abl_previous_source = source
 with right:
-    kind = st.selectbox("Ablation", ABLATION_KINDS, key="abl_kind", help=KIND_HELP)
-    mode = st.radio("Mode", list(MODES), format_func=MODES.get, key="abl_mode")
+    kind = st.selectbox("Ablation", ABLATION_KINDS, key="kind", bind=URL, help=KIND_HELP)
+    mode = st.radio("Mode", list(MODES), captions=list(MODES.values()), key="mode", bind=URL)
     if mode == "kl":
-        st.selectbox("Metric", list(METRIC_LABELS), format_func=METRIC_LABELS.get, key="abl_metric",
-                     help="KL(clean || ablated) at the answer position; the drop in logit(answer) - "
-                          "logit(alternative) (IOI: IO minus S); or the rise in loss on the answer tokens "
-                          "(induction: the second copy).")
+        st.selectbox("Metric", list(METRIC_LABELS), key="metric", bind=URL,
+                     help="; ".join(f"{code}: {label}" for code, label in METRIC_LABELS.items())
+                     + ". KL(clean || ablated) at the answer position; the drop in logit(answer) - "
+                       "logit(alternative) (IOI: IO minus S); or the rise in loss on the answer tokens "
+                       "(induction: the second copy).")
     else:
-        st.number_input("Budget (most heads)", min_value=0, max_value=200, key="abl_budget")
+        st.number_input("Budget (most heads)", min_value=0, max_value=200, value=10, key="budget", bind=URL)
+prompt_text = state.get("prompt", DEFAULT_PROMPT)
+metric = state.get("metric", "kl")
+budget = int(state.get("budget", 10))
+n_prompts = int(state.get("n", 8))
+prompt_set = state.get("set")
 
 
 def build_prompts():
     """The chosen prompts as AblationPrompts (raises InputError on bad input)."""
     if source == "prompt":
-        return prompts_from_texts(model, [state.abl_prompt], targets=[answer] if answer else None,
+        return prompts_from_texts(model, [prompt_text], targets=[answer] if answer else None,
                                   alternatives=[alternative_ld] if alternative_ld else None,
                                   corrupted=[corrupted] if corrupted else None)
     if source == "set":
-        return library_prompts(model, state.abl_set)
+        return library_prompts(model, prompt_set)
     if source == "ioi":
         template = None if state.abl_template == ALL_TEMPLATES else state.abl_template
-        return ioi_prompts(model, int(state.abl_n), seed=int(state.abl_seed), template=template)
-    return induction_prompts(model, int(state.abl_n), half_len=int(state.abl_half), seed=int(state.abl_seed))
+        return ioi_prompts(model, n_prompts, seed=int(state.abl_seed), template=template)
+    return induction_prompts(model, n_prompts, half_len=int(state.abl_half), seed=int(state.abl_seed))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -135,7 +126,7 @@ if source == "ioi":
 
 alternative = None
 if mode == "targeted":
-    first_text = state.abl_prompt if source == "prompt" else None
+    first_text = prompt_text if source == "prompt" else None
     suggestions: list[str] = []
     if first_text and first_text.strip():
         try:
@@ -143,7 +134,8 @@ if mode == "targeted":
         except InputError:
             suggestions = []
     options = suggestions + [TYPED]
-    _init("abl_alt_pick", TYPED if state.abl_alt_typed or not suggestions else options[0])
+    if "abl_alt_pick" not in state:  # a token typed into a shared link (?alt=) opens the text box
+        state.abl_alt_pick = TYPED if st.query_params.get("alt") or not suggestions else options[0]
     if state.abl_alt_pick not in options:
         state.abl_alt_pick = options[0]
     c1, c2 = st.columns(2)
@@ -151,30 +143,18 @@ if mode == "targeted":
                         format_func=lambda t: t if t == TYPED else repr(t),
                         help="The clean run's next most likely tokens, or type one (with its leading space).")
     if pick == TYPED:
-        typed = c2.text_input("Token", key="abl_alt_typed", placeholder=" John")
+        typed = c2.text_input("Token", key="alt", bind=URL, placeholder=" John")
         alternative = typed or None
     else:
         alternative = pick
     if source not in ("prompt",) and alternative is None:
         st.caption("Leave the token empty to use each prompt's own alternative (IOI: the subject S).")
 
-ui.set_query_params(source=source, kind=kind, mode=mode, metric=state.abl_metric if mode == "kl" else None,
-                    set=state.abl_set if source == "set" else None,
-                    prompt=state.abl_prompt if source == "prompt" and len(state.abl_prompt) <= 500 else None,
-                    n=state.abl_n if source in ("ioi", "induction") else None,
-                    alt=alternative if mode == "targeted" and alternative else None,
-                    budget=state.abl_budget if mode == "targeted" else None)
-
 if st.button("Run ablation", type="primary", key="abl_run"):
     with ui.user_errors():
-        if mode == "targeted":
-            if int(state.abl_budget) < 1:
-                raise InputError("The budget must allow at least one head: it is the most heads the search "
-                                 "may ablate.")
-            if alternative:
-                single_token_id(model, alternative)  # a clear message naming how it tokenizes
+        if mode == "targeted" and alternative:
+            single_token_id(model, alternative)  # a clear message naming how it tokenizes
         prompts = build_prompts()
-        metric = state.abl_metric
         if mode == "kl":
             check_metric(metric, prompts)
         bar = ui.progress_bar("Ablating heads")
@@ -182,11 +162,10 @@ if st.button("Run ablation", type="primary", key="abl_run"):
         if mode == "kl":
             result = rank_heads(model, prompts, ablation, metric=metric, top_n=10, progress=bar)
         else:
-            result = targeted_search(model, prompts, alternative, ablation, budget=int(state.abl_budget),
-                                     progress=bar)
+            result = targeted_search(model, prompts, alternative, ablation, budget=budget, progress=bar)
             metric = "margin"
-        settings = {"source": source, "set": state.abl_set if source == "set" else None,
-                    "alternative": alternative, "budget": int(state.abl_budget),
+        settings = {"source": source, "set": prompt_set if source == "set" else None,
+                    "alternative": alternative, "budget": budget,
                     "skipped_names": list(prompts.skipped_names), "notes": list(prompts.notes)}
         ui.remember(RESULT_KEY, loaded, AblationExperiment(model=info.name, mode=mode, kind=kind, metric=metric,
                                                           prompts=prompts.texts, result=result, settings=settings))

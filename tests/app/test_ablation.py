@@ -6,6 +6,7 @@ import pytest
 import headvis_ui as ui
 from headvis_core.ablation import experiments
 from headvis_core.heads import HeadRef
+from tests.app import bound_params
 from tests.conftest import app_test
 
 PAGE = "pages/4_Ablation.py"
@@ -55,12 +56,12 @@ def test_kl_ranking_shows_heatmap_table_predictions_and_shares_importance():
     at.button(key="abl_send").click().run()
     sent = at.session_state[f"{ui.GRAPH_HEADS}@{_key()}"]
     assert sent == [HeadRef(int(r.layer), int(r.head)) for r in table.head(3).itertuples()]
-    assert at.query_params["mode"] == "kl" and at.query_params["kind"] == "zero"
+    assert bound_params(at) == {"source", "prompt", "kind", "mode", "metric"}
 
 
 def test_targeted_search_shows_the_set_and_trajectory():
     at = app_test(PAGE, mode="targeted", budget=8).run()
-    assert at.number_input(key="abl_budget").value == 8
+    assert at.number_input(key="budget").value == 8
     pick = at.selectbox(key="abl_alt_pick")
     assert len(pick.options) == 10 and pick.options[-1] == "Type a token..."
     _run(at)
@@ -71,11 +72,12 @@ def test_targeted_search_shows_the_set_and_trajectory():
     trajectory = at.dataframe[0].value
     assert trajectory["action"].iloc[0] == "clean" and "alternative_prob" in trajectory.columns
     assert at.query_params["mode"] == "targeted" and at.query_params["budget"] == "8"
+    assert bound_params(at) == {"source", "prompt", "kind", "mode", "budget"}
 
 
 def test_empty_prompt_is_an_error():
     at = app_test(PAGE).run()
-    at.text_area(key="abl_prompt").set_value("   ")
+    at.text_area(key="prompt").set_value("   ")
     _run(at)
     assert any("prompt is empty" in e for e in _errors(at))
     assert not at.get("plotly_chart")
@@ -84,21 +86,21 @@ def test_empty_prompt_is_an_error():
 def test_multi_token_target_says_how_it_tokenizes():
     at = app_test(PAGE, mode="targeted").run()
     at.selectbox(key="abl_alt_pick").set_value("Type a token...").run()
-    at.text_input(key="abl_alt_typed").set_value("ab")
+    at.text_input(key="alt").set_value("ab")
     _run(at)
     assert any("tokenizes into 2 tokens ['a', 'b']" in e for e in _errors(at)), _errors(at)
 
 
 def test_budget_zero_is_an_error():
     at = app_test(PAGE, mode="targeted").run()
-    at.number_input(key="abl_budget").set_value(0)
+    at.number_input(key="budget").set_value(0)
     _run(at)
     assert any("budget" in e for e in _errors(at))
 
 
 def test_mean_ablation_over_prompts_of_mixed_lengths_is_an_error():
     at = app_test(PAGE, source="set", set="ioi", kind="mean").run()
-    assert at.radio(key="abl_source").value == "set" and at.selectbox(key="abl_kind").value == "mean"
+    assert at.radio(key="source").value == "set" and at.selectbox(key="kind").value == "mean"
     _run(at)
     assert any("one length" in e for e in _errors(at)), _errors(at)
 
@@ -139,7 +141,7 @@ def test_save_and_reopen_an_experiment(saved_dir):
 
 def test_script_tokens_in_the_prompt_are_not_run_as_html():
     at = app_test(PAGE).run()
-    at.text_area(key="abl_prompt").set_value("<script>alert(1)</script> hi")
+    at.text_area(key="prompt").set_value("<script>alert(1)</script> hi")
     _run(at)
     assert not _errors(at)
     assert not at.get("html")  # nothing rendered as raw HTML
@@ -155,8 +157,46 @@ def test_ioi_preset_on_smollm2_shows_the_skipped_names(smollm2):
 
 def test_choosing_a_preset_picks_its_metric():
     at = app_test(PAGE).run()
-    assert at.selectbox(key="abl_metric").value == "kl"
-    at.radio(key="abl_source").set_value("induction").run()
-    assert at.selectbox(key="abl_metric").value == "loss" and at.query_params["metric"] == "loss"
-    at.radio(key="abl_source").set_value("prompt").run()
-    assert at.selectbox(key="abl_metric").value == "kl"
+    assert at.selectbox(key="metric").value == "kl"
+    at.radio(key="source").set_value("induction").run()
+    assert at.selectbox(key="metric").value == "loss" and at.query_params["metric"] == "loss"
+    at.radio(key="source").set_value("prompt").run()
+    assert at.selectbox(key="metric").value == "kl"
+
+
+def test_the_url_reopens_the_same_setup():
+    at = app_test(PAGE, source="induction", n=3, kind="mean", mode="kl", metric="loss").run()
+    assert not at.exception and not _errors(at)
+    assert at.radio(key="source").value == "induction" and at.number_input(key="n").value == 3
+    assert at.selectbox(key="kind").value == "mean" and at.selectbox(key="metric").value == "loss"
+    at = app_test(PAGE, source="set", set="induction", mode="targeted", alt=" x", budget=3).run()
+    assert not at.exception and not _errors(at)
+    assert at.selectbox(key="set").value == "induction" and at.number_input(key="budget").value == 3
+    assert at.selectbox(key="abl_alt_pick").value == "Type a token..." and at.text_input(key="alt").value == " x"
+    at = app_test(PAGE, prompt="The cat sat on the").run()
+    assert at.text_area(key="prompt").value == "The cat sat on the"
+
+
+@pytest.mark.parametrize("query", [
+    {"source": "<script>", "kind": "nan", "mode": "everything", "metric": "1e309"},
+    {"source": "ioi", "n": "-4"},
+    {"source": "induction", "n": "abc"},
+    {"source": "set", "set": "../../etc/passwd"},
+    {"mode": "targeted", "budget": "1e9"},
+    {"mode": "targeted", "budget": "nan"},
+    {"mode": "targeted", "budget": "inf"},
+    {"source": "induction", "n": "-1e400"},
+])
+def test_hostile_url_values_give_defaults(query):
+    at = app_test(PAGE, **query).run()
+    assert not at.exception
+    assert at.radio(key="source").value == (query["source"] if query.get("source") in ("ioi", "induction", "set")
+                                            else "prompt")
+    assert at.selectbox(key="kind").value == "zero"
+    if "n" in query:
+        assert at.number_input(key="n").value == 8
+    if "set" in query:
+        assert at.selectbox(key="set").value == "ioi"
+    if "budget" in query:
+        assert at.number_input(key="budget").value == 10
+    assert all("Traceback" not in e for e in _errors(at))

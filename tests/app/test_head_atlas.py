@@ -51,7 +51,7 @@ def test_url_reopens_the_same_view():
 
 
 def test_hostile_url_values_give_defaults_or_a_warning():
-    at = app_test(PAGE, model="tiny-llama", n="6", len="nan", x="<script>", y="", colour="1e309",
+    at = app_test(PAGE, model="tiny-llama", n="6", len="1e400", x="<script>", y="", colour="1e309",
                   heat="induction,copying", layer="9", head="-1").run()
     assert not at.exception and not at.error
     assert at.number_input(key="len").value == 128 and at.number_input(key="n").value == 6
@@ -59,6 +59,8 @@ def test_hostile_url_values_give_defaults_or_a_warning():
     assert at.selectbox(key="colour").value == "behaviour" and at.selectbox(key="heat").value == "induction"
     assert any("out of range" in w.value for w in at.warning)  # head 9.-1 is ignored, with a word why
     assert at.query_params.get("layer") != "9" and "len" not in at.query_params
+    at = app_test(PAGE, model="tiny-llama", n="-inf", len="32").run()
+    assert not at.exception and not at.error and at.number_input(key="n").value == 64
 
 
 def test_a_missing_corpus_folder_is_an_error_box_and_the_form_keeps_its_values(tmp_path):

@@ -27,7 +27,7 @@ from headvis_core.errors import (
     UnsupportedArchitectureError,
 )
 from headvis_core.models.devices import resolve_device, resolve_dtype
-from headvis_core.models.offline import fetch_offline_model, is_fetched
+from headvis_core.models.offline import fetch_offline_model, is_fetched, verify_offline_model
 from headvis_core.models.random_models import RANDOM_PRESETS, RandomModelSpec, random_model_dir
 from headvis_core.models.registry import KNOWN_MODELS
 from headvis_core.progress import ProgressCallback, report, scaled
@@ -126,7 +126,9 @@ def resolve_source(name: str, progress: Optional[ProgressCallback] = None) -> Re
         raise UnknownModelError("No model name given.")
     known = KNOWN_MODELS.get(name.lower())
     if known and known.kind == "offline":
-        return ResolvedSource("offline", str(fetch_offline_model(known.target, progress=progress)))
+        fetch_offline_model(known.target, progress=progress)  # a no-op once fetched
+        report(progress, 0.95, f"checking the checksums of {name}")
+        return ResolvedSource("offline", str(verify_offline_model(known.target)))
     if known and known.kind == "random":
         return ResolvedSource("random", str(random_model_dir(RANDOM_PRESETS[known.target])), random_init=True)
     path = Path(name).expanduser()

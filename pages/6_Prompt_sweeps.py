@@ -1,20 +1,24 @@
 """Prompt sweeps: a template with named slots run over ranges; attention and answers across the slot."""
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 import headvis_ui as ui
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, parse_heads
-from headvis_core.sweeps.run import curve_ranges, describe_ranges, run_sweep, usable_heads
 from headvis_core.sweeps.plan import SweepSpec, build_plan, tokenization_report
 from headvis_core.sweeps.presets import load_presets
+from headvis_core.sweeps.ranges import curve_range_reports, level_bounds, ranges_table
+from headvis_core.sweeps.run import run_sweep, usable_heads
 from headvis_core.viz.sweeps import sweep_figure
 
 loaded = ui.page_setup("Prompt sweeps", icon=":material/ssid_chart:")
 info = loaded.info
 state = st.session_state
+# Widgets bound with bind="query-params" take the URL parameter's name as their key (?template=...&level=0.5):
+# a link reopens the same sweep, and a value a widget cannot hold gives its default.
+URL = "query-params"
+ui.repair_url(integers=("sample", "min_values", "max_gap"))
 
 st.markdown(
     "Fill a template's `{slots}` with every value of a range, run all prompts in batches, and follow a head's "
@@ -37,44 +41,45 @@ def preset_fields(preset_id: str) -> dict[str, str]:
 
 
 def apply_preset() -> None:
-    for field, value in preset_fields(state.sweep_preset).items():
-        state[f"sweep_{field}"] = value
+    for field, value in preset_fields(state.preset).items():
+        state[field] = value
     state.pop("sweep_result", None)
 
 
 def add_heads(extra) -> None:
     extra = state.get("sweep_atlas_heads", []) if extra is None else extra
-    current = [h.strip() for h in state.sweep_heads.split(",") if h.strip()]
-    state.sweep_heads = ",".join(dict.fromkeys(current + list(extra)))
+    current = [h.strip() for h in state.heads.split(",") if h.strip()]
+    state.heads = ",".join(dict.fromkeys(current + list(extra)))
 
 
-if "sweep_template" not in state:
+if "template" not in state:
     if "saved_sweep_form" in state:  # back from another page, which dropped the widgets' state
         for field, value in state.saved_sweep_form.items():
-            state[f"sweep_{field}"] = value
-    else:  # first visit: the URL, then the preset, fills the form
+            state[field] = value
+    else:  # first visit: the preset fills the form, then the URL's own values win (bound widgets)
         start = ui.query_param("preset", presets[0].id)
-        state.sweep_preset = start if start in by_id else presets[0].id
-        fields = preset_fields(state.sweep_preset)
+        state.preset = start if start in by_id else presets[0].id
+        fields = preset_fields(state.preset)
         if ui.query_param("template"):  # a URL with its own template: what it leaves out takes the plain default
             fields.update(template="", slots="", query="last", key="", answers="", gt="")
         for field, value in fields.items():
-            state[f"sweep_{field}"] = ui.query_param(field, value)
+            state[field] = value
 
-chosen = by_id[state.sweep_preset]
+chosen = by_id[state.preset]
 
 # ----------------------------------------------------------------------------- the form
 left, right = st.columns([3, 2])
 with left:
-    st.selectbox("Preset", list(by_id), key="sweep_preset", format_func=lambda i: by_id[i].name, on_change=apply_preset)
-    st.caption(chosen.note)
-    st.text_area("Template", key="sweep_template", height=80,
+    st.selectbox("Preset", list(by_id), key="preset", bind=URL, on_change=apply_preset,
+                 help="; ".join(f"{p.id}: {p.name}" for p in presets))
+    st.caption(f"**{chosen.name}**: {chosen.note}")
+    st.text_area("Template", key="template", bind=URL, height=80,
                  help="Text with {slot} references and optional [[marked]] words; {{ and }} are literal braces.")
-    st.text_area("Slots, one per line", key="sweep_slots", height=110,
+    st.text_area("Slots, one per line", key="slots", bind=URL, height=110,
                  help="year=1000..1999 (ends included; :10 for a step; 02..98 pads), noun=war,feud (a list), "
                       "name=@sweeps:ioi_names (a list in prompts/), XX=year[:2], YY=year[2:], next=year+1 (derived).")
 with right:
-    st.text_input("Heads (layer.head, comma separated)", key="sweep_heads",
+    st.text_input("Heads (layer.head, comma separated)", key="heads", bind=URL,
                   help="The heads whose attention from the query to the key is read for every value.")
     picked = ui.selected_head(loaded)
     atlas = ui.recall(ui.ATLAS_METRICS, loaded)
@@ -89,31 +94,28 @@ with right:
         add_cols[1].button("Add atlas heads", key="sweep_add_atlas", on_click=add_heads,
                            args=(None,), disabled=not state.get("sweep_atlas_heads"))
     q_col, k_col = st.columns(2)
-    q_col.text_input("Query position", key="sweep_query",
+    q_col.text_input("Query position", key="query", bind=URL,
                      help="last, first, bos, an index, SLOT:first, SLOT:last, SLOT#2:first, mark, mark#2; +N/-N "
                           "moves by tokens (year:last-1).")
-    k_col.text_input("Key position", key="sweep_key", help="Empty: the first slot's first token.")
-    st.text_area("Answer tokens, one per line", key="sweep_answers", height=68,
+    k_col.text_input("Key position", key="key", bind=URL, help="Empty: the first slot's first token.")
+    st.text_area("Answer tokens, one per line", key="answers", bind=URL, height=68,
                  help="Read at the last position. Keep the leading space most words need (' Mary'); may hold "
                       "{slot} (' {country}').")
-    st.text_input("Greater-than slot", key="sweep_gt",
+    st.text_input("Greater-than slot", key="gt", bind=URL,
                   help="A slot holding the number the answer should exceed (YY in the greater-than preset).")
 with st.expander("Options"):
     o1, o2, o3 = st.columns(3)
-    drop_odd = o1.checkbox("Leave out values with another token count", key="sweep_drop_odd")
-    predictions = o2.checkbox("Read the model's answers (full pass)", value=True, key="sweep_predictions",
+    drop_odd = o1.checkbox("Leave out values with another token count", key="drop_odd", bind=URL)
+    predictions = o2.checkbox("Read the model's answers (full pass)", value=True, key="predictions", bind=URL,
                               help="Off: attention only, the pass stops after the last chosen head's layer.")
     sample = o3.number_input("Sample this many values (0: all)", min_value=0, max_value=100_000, value=0, step=100,
-                             key="sweep_sample")
+                             key="sample", bind=URL)
 
-state.saved_sweep_form = {field: state[f"sweep_{field}"] for field in FIELDS}
-spec = SweepSpec(template=state.sweep_template, slots=tuple(l for l in state.sweep_slots.splitlines() if l.strip()),
-                 query=state.sweep_query.strip() or "last", key=state.sweep_key.strip() or None,
-                 answers=tuple(a for a in state.sweep_answers.splitlines() if a.strip()),
-                 greater_than=state.sweep_gt.strip() or None)
-ui.set_query_params(preset=state.sweep_preset, template=state.sweep_template, slots=state.sweep_slots,
-                    query=state.sweep_query, key=state.sweep_key or None, answers=state.sweep_answers or None,
-                    gt=state.sweep_gt or None, heads=state.sweep_heads)
+state.saved_sweep_form = {field: state[field] for field in FIELDS}
+spec = SweepSpec(template=state.template, slots=tuple(line for line in state.slots.splitlines() if line.strip()),
+                 query=state.query.strip() or "last", key=state["key"].strip() or None,
+                 answers=tuple(a for a in state.answers.splitlines() if a.strip()),
+                 greater_than=state.gt.strip() or None)
 
 
 @st.cache_data(max_entries=8, show_spinner="Tokenizing the sweep...")
@@ -122,8 +124,7 @@ def cached_plan(model_key: str, spec: SweepSpec, drop_odd: bool, sample: int, _m
 
 
 with ui.user_errors():
-    heads: list[HeadRef] = parse_heads(state.sweep_heads, info.n_layers, info.n_heads) \
-        if state.sweep_heads.strip() else []
+    heads: list[HeadRef] = parse_heads(state.heads, info.n_layers, info.n_heads) if state.heads.strip() else []
     if not spec.slots:
         raise InputError("Define at least one slot, for example year=1000..1999.")
     plan = cached_plan(ui.model_key(loaded), spec, drop_odd, int(sample), _model=loaded.model)
@@ -155,48 +156,39 @@ result = stored[1]
 
 # ----------------------------------------------------------------------------- results
 st.subheader("Across the slot")
-default_curve = ui.query_param("curve") or chosen.curve
-curve_index = result.curves.index(default_curve) if default_curve in result.curves else 0
 c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
-curve = c1.selectbox("Curve for the ranges", result.curves, index=curve_index, key="sweep_curve")
-values = result.table[curve].to_numpy(float)
-finite = values[np.isfinite(values)]
-low = float(min(0.0, np.floor(finite.min() * 10) / 10)) if len(finite) else 0.0
-high = float(max(1.0, np.ceil(finite.max() * 10) / 10)) if len(finite) else 1.0
-level_default = float(ui.query_param("level", str(chosen.level)))
-level = c2.slider("Level", min_value=low, max_value=high, value=min(max(level_default, low), high), step=0.01,
-                  key=f"sweep_level_{curve}")
-above = c3.radio("Ranges", ["at or above", "at or below"], key="sweep_side") == "at or above"
-min_length = c4.number_input("Min values", min_value=1, value=1, step=1, key="sweep_min_length")
-max_gap = c4.number_input("Bridge gaps of", min_value=0, value=0, step=1, key="sweep_max_gap")
-ui.set_query_params(curve=curve, level=f"{level:g}")
+curve = c1.selectbox("Curve for the ranges", result.curves, key="curve", bind=URL,
+                     index=result.curves.index(chosen.curve) if chosen.curve in result.curves else 0)
+low, high = level_bounds(result.table[curve].to_numpy(float))
+# The slider's range follows the curve; a URL level outside it (or not a number) gives the default.
+level = c2.slider("Level", min_value=low, max_value=high, value=min(max(float(chosen.level), low), high), step=0.01,
+                  key="level", bind=URL)
+above = c3.radio("Ranges at or", ["above", "below"], key="side", bind=URL) == "above"
+min_length = c4.number_input("Min values", min_value=1, value=1, step=1, key="min_values", bind=URL)
+max_gap = c4.number_input("Bridge gaps of", min_value=0, value=0, step=1, key="max_gap", bind=URL)
 
-ranges = curve_ranges(result, curve, level, above=above, min_length=int(min_length), max_gap=int(max_gap))
-x = result.swept[0]
-range_rows = []
-for row, found in ranges.items():
-    subset = result.table if row is None else result.table[result.table[result.swept[1]] == row]
-    ordered = subset.sort_values(x, kind="stable") if plan.numeric.get(x) else subset
-    label = curve if row is None else f"{curve} ({result.swept[1]}={row})"
-    st.text(describe_ranges(found, x, label, level, ordered[x].tolist(), ordered[curve].to_numpy(float), above))
-    range_rows += [{**({result.swept[1]: row} if row is not None else {}), "from": r.start, "to": r.stop,
-                    "n_values": r.n_values, "peak": r.peak, "mean": r.mean} for r in found]
+with ui.user_errors():
+    reports = curve_range_reports(result, curve, level, above=above, min_length=int(min_length),
+                                  max_gap=int(max_gap))
+for report in reports:
+    st.text(report.description)  # plain text: slot values are not markdown
 
 plotted = [curve]
 if len(result.swept) == 1:
     others = [c for c in result.curves if c != curve]
     default_others = [c for c in others if c.startswith("attn ")][:4] if curve.startswith("attn ") else []
     plotted += st.multiselect("Also plot", others, default=default_others, key="sweep_also")
-fig = sweep_figure(result, plotted, level, ranges, title=spec.template)
+fig = sweep_figure(result, plotted, level, {report.row: report.ranges for report in reports}, title=spec.template)
 st.plotly_chart(fig, width="stretch")
+range_rows = ranges_table(reports, result.swept[1] if len(result.swept) > 1 else None)
 d1, d2, d3 = st.columns(3)
 with d1:
     ui.download_table(result.table, "sweep.csv")
 with d2:
     ui.download_figure(fig, "sweep.html")
 with d3:
-    if range_rows:
-        ui.download_table(pd.DataFrame(range_rows), "sweep_ranges.csv", label="Download ranges CSV")
+    if len(range_rows):
+        ui.download_table(range_rows, "sweep_ranges.csv", label="Download ranges CSV")
 if curve.startswith("attn "):
     head = result.heads[[f"attn {h}" for h in result.heads].index(curve)]
     if st.button(f"Open head {head} on the other pages", key="sweep_select_head"):

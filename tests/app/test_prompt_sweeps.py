@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.app import bound_params
 from tests.conftest import app_test
 
 PAGE = "pages/6_Prompt_sweeps.py"
@@ -20,8 +21,8 @@ def errors(at):
 def test_url_sweep_runs_and_finds_ranges():
     at = app_test(PAGE, **YEARS).run()
     assert not at.exception and not at.error
-    assert at.text_area(key="sweep_template").value == YEARS["template"]
-    assert at.text_input(key="sweep_heads").value == "0.1,1.2"
+    assert at.text_area(key="template").value == YEARS["template"]
+    assert at.text_input(key="heads").value == "0.1,1.2"
     report = at.dataframe[0].value
     assert len(report) == 5 and report["query"].str.endswith(":0").any()  # year 1000: last digit 0
     assert any("Run sweep" in i.value for i in at.info)
@@ -29,34 +30,56 @@ def test_url_sweep_runs_and_finds_ranges():
     at.button(key="sweep_run").click().run()
     assert not at.exception and not at.error
     assert at.query_params["run"] == ["1"] or at.query_params["run"] == "1"
-    assert at.selectbox(key="sweep_curve").value == "attn 0.1"
-    at.slider(key="sweep_level_attn 0.1").set_value(0.0).run()
+    assert at.selectbox(key="curve").value == "attn 0.1"
+    at.slider(key="level").set_value(0.0).run()
     assert "attn 0.1 >= 0 for year 1000-1029 (30 values" in texts(at)[0]
-    at.slider(key="sweep_level_attn 0.1").set_value(1.0).run()
+    at.slider(key="level").set_value(1.0).run()
     assert texts(at)[0].startswith("attn 0.1 is never >= 1")
     assert len(at.get("plotly_chart")) == 1
     downloads = [d.proto.label for d in at.get("download_button")]
     assert "Download CSV" in downloads and "Download figure (HTML)" in downloads
     assert at.query_params["heads"] in (["0.1,1.2"], "0.1,1.2")
+    assert bound_params(at) == {"preset", "template", "slots", "heads", "query", "key", "answers", "gt", "drop_odd",
+                                "predictions", "sample", "curve", "level", "side", "min_values", "max_gap"}
 
 
 def test_reopening_the_url_with_run_shows_results():
     at = app_test(PAGE, run=1, curve="attn 1.2", level=0.0, **YEARS).run()
     assert not at.exception and not at.error
-    assert at.selectbox(key="sweep_curve").value == "attn 1.2"
+    assert at.selectbox(key="curve").value == "attn 1.2"
     assert texts(at)[0].startswith("attn 1.2 >= 0 for year 1000-1029")
+    at = app_test(PAGE, run=1, curve="attn 0.1", level=1.0, side="below", min_values=2, max_gap=1, **YEARS).run()
+    assert not at.exception and not at.error
+    assert at.slider(key="level").value == 1.0 and at.radio(key="side").value == "below"
+    assert (at.number_input(key="min_values").value, at.number_input(key="max_gap").value) == (2, 1)
+    assert texts(at)[0].startswith("attn 0.1 <= 1 for year 1000-1029 (30 values")
+
+
+@pytest.mark.parametrize("query", [
+    {"level": "nan", "curve": "<script>", "side": "sideways", "min_values": "0", "max_gap": "-1"},
+    {"level": "abc", "min_values": "inf", "max_gap": "1e400", "sample": "-inf", "predictions": "maybe"},
+    {"level": "1e308", "preset": "../../etc/passwd", "drop_odd": "2"},
+])
+def test_hostile_url_values_give_defaults(query):
+    at = app_test(PAGE, run=1, **YEARS, **query).run()
+    assert not at.exception and not at.error
+    assert at.slider(key="level").value == 0.5 and at.selectbox(key="curve").value == "attn 0.1"
+    assert at.radio(key="side").value == "above" and at.number_input(key="min_values").value == 1
+    assert at.number_input(key="max_gap").value == 0 and at.number_input(key="sample").value == 0
+    assert at.checkbox(key="predictions").value is True and at.checkbox(key="drop_odd").value is False
+    assert texts(at)[0].startswith("attn 0.1 ")
 
 
 def test_presets_fill_the_form_and_greater_than_runs():
     at = app_test(PAGE).run()
     assert not at.exception
-    at.selectbox(key="sweep_preset").set_value("greater_than").run()
-    assert at.text_area(key="sweep_template").value.startswith("The {noun} lasted")
-    assert at.text_input(key="sweep_gt").value == "YY"
-    at.text_area(key="sweep_slots").set_value("year=1702..1706\nXX=year[:2]\nYY=year[2:]\nnoun=war").run()
+    at.selectbox(key="preset").set_value("greater_than").run()
+    assert at.text_area(key="template").value.startswith("The {noun} lasted")
+    assert at.text_input(key="gt").value == "YY"
+    at.text_area(key="slots").set_value("year=1702..1706\nXX=year[:2]\nYY=year[2:]\nnoun=war").run()
     at.button(key="sweep_run").click().run()
     assert not at.exception and not at.error
-    assert at.selectbox(key="sweep_curve").value == "greater_than"  # the preset's curve
+    assert at.selectbox(key="curve").value == "greater_than"  # the preset's curve
 
 
 def test_two_slots_draw_a_heatmap():
@@ -70,7 +93,7 @@ def test_two_slots_draw_a_heatmap():
 def test_selected_head_can_be_added():
     at = app_test(PAGE, layer=1, head=3, **YEARS).run()
     at.button(key="sweep_add_selected").click().run()
-    assert at.text_input(key="sweep_heads").value == "0.1,1.2,1.3"
+    assert at.text_input(key="heads").value == "0.1,1.2,1.3"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -86,7 +109,7 @@ def test_bad_input_shows_clear_errors(change, message):
     at = app_test(PAGE, **{**YEARS, **change}).run() if "slots" not in change or change["slots"] else None
     if at is None:  # an empty slots box cannot come from the URL: clear it in the form
         at = app_test(PAGE, **YEARS).run()
-        at.text_area(key="sweep_slots").set_value("").run()
+        at.text_area(key="slots").set_value("").run()
     assert not at.exception
     assert message in errors(at)
     assert not at.get("plotly_chart")
@@ -113,7 +136,7 @@ def test_heads_from_the_atlas(tiny_llama):
     at.run()
     at.multiselect(key="sweep_atlas_heads").set_value(["1.0"]).run()
     at.button(key="sweep_add_atlas").click().run()
-    assert not at.exception and at.text_input(key="sweep_heads").value == "0.1,1.2,1.0"
+    assert not at.exception and at.text_input(key="heads").value == "0.1,1.2,1.0"
 
 
 @pytest.mark.real_model
@@ -122,8 +145,8 @@ def test_year_preset_on_smollm2():
     assert not at.exception and not at.error
     report = at.dataframe[0].value
     assert report["tokens"].str.contains(r"\| 1 \| 0 \| 0 \| 0 \|", regex=True).any()  # digits, one by one
-    at.text_area(key="sweep_slots").set_value("year=1984..1989").run()
+    at.text_area(key="slots").set_value("year=1984..1989").run()
     at.button(key="sweep_run").click().run()
     assert not at.exception and not at.error
-    assert at.selectbox(key="sweep_curve").value == "attn 2.3"
+    assert at.selectbox(key="curve").value == "attn 2.3"
     assert texts(at)[0].startswith("attn 2.3 >= 0.5 for year")

@@ -1,0 +1,60 @@
+"""The Edge attribution page: an edge from the URL, its tables and downloads, and its error paths."""
+
+from tests.app import bound_params
+from tests.conftest import app_test
+
+PAGE = "pages/7_Edge_attribution.py"
+
+
+def test_an_edge_from_the_url_is_explained():
+    at = app_test(PAGE, prompt="abcabcab", layer=1, head=2, q=7, k=3).run()
+    assert not at.exception and not at.error
+    assert at.number_input(key="layer").value == 1 and at.number_input(key="q").value == 7
+    assert bound_params(at) >= {"prompt", "layer", "head", "q", "k"}
+    score, total, _ = (float(m.value) for m in at.metric)
+    assert abs(score - total) <= 1e-3 * max(1.0, abs(score))
+    query_side = at.dataframe[0].value
+    assert list(query_side.columns) == ["component", "label", "value"]
+    assert {"embed", "L0H0", "L0MLP", "bias"} <= set(query_side.component)
+    labels = {b.label for b in at.get("download_button")}
+    assert {"Download query side (CSV)", "Download all QK terms (CSV)", "Download the attribution (JSON)",
+            "Download diagram (HTML)"} <= labels
+    assert len(at.get("iframe")) == 1  # the path diagram
+
+
+def test_changing_the_key_recomputes():
+    at = app_test(PAGE, prompt="abcabcab", layer=1, head=0, q=7, k=3).run()
+    first = float(at.metric[0].value)
+    at.number_input(key="k").set_value(7).run()
+    assert not at.exception and not at.error
+    assert at.number_input(key="k").value == 7
+    second = float(at.metric[0].value)
+    assert first != second
+    assert at.subheader[0].value == "Head 1.0: 7:a \u2192 7:a"  # the new edge: the query to itself
+
+
+def test_bad_edges_show_errors_not_tracebacks():
+    at = app_test(PAGE, prompt="abcabcab", layer=1, head=2, q=3, k=5).run()
+    assert not at.exception and "comes after the query" in at.error[0].value
+    at.number_input(key="q").set_value(40).run()
+    assert not at.exception and "out of range" in at.error[0].value
+    at.number_input(key="q").set_value(7).run()
+    at.number_input(key="layer").set_value(9).run()
+    assert not at.exception and "Head 9.2 is out of range" in at.error[0].value
+    at.number_input(key="layer").set_value(1).run()
+    at.text_area(key="prompt").set_value("   ").run()
+    assert not at.exception and "empty" in at.error[0].value
+    at.text_area(key="prompt").set_value("x" * 300).run()
+    assert not at.exception and "301 tokens long" in at.error[0].value
+
+
+def test_a_bad_sae_folder_is_an_error(tmp_path):
+    at = app_test(PAGE, prompt="abcabcab", layer=1, head=2, q=7, k=3, sae=str(tmp_path / "nothing")).run()
+    assert not at.exception and "No SAE folder" in at.error[0].value
+
+
+def test_script_in_the_prompt_is_escaped_in_the_diagram():
+    at = app_test(PAGE, prompt="<script>alert(1)</script>", layer=1, head=1, q=3, k=2).run()
+    assert not at.exception and not at.error
+    diagram = at.get("iframe")[0].proto.srcdoc
+    assert "<script" not in diagram and "&lt;" in diagram

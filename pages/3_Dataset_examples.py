@@ -19,6 +19,7 @@ SHARED_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corp
 loaded = ui.page_setup("Dataset examples")
 info = loaded.info
 state = st.session_state
+ui.repair_url(integers=("min_count",))
 
 
 @st.cache_resource(max_entries=4, show_spinner="Opening the stored scan...")
@@ -41,7 +42,8 @@ head_index = c2.number_input("Head", 0, info.n_heads - 1, chosen.head, key="ex_h
 head = HeadRef(int(layer), int(head_index))
 if head != ui.selected_head(loaded):
     ui.set_selected_head(head)
-c3.caption("The head chosen here is shared with the other pages (and comes from the atlas when you click a head there).")
+c3.caption("The head chosen here is shared with the other pages (and comes from the atlas when you click a head "
+           "there).")
 
 # -- scan: run or open ----------------------------------------------------------------------------------------
 stored = [s for s in scans.list_scans(model_name=info.name)]
@@ -136,7 +138,8 @@ for tab, bucket in zip(tabs[1:], buckets):
 ui.download_table(result.examples_table(head), f"examples_{head}.csv", label="Download examples (CSV)")
 
 st.subheader("Top tokens")
-min_count = st.number_input("Least occurrences for a token to be listed", 1, 1000, 5, key="ex_min_count")
+min_count = st.number_input("Least occurrences for a token to be listed", 1, 1000, 5, key="min_count",
+                            bind="query-params")  # ?min_count= in the URL
 q_col, k_col = st.columns(2)
 with q_col:
     st.markdown("**Queries paying the most attention** (to positions after 0, per occurrence)")

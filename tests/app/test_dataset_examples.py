@@ -3,6 +3,7 @@ import random
 import pytest
 
 from headvis_core.scan import store as scans
+from tests.app import bound_params
 from tests.conftest import app_test
 
 PAGE = "pages/3_Dataset_examples.py"
@@ -87,3 +88,27 @@ def test_folder_with_only_a_binary_file_is_an_error(scans_dir, tmp_path):
     (tmp_path / "only.txt").write_bytes(b"\x00\x01\x02\x03")
     at = run_scan_on_page(app_test(PAGE).run(), tmp_path)
     assert not at.exception and "no readable" in at.error[0].value and "only.txt is binary" in at.error[0].value
+
+
+@pytest.mark.parametrize("query", [
+    {"scan": "../../../etc", "layer": "abc", "head": "1"},
+    {"scan": "<script>alert(1)</script>", "layer": "1", "head": "99"},
+    {"scan": "no-such-scan", "min_count": "inf"},
+])
+def test_hostile_url_values_give_a_message_not_a_traceback(scans_dir, query):
+    at = app_test(PAGE, **query).run()
+    assert not at.exception
+    assert at.number_input(key="ex_layer").value in (0, 1) and at.number_input(key="ex_head").value in (0, 1)
+    assert not iframes(at)
+    assert any("No scan is stored" in e.value for e in at.error)  # the folder name only, inside the scans root
+    assert all(str(scans_dir) in e.value for e in at.error if "No scan" in e.value)
+
+
+def test_a_scan_reopens_with_its_head_and_token_count_from_the_url(scans_dir, text_dir):
+    run_scan_on_page(app_test(PAGE).run(), text_dir)
+    key = next(scans_dir.iterdir()).name
+    at = app_test(PAGE, scan=key, layer=1, head=3, min_count=2).run()
+    assert not at.exception and not at.error
+    assert at.subheader[0].value == "Head 1.3 on 12 windows of 8 tokens"
+    assert at.number_input(key="min_count").value == 2
+    assert "min_count" in bound_params(at)

@@ -6,7 +6,8 @@ import pandas as pd
 import streamlit as st
 
 import headvis_ui as ui
-from headvis_core.models.card import head_grid_figure, model_facts
+from headvis_core.models.card import model_facts
+from headvis_core.viz.model_card import head_grid_figure
 
 PAGES = [
     ("pages/1_Head_atlas.py", "Head atlas", "every head in one scatter of per-head metrics, classified, with a passport card"),

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import numpy as np
 import torch
 
-from headvis_core.ablation.ranking import rank_heads
+from headvis_core.ablation.ranking import rank_heads_by_ablation
 from headvis_core.ablation.targeted import targeted_search
 from headvis_core.data.ioi import load_templates
 from headvis_core.data.prompt_pairs import ioi_prompts, prompts_from_texts
@@ -63,11 +63,11 @@ def arithmetic_share(model, n_tokens: int, n_answer: int) -> float:
 def compare(model, prompts, label, loop_every, forward_engine):
     heads = all_heads(int(model.cfg.n_layers), int(model.cfg.n_heads))
     started = time.perf_counter()
-    batched = rank_heads(model, prompts, top_n=5)
+    batched = rank_heads_by_ablation(model, prompts, top_n=5)
     batched_s = time.perf_counter() - started
     sample = heads[::loop_every]
     started = time.perf_counter()
-    loop = rank_heads(model, prompts, heads=sample, engine="loop", top_n=0)
+    loop = rank_heads_by_ablation(model, prompts, heads=sample, engine="loop", top_n=0)
     loop_sample_s = time.perf_counter() - started
     loop_s = loop_sample_s * len(heads) / len(sample)
     fast = batched.table.set_index("label")["kl"]
@@ -77,7 +77,7 @@ def compare(model, prompts, label, loop_every, forward_engine):
     print(f"  batched (replay engine)      {batched_s:8.2f} s   ({batched.engine}{', ' + batched.engine_note if batched.engine_note else ''})")
     if forward_engine:
         started = time.perf_counter()
-        rank_heads(model, prompts, engine="forward", top_n=0)
+        rank_heads_by_ablation(model, prompts, engine="forward", top_n=0)
         forward_s = time.perf_counter() - started
         print(f"  batched, full forward passes {forward_s:8.2f} s   (no layer skipping: x{forward_s / batched_s:.2f} the replay)")
     scaled = "" if len(sample) == len(heads) else f", measured on {len(sample)} heads and scaled"

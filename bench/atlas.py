@@ -130,7 +130,7 @@ def worker(method: str, model_name: str, n_seqs: int, seq_len: int, n_induction:
 
     if threads:
         torch.set_num_threads(threads)
-    from headvis_core.atlas.metrics import induction_probe
+    from headvis_core.data.probes import induction_probe
     from headvis_core.atlas.run import run_atlas
     from headvis_core.models.loader import load_model
 

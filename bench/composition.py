@@ -32,7 +32,8 @@ from headvis_core.circuits.composition import (  # noqa: E402
     head_weights,
     random_baseline,
 )
-from headvis_core.circuits.graph import GraphFilter, all_edges, build_graph, to_graphml, to_html, to_json  # noqa: E402
+from headvis_core.circuits.graph import GraphFilter, all_edges, build_graph, to_graphml, to_json  # noqa: E402
+from headvis_core.viz.circuit_graph import to_html  # noqa: E402
 from headvis_core.models.loader import load_model  # noqa: E402
 
 

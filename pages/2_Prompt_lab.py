@@ -5,10 +5,11 @@ import streamlit as st
 import headvis_ui as ui
 from headvis_core.data.prompt_library import load_all_prompt_sets
 from headvis_core.heads import HeadRef, all_heads
-from headvis_core.lab.patterns import attention_heatmap
 from headvis_core.lab.positions import induction_key
-from headvis_core.lab.prompt_lab import analyse_prompt, head_grid_picker, pair_figure
+from headvis_core.lab.prompt_lab import analyse_prompt
 from headvis_core.tokens import token_labels, tokenize_prompt
+from headvis_core.viz.patterns import attention_heatmap
+from headvis_core.viz.prompt_lab import head_grid_picker, pair_figure
 from headvis_core.viz.token_view import token_view_html
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy"

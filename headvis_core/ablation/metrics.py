@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 import torch
 
-METRIC_LABELS = {
+ABLATION_METRIC_LABELS = {
     "kl": "KL(clean || ablated)",
     "logit_diff": "logit difference (target - alternative)",
     "loss": "loss on the answer tokens",

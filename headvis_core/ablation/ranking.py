@@ -15,11 +15,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 
 from headvis_core.ablation.metrics import (
-    METRIC_LABELS,
+    ABLATION_METRIC_LABELS,
     AnswerMetrics,
     clean_metrics,
     prediction_shift,
@@ -33,7 +32,7 @@ from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, all_heads
 from headvis_core.progress import ProgressCallback, report, scaled
 
-RANKING_METRICS = tuple(METRIC_LABELS)
+RANKING_METRICS = tuple(ABLATION_METRIC_LABELS)
 # Columns of the ranked table, in the order shown, when the metric exists for the prompts.
 TABLE_COLUMNS = ["kl", "logit_diff", "logit_diff_drop", "loss", "loss_rise", "target_prob", "target_rank",
                  "alternative_prob", "alternative_rank", "top_prob"]
@@ -117,7 +116,7 @@ def _importance(metric: str, mean: dict[str, torch.Tensor], clean: dict[str, flo
     return mean["loss"] - clean["loss"]
 
 
-def rank_heads(model: Any, prompts: PromptPairs, ablation: Optional[Ablation] = None, metric: str = "kl",
+def rank_heads_by_ablation(model: Any, prompts: PromptPairs, ablation: Optional[Ablation] = None, metric: str = "kl",
                heads: Optional[Sequence[HeadRef]] = None, top_n: int = 5, k: int = 10, engine: str = "replay",
                max_batch_tokens: int = DEFAULT_BATCH_TOKENS, runner: Optional[AblationRunner] = None,
                progress: Optional[ProgressCallback] = None) -> HeadRanking:
@@ -174,22 +173,3 @@ def head_shifts(model: Any, runner: AblationRunner, heads: Sequence[HeadRef], k:
     values = runner.evaluate([(h,) for h in heads], AnswerMetrics(keep_logprobs=True), prompt_indices=[0])
     clean = runner.clean_logits[0][-1]
     return {str(h): prediction_shift(model, clean, values["logprobs"][i, 0], k=k) for i, h in enumerate(heads)}
-
-
-def importance_heatmap(ranking: HeadRanking, title: str = "") -> go.Figure:
-    """Layer x head heatmap of ``ranking.importance``."""
-    matrix = ranking.importance
-    n_layers, n_heads = matrix.shape
-    label = {"kl": "KL (nats)", "logit_diff": "logit diff drop", "loss": "loss rise"}[ranking.metric]
-    diverging = ranking.metric != "kl"
-    bound = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0
-    fig = go.Figure(go.Heatmap(
-        z=matrix, x=list(range(n_heads)), y=list(range(n_layers)),
-        colorscale="RdBu_r" if diverging else "Reds", zmid=0 if diverging else None,
-        zmin=-bound if diverging else 0, zmax=bound or 1.0, colorbar=dict(title=label),
-        hovertemplate="head %{y}.%{x}<br>" + label + " %{z:.4f}<extra></extra>"))
-    fig.update_layout(title=title or f"{METRIC_LABELS[ranking.metric]} when each head is {ranking.kind}-ablated",
-                      xaxis_title="head", yaxis_title="layer", height=min(900, 120 + 22 * n_layers),
-                      yaxis_autorange="reversed", margin=dict(t=40, b=10, l=10, r=10))
-    fig.update_xaxes(dtick=1)
-    return fig

@@ -222,19 +222,3 @@ def _trajectory_row(model: Any, step: int, action: str, head: Optional[HeadRef],
         "alternative_top_share": float((state.margin > 0).float().mean()),
         "top_token": model.to_single_str_token(int(values["top_id"][0])),
     }
-
-
-def trajectory_figure(result: TargetedResult):
-    """Probability of the alternative and of the original top token after each step."""
-    import plotly.graph_objects as go
-
-    t = result.trajectory
-    labels = [f"{r.step}: {r.action} {r.head}".strip() for r in t.itertuples()]
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=labels, y=t["alternative_prob"], mode="lines+markers",
-                             name=f"alternative {result.alternative!r}"))
-    fig.add_trace(go.Scatter(x=labels, y=t["original_prob"], mode="lines+markers", name="original top token"))
-    fig.update_layout(title="Probabilities along the search", xaxis_title="step", yaxis_title="probability",
-                      yaxis_range=[0, 1], height=380, margin=dict(t=40, b=10, l=10, r=10))
-    fig.update_xaxes(type="category")
-    return fig

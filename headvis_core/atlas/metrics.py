@@ -46,11 +46,9 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from headvis_core.data.probes import InductionProbe, induction_probe
-from headvis_core.hooks import run_with_hooks
-from headvis_core.lab.patterns import pattern_hook
+from headvis_core.data.probes import InductionProbe
+from headvis_core.hooks import pattern_hook, run_with_hooks
 from headvis_core.progress import ProgressCallback, report
-from headvis_core.tokens import bos_token_id
 
 TEXT_METRICS = ("previous_token", "duplicate_token", "attention_sink", "self_attention", "entropy",
                 "mean_distance", "max_attention_no_bos", "local_attention")

@@ -21,8 +21,9 @@ import torch
 
 from headvis_core.atlas.classes import classify_heads
 from headvis_core.atlas.copying import DEFAULT_MAX_VOCAB, copying_scores
-from headvis_core.atlas.metrics import AttentionMetrics, attention_metrics, induction_probe, layer_patterns
+from headvis_core.atlas.metrics import AttentionMetrics, attention_metrics, layer_patterns
 from headvis_core.data.corpus import TEXT_SUFFIXES, encode, file_encoding, open_corpus
+from headvis_core.data.probes import induction_probe
 from headvis_core.data.prompt_library import load_all_prompt_sets
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
@@ -61,7 +62,7 @@ METRICS: tuple[MetricInfo, ...] = (
                                           "(Elhage et al. 2021), in [-1, 1]"),
 )
 METRIC_COLUMNS = tuple(m.column for m in METRICS)
-METRIC_LABELS = {m.column: m.label for m in METRICS}
+ATLAS_METRIC_LABELS = {m.column: m.label for m in METRICS}
 MAIN_METRICS = ("previous_token", "induction", "duplicate_token", "copying", "attention_sink", "entropy")
 
 
@@ -331,7 +332,7 @@ def passport(result: AtlasResult, head: HeadRef) -> Passport:
     head.check(result.n_layers, result.n_heads)
     row = result.row(head)
     ranks = percentiles(result.table).loc[row.name]
-    metrics = pd.DataFrame({"metric": list(METRIC_COLUMNS), "label": [METRIC_LABELS[c] for c in METRIC_COLUMNS],
+    metrics = pd.DataFrame({"metric": list(METRIC_COLUMNS), "label": [ATLAS_METRIC_LABELS[c] for c in METRIC_COLUMNS],
                             "value": [float(row[c]) for c in METRIC_COLUMNS],
                             "percentile": [float(ranks[c]) for c in METRIC_COLUMNS]})
     example = result.examples["induction" if row.behaviour == "induction" else "text"]

@@ -39,8 +39,7 @@ import torch
 
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
-from headvis_core.hooks import capture, exclusive
-from headvis_core.lab.patterns import pattern_hook
+from headvis_core.hooks import capture, exclusive, pattern_hook
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.sweeps.plan import SweepPlan
 

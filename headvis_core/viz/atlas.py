@@ -7,10 +7,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from headvis_core.atlas.classes import BEHAVIOURS, UNCLASSIFIED
-from headvis_core.atlas.run import MAIN_METRICS, METRIC_COLUMNS, METRIC_LABELS, Passport
+from headvis_core.atlas.run import ATLAS_METRIC_LABELS, MAIN_METRICS, METRIC_COLUMNS, Passport
 from headvis_core.heads import HeadRef
-from headvis_core.lab.patterns import attention_heatmap
 from headvis_core.tokens import visible
+from headvis_core.viz.patterns import attention_heatmap
 
 AXES = ("layer", "head") + METRIC_COLUMNS
 COLOURS = ("behaviour",) + AXES
@@ -21,7 +21,7 @@ BEHAVIOUR_COLOURS = {
 
 
 def axis_label(column: str) -> str:
-    return METRIC_LABELS.get(column, column)
+    return ATLAS_METRIC_LABELS.get(column, column)
 
 
 def _hover(table: pd.DataFrame) -> list[str]:

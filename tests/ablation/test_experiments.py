@@ -13,7 +13,7 @@ from headvis_core.ablation.experiments import (
     load_experiment,
     save_experiment,
 )
-from headvis_core.ablation.ranking import rank_heads
+from headvis_core.ablation.ranking import rank_heads_by_ablation
 from headvis_core.ablation.targeted import targeted_search
 from headvis_core.cli.main import main
 from headvis_core.data.prompt_pairs import prompts_from_texts
@@ -24,7 +24,7 @@ PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 @pytest.fixture(scope="module")
 def ranking(tiny_gpt2):
-    return rank_heads(tiny_gpt2.model, prompts_from_texts(tiny_gpt2.model, [PROMPT]), top_n=2)
+    return rank_heads_by_ablation(tiny_gpt2.model, prompts_from_texts(tiny_gpt2.model, [PROMPT]), top_n=2)
 
 
 def _experiment(result, mode="kl"):

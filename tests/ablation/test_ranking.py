@@ -6,12 +6,13 @@ import pytest
 
 from headvis_core import hooks
 from headvis_core.ablation.metrics import kl_divergence
-from headvis_core.ablation.ranking import HeadRanking, importance_heatmap, rank_heads
+from headvis_core.ablation.ranking import HeadRanking, rank_heads_by_ablation
 from headvis_core.ablation.values import make_ablation
 from headvis_core.data.prompt_pairs import induction_prompts, prompts_from_texts
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.hooks import z_hook
+from headvis_core.viz.ablation import importance_heatmap
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 PROMPTS = ["hello world, hello", "jello world, jello", "a prompt of another length"]
@@ -45,7 +46,7 @@ def test_batched_ranking_equals_the_one_forward_per_head_loop(name, request):
     loaded = request.getfixturevalue(name.replace("-", "_"))
     model = loaded.model
     one = prompts_from_texts(model, [IOI], targets=["M"], alternatives=["J"])
-    fast, slow = rank_heads(model, one, metric="logit_diff"), rank_heads(model, one, metric="logit_diff",
+    fast, slow = rank_heads_by_ablation(model, one, metric="logit_diff"), rank_heads_by_ablation(model, one, metric="logit_diff",
                                                                           engine="loop")
     assert fast.engine == "replay" and slow.engine == "loop"
     _assert_same(fast, slow, ("importance", "kl", "logit_diff", "target_prob", "alternative_prob"))
@@ -54,9 +55,9 @@ def test_batched_ranking_equals_the_one_forward_per_head_loop(name, request):
                                                                  rel=1e-4, abs=1e-7)
     # A prompt batch, two lengths: averaged over the prompts.
     batch = prompts_from_texts(model, PROMPTS)
-    fast, slow = rank_heads(model, batch, max_batch_tokens=64), rank_heads(model, batch, engine="loop")
+    fast, slow = rank_heads_by_ablation(model, batch, max_batch_tokens=64), rank_heads_by_ablation(model, batch, engine="loop")
     _assert_same(fast, slow)
-    per_prompt = [rank_heads(model, batch.subset([i]), engine="loop") for i in range(3)]
+    per_prompt = [rank_heads_by_ablation(model, batch.subset([i]), engine="loop") for i in range(3)]
     np.testing.assert_allclose(_by_label(fast, "kl").values,
                                np.mean([_by_label(r, "kl").values for r in per_prompt], axis=0), rtol=1e-4, atol=1e-7)
 
@@ -66,20 +67,20 @@ def test_batched_ranking_equals_the_loop_for_mean_and_resample(tiny_llama):
     prompts = prompts_from_texts(model, PROMPTS[:2], corrupted=["abcde world, hello", "jello wxrld, jello"])
     for kind in ("mean", "resample"):
         ablation = make_ablation(model, kind, prompts)
-        _assert_same(rank_heads(model, prompts, ablation), rank_heads(model, prompts, ablation, engine="loop"))
+        _assert_same(rank_heads_by_ablation(model, prompts, ablation), rank_heads_by_ablation(model, prompts, ablation, engine="loop"))
 
 
 def test_loss_metric_on_the_induction_preset(tiny_gpt2):
     model = tiny_gpt2.model
     prompts = induction_prompts(model, n_seqs=2, half_len=6)
-    fast, slow = rank_heads(model, prompts, metric="loss"), rank_heads(model, prompts, metric="loss", engine="loop")
+    fast, slow = rank_heads_by_ablation(model, prompts, metric="loss"), rank_heads_by_ablation(model, prompts, metric="loss", engine="loop")
     _assert_same(fast, slow, ("importance", "loss", "kl"))
     np.testing.assert_allclose(fast.table["importance"], fast.table["loss"] - fast.clean["loss"], atol=1e-6)
 
 
 def test_ranking_result_shape_and_round_trip(tiny_llama):
     model = tiny_llama.model
-    ranking = rank_heads(model, prompts_from_texts(model, [IOI]), top_n=3, k=5)
+    ranking = rank_heads_by_ablation(model, prompts_from_texts(model, [IOI]), top_n=3, k=5)
     assert ranking.importance.shape == (2, 4) and not np.isnan(ranking.importance).any()
     assert list(ranking.table["rank"]) == list(range(1, 9))
     assert ranking.table["importance"].is_monotonic_decreasing
@@ -98,7 +99,7 @@ def test_ranking_result_shape_and_round_trip(tiny_llama):
 
 def test_subset_of_heads_leaves_the_rest_blank(tiny_gpt2):
     model = tiny_gpt2.model
-    ranking = rank_heads(model, prompts_from_texts(model, [IOI]), heads=[HeadRef(1, 2)], top_n=0)
+    ranking = rank_heads_by_ablation(model, prompts_from_texts(model, [IOI]), heads=[HeadRef(1, 2)], top_n=0)
     assert np.isnan(ranking.importance).sum() == 7 and len(ranking.table) == 1 and not ranking.shifts
 
 
@@ -106,16 +107,16 @@ def test_metric_needs_its_tokens(tiny_gpt2):
     model = tiny_gpt2.model
     prompts = prompts_from_texts(model, [IOI])
     with pytest.raises(InputError, match="target and an alternative"):
-        rank_heads(model, prompts, metric="logit_diff")
+        rank_heads_by_ablation(model, prompts, metric="logit_diff")
     with pytest.raises(InputError, match="induction"):
-        rank_heads(model, prompts, metric="loss")
+        rank_heads_by_ablation(model, prompts, metric="loss")
     with pytest.raises(InputError, match="Unknown metric"):
-        rank_heads(model, prompts, metric="accuracy")
+        rank_heads_by_ablation(model, prompts, metric="accuracy")
 
 
 def test_progress_is_reported(tiny_gpt2):
     seen = []
-    rank_heads(tiny_gpt2.model, prompts_from_texts(tiny_gpt2.model, [IOI]), progress=lambda f, m: seen.append(f))
+    rank_heads_by_ablation(tiny_gpt2.model, prompts_from_texts(tiny_gpt2.model, [IOI]), progress=lambda f, m: seen.append(f))
     assert seen[-1] == 1.0 and seen == sorted(seen)
 
 
@@ -125,8 +126,8 @@ def test_smollm2_batched_ranking_equals_the_loop_and_finds_the_ioi_heads(smollm2
     # Heads the targeted search and the full ranking single out on this prompt (see bench/ablation.py),
     # mixed with others, in layers low and high so replay starts at many layers.
     heads = [HeadRef(*h) for h in [(1, 4), (2, 4), (11, 8), (23, 3), (29, 1), (0, 0), (15, 5), (27, 8)]]
-    fast = rank_heads(model, prompts, heads=heads, metric="logit_diff", top_n=0)
-    slow = rank_heads(model, prompts, heads=heads, metric="logit_diff", engine="loop", top_n=0)
+    fast = rank_heads_by_ablation(model, prompts, heads=heads, metric="logit_diff", top_n=0)
+    slow = rank_heads_by_ablation(model, prompts, heads=heads, metric="logit_diff", engine="loop", top_n=0)
     _assert_same(fast, slow, ("importance", "kl", "logit_diff"))
     assert fast.clean_top["token"].iloc[0] == " Mary"
     # Ablating 23.3 (a name-mover-like head) lowers logit(Mary) - logit(John) more than the unrelated heads.

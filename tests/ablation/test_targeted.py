@@ -5,13 +5,14 @@ import torch
 
 from headvis_core import hooks
 from headvis_core.ablation.metrics import margin_over_rest
-from headvis_core.ablation.targeted import TargetedResult, targeted_search, trajectory_figure
+from headvis_core.ablation.targeted import TargetedResult, targeted_search
 from headvis_core.data.prompt_pairs import prompts_from_texts
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, all_heads
 from headvis_core.hooks import z_hook
 from headvis_core.models.loader import load_random_model
 from headvis_core.models.random_models import RandomModelSpec
+from headvis_core.viz.ablation import trajectory_figure
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 

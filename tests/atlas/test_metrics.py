@@ -7,16 +7,15 @@ from transformer_lens.head_detector import detect_head
 
 from headvis_core.atlas.metrics import (
     ATTENTION_METRICS,
-    InductionProbe,
     attention_metrics,
     earlier_occurrences,
     for_each_layer_pattern,
-    induction_probe,
     induction_sums,
     layer_patterns,
     received_attention,
     text_metric_sums,
 )
+from headvis_core.data.probes import InductionProbe, induction_probe
 
 
 def random_patterns(batch, heads, n, seed=0):

@@ -3,9 +3,8 @@ import torch
 
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
-from headvis_core.hooks import capture
-from headvis_core.lab.patterns import pattern_hook
-from headvis_core.lab.prompt_lab import _pair_hooks, analyse_prompt, rank_heads_for_pair, top_predictions
+from headvis_core.hooks import capture, pattern_hook
+from headvis_core.lab.prompt_lab import _pair_hooks, analyse_prompt, rank_heads_by_attention, top_predictions
 from headvis_core.tokens import tokenize_prompt
 
 
@@ -21,7 +20,7 @@ def test_ranking_matches_a_loop_over_full_patterns(request, fixture):
     prompt = tokenize_prompt(loaded.model, "abcab cab xyz")
     _, patterns = full_patterns(loaded, prompt.tokens)
     for query, key in [(7, 2), (5, 5), (12, 0)]:
-        table = rank_heads_for_pair(loaded.model, prompt.tokens, query, key)
+        table = rank_heads_by_attention(loaded.model, prompt.tokens, query, key)
         expected = sorted(((float(patterns[l, h, query, key]), l, h) for l in range(patterns.shape[0])
                            for h in range(patterns.shape[1])), key=lambda e: (-e[0], e[1], e[2]))
         assert list(zip(table.layer, table["head"])) == [(l, h) for _, l, h in expected]
@@ -56,7 +55,7 @@ def test_analysis_in_one_pass_matches_separate_references(tiny_llama):
         assert sparse.first == pytest.approx(full[:, 0].numpy(), abs=1e-6)
         for q in range(3, full.shape[0]):
             assert set(sparse.keys[q].tolist()) == set((torch.topk(full[q, 1:q + 1], 3).indices + 1).tolist())
-    assert result.pair_ranking.equals(rank_heads_for_pair(model, prompt.tokens, 10, 4))
+    assert result.pair_ranking.equals(rank_heads_by_attention(model, prompt.tokens, 10, 4))
     probs = torch.softmax(logits[0, -1], -1)
     assert result.predictions.token_id.tolist() == torch.topk(probs, 5).indices.tolist()
     assert result.predictions.probability.tolist() == pytest.approx(torch.topk(probs, 5).values.tolist(), abs=1e-6)
@@ -67,9 +66,9 @@ def test_analysis_in_one_pass_matches_separate_references(tiny_llama):
 def test_bad_pairs_are_refused(tiny_gpt2):
     tokens = tokenize_prompt(tiny_gpt2.model, "abcdef").tokens  # 7 positions with BOS
     with pytest.raises(InputError, match="earlier tokens"):
-        rank_heads_for_pair(tiny_gpt2.model, tokens, 2, 5)
+        rank_heads_by_attention(tiny_gpt2.model, tokens, 2, 5)
     with pytest.raises(InputError, match="outside the prompt"):
-        rank_heads_for_pair(tiny_gpt2.model, tokens, 7, 1)
+        rank_heads_by_attention(tiny_gpt2.model, tokens, 7, 1)
     with pytest.raises(InputError, match="holds no tokens"):
         analyse_prompt(tiny_gpt2.model, tokens, [HeadRef(0, 0)], window=(5, 5))
 

@@ -31,7 +31,8 @@ def _run(args: argparse.Namespace) -> int:
         io_scores,
         parse_kinds,
     )
-    from headvis_core.circuits.graph import GraphFilter, all_edges, build_graph, edges_frame, save_graph
+    from headvis_core.circuits.graph import GraphFilter, all_edges, build_graph, edges_frame
+    from headvis_core.viz.circuit_graph import save_graph
     from headvis_core.circuits.published_roles import published_roles_for
     from headvis_core.heads import parse_heads
     from headvis_core.progress import tqdm_progress

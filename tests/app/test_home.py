@@ -11,11 +11,27 @@ def test_home_shows_the_model_card():
 
 
 def test_a_hub_model_offline_shows_an_error_not_an_exception(monkeypatch):
+    from headvis_core.models import loader
+
+    # Offline whether or not this machine has the network or a cached copy of gpt2.
+    monkeypatch.setattr(loader, "hub_reachable", lambda *args, **kwargs: False)
+    monkeypatch.setattr(loader, "_cached_hub_snapshot", lambda repo_id: None)
     at = app_test("Home.py", model="tiny-llama").run()
     at.sidebar.selectbox(key="model_choice").set_value("gpt2").run()
-    if at.error:  # no network here; with the network gpt2 simply loads
-        assert not at.exception
-        assert any("needs the network" in e.value for e in at.error)
+    assert not at.exception
+    assert any("needs the network" in e.value for e in at.error)
+    assert any("Could not load gpt2" in e.value for e in at.sidebar.error)
+    assert at.query_params["model"] == "tiny-llama"  # the URL keeps the last model that loaded
+
+
+def test_the_url_picks_model_device_and_dtype_and_bad_values_fall_back():
+    at = app_test("Home.py", model="tiny-gpt2", device="cpu", dtype="bfloat16").run()
+    assert not at.exception and not at.error
+    assert "tiny-gpt2" in at.sidebar.caption[0].value and "bfloat16" in at.sidebar.caption[0].value
+    at = app_test("Home.py", model="tiny-gpt2", device="<script>", dtype="float128").run()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="model_device_choice").value == "auto"
+    assert at.selectbox(key="model_dtype_choice").value == "float32"
 
 
 def test_a_missing_local_directory_is_an_error():

@@ -1,0 +1,146 @@
+"""Bounded, mergeable heavy hitters of weighted token streams: the scan's top query and key tokens.
+
+One summary holds ``rows`` independent streams (the scan uses one row per
+head and role). Each row keeps at most ``capacity`` ``(token, total)``
+counters: a Misra-Gries summary with the merge of Agarwal et al., "Mergeable
+Summaries" (PODS 2012; ACM TODS 2013): add the counters of both summaries,
+subtract the ``(capacity + 1)``-th largest total from every counter and drop
+those that are not positive. A batch of items is merged as a small summary
+of its exact per-token totals, so folding batches and merging partial
+summaries are the same operation.
+
+Why Misra-Gries rather than SpaceSaving or a Count-Min sketch: its merge is
+deterministic and exact in integer arithmetic, it never overestimates, and
+the error bound of every row is one number that the summary carries along
+(``slack``), so a reader can print it next to each estimate.
+
+**Guarantee** (per row, for every token ``t``; ``est(t) = 0`` for a token
+not kept)::
+
+    est(t) <= true(t) <= est(t) + slack            and
+    slack <= (weight - kept) / (capacity + 1)
+
+where ``weight`` is the row's total weight and ``kept`` the sum of its
+counters. No subtraction happens while a row has seen at most ``capacity``
+distinct tokens: then ``slack == 0`` and every total is exact.
+
+Weights are held in fixed point (integers, ``FIXED_POINT`` units per 1.0,
+each item's weight rounded to that grid), so a total is independent of the
+order in which items were added: sums of integers are exact. An ``int64``
+total holds up to ``2**63 / FIXED_POINT`` (8.6e9) units of weight, e.g. that
+many tokens' attention.
+"""
+
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch head" are not Python expressions)
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+FIXED_POINT = float(1 << 30)
+
+
+def to_fixed(values: Float[torch.Tensor, "..."]) -> Int[torch.Tensor, "..."]:
+    """``values`` in integer units of ``1 / FIXED_POINT`` (rounded to nearest)."""
+    return torch.round(values.double() * FIXED_POINT).to(torch.int64)
+
+
+def from_fixed(units: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Fixed-point units back to float64."""
+    array = units.numpy() if isinstance(units, torch.Tensor) else np.asarray(units)
+    return array.astype(np.float64) / FIXED_POINT
+
+
+def _merge_rows(ids: Int[torch.Tensor, "rows n"], totals: Int[torch.Tensor, "rows n"],
+                capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum the totals of equal ids in each row and keep ``capacity`` counters (Misra-Gries merge).
+
+    Returns ``(ids [rows, capacity], totals [rows, capacity], subtracted [rows])``; a row's counters are
+    sorted by total (largest first), then by id; empty counters have id -1 and total 0.
+    """
+    rows = ids.shape[0]
+    out_ids = torch.full((rows, capacity), -1, dtype=torch.int32)
+    out_totals = torch.zeros(rows, capacity, dtype=torch.int64)
+    subtracted = torch.zeros(rows, dtype=torch.int64)
+    valid = ids >= 0
+    if not bool(valid.any()):
+        return out_ids, out_totals, subtracted
+    span = int(ids.max()) + 1
+    row_of = torch.arange(rows, dtype=torch.int64)[:, None].expand_as(ids)
+    keys, inverse = torch.unique(row_of[valid] * span + ids[valid].long(), return_inverse=True)
+    sums = torch.zeros(len(keys), dtype=torch.int64).index_add_(0, inverse, totals[valid])
+    key_row, key_id = keys // span, keys % span
+    # keys come sorted by (row, id): two stable sorts give (row, -total, id)
+    order = torch.sort(-sums, stable=True).indices
+    order = order[torch.sort(key_row[order], stable=True).indices]
+    key_row, key_id, sums = key_row[order], key_id[order], sums[order]
+    per_row = torch.bincount(key_row, minlength=rows)
+    rank = torch.arange(len(sums)) - (torch.cumsum(per_row, 0) - per_row)[key_row]
+    at_threshold = rank == capacity
+    subtracted[key_row[at_threshold]] = sums[at_threshold]
+    remaining = sums - subtracted[key_row]
+    keep = (rank < capacity) & (remaining > 0)
+    out_ids[key_row[keep], rank[keep]] = key_id[keep].to(torch.int32)
+    out_totals[key_row[keep], rank[keep]] = remaining[keep]
+    return out_ids, out_totals, subtracted
+
+
+@dataclass
+class HeavyHitters:
+    """``rows`` Misra-Gries summaries of ``capacity`` counters each (see the module docstring)."""
+
+    ids: Int[torch.Tensor, "rows capacity"]  # int32, -1 where empty
+    totals: Int[torch.Tensor, "rows capacity"]  # int64 fixed point, largest first
+    slack: Int[torch.Tensor, " rows"]  # int64 fixed point: the error bound of every estimate in the row
+
+    @classmethod
+    def empty(cls, rows: int, capacity: int) -> "HeavyHitters":
+        return cls(torch.full((rows, capacity), -1, dtype=torch.int32), torch.zeros(rows, capacity, dtype=torch.int64),
+                   torch.zeros(rows, dtype=torch.int64))
+
+    @property
+    def capacity(self) -> int:
+        return int(self.ids.shape[1])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ids, self.totals, self.slack))
+
+    def is_empty(self) -> bool:
+        return not bool((self.ids >= 0).any()) and not bool(self.slack.any())
+
+    def add(self, ids: Int[torch.Tensor, " n"], weights: Float[torch.Tensor, "rows n"]) -> None:
+        """Fold a stream segment: item ``i`` is token ``ids[i]`` with weight ``weights[row, i]`` in every row."""
+        unique, inverse = torch.unique(ids.long(), return_inverse=True)
+        batch = torch.zeros(weights.shape[0], len(unique), dtype=torch.int64)
+        batch.index_add_(1, inverse, to_fixed(weights))
+        self._fold(unique.to(torch.int32)[None, :].expand(weights.shape[0], -1), batch)
+
+    def merge(self, other: "HeavyHitters") -> None:
+        """Fold another summary of the same rows into this one (Agarwal et al.'s merge)."""
+        self._fold(other.ids, other.totals)
+        self.slack = self.slack + other.slack
+
+    def _fold(self, ids: torch.Tensor, totals: torch.Tensor) -> None:
+        self.ids, self.totals, subtracted = _merge_rows(torch.cat([self.ids, ids], dim=1),
+                                                        torch.cat([self.totals, totals], dim=1), self.capacity)
+        self.slack = self.slack + subtracted
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}_ids": self.ids.numpy(), f"{prefix}_totals": self.totals.numpy(),
+                f"{prefix}_slack": self.slack.numpy()}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> "HeavyHitters":
+        return cls(*(torch.from_numpy(np.array(arrays[f"{prefix}_{name}"])) for name in ("ids", "totals", "slack")))
+
+    def estimates(self, row: int, token_ids: np.ndarray) -> np.ndarray:
+        """Estimated totals (float) of ``token_ids`` in ``row``; 0 for tokens not kept."""
+        return estimates_of(self.ids[row].numpy(), self.totals[row].numpy(), token_ids)
+
+
+def estimates_of(kept_ids: np.ndarray, kept_totals: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """Float totals of ``token_ids`` read from one row's counters ``kept_ids`` / ``kept_totals`` (0 if absent)."""
+    lookup = dict(zip(kept_ids[kept_ids >= 0].tolist(), from_fixed(kept_totals[kept_ids >= 0]).tolist()))
+    return np.array([lookup.get(int(t), 0.0) for t in token_ids], dtype=np.float64)

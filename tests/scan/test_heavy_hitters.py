@@ -1,0 +1,108 @@
+"""The bounded token state: Misra-Gries summaries against exact totals on streams where the truth is known."""
+
+import numpy as np
+import torch
+
+from headvis_core.scan.heavy_hitters import FIXED_POINT, HeavyHitters, from_fixed, to_fixed
+
+ROWS, VOCAB = 3, 2000
+
+
+def zipf_stream(seed: int, n_batches: int = 40, batch: int = 256):
+    """Batches of (token ids, weights [rows, n]): Zipf-distributed tokens, each row weighting them differently."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = np.minimum(rng.zipf(1.3, size=batch), VOCAB) - 1
+        weights = rng.random((ROWS, batch)).astype(np.float32) * (1 + (ids % 7 == 0))[None, :]
+        out.append((torch.from_numpy(ids), torch.from_numpy(weights)))
+    return out
+
+
+def exact_totals(stream):
+    """Per row and token, the sum of the fixed-point weights (what the summary would hold with no capacity limit)."""
+    totals = torch.zeros(ROWS, VOCAB, dtype=torch.int64)
+    for ids, weights in stream:
+        totals.index_add_(1, ids, to_fixed(weights))
+    return totals
+
+
+def summarise(stream, capacity):
+    summary = HeavyHitters.empty(ROWS, capacity)
+    for ids, weights in stream:
+        summary.add(ids, weights)
+    return summary
+
+
+def check_bound(summary: HeavyHitters, truth: torch.Tensor) -> None:
+    """est <= true <= est + slack for every token, and slack <= (weight - kept) / (capacity + 1)."""
+    for row in range(ROWS):
+        est = torch.zeros(VOCAB, dtype=torch.int64)
+        kept = summary.ids[row] >= 0
+        est[summary.ids[row][kept].long()] = summary.totals[row][kept]
+        slack = int(summary.slack[row])
+        assert bool((est <= truth[row]).all())
+        assert bool((truth[row] <= est + slack).all())
+        weight, kept_weight = int(truth[row].sum()), int(summary.totals[row].sum())
+        assert slack * (summary.capacity + 1) <= weight - kept_weight
+
+
+def test_exact_while_the_distinct_tokens_fit():
+    stream = zipf_stream(0, n_batches=3, batch=64)
+    truth = exact_totals(stream)
+    distinct = int((truth > 0).any(0).sum())
+    summary = summarise(stream, capacity=distinct)
+    assert summary.slack.tolist() == [0] * ROWS
+    for row in range(ROWS):
+        kept = summary.ids[row] >= 0
+        ids = summary.ids[row][kept].long()
+        assert torch.equal(summary.totals[row][kept], truth[row, ids])
+        assert set(ids.tolist()) == set(torch.nonzero(truth[row]).flatten().tolist())
+        assert summary.totals[row][kept].tolist() == sorted(summary.totals[row][kept].tolist(), reverse=True)
+
+
+def test_bounded_error_and_the_heavy_tokens_found_on_a_zipf_stream():
+    stream = zipf_stream(1)
+    truth = exact_totals(stream)
+    assert int((truth > 0).any(0).sum()) > 400  # far more distinct tokens than counters
+    summary = summarise(stream, capacity=64)
+    assert (summary.slack > 0).all()
+    check_bound(summary, truth)
+    for row in range(ROWS):
+        slack = int(summary.slack[row])
+        true_order = torch.argsort(truth[row], descending=True, stable=True)
+        heavy = true_order[truth[row][true_order] > slack]
+        assert len(heavy) >= 5  # every token heavier than the bound is kept
+        assert set(heavy.tolist()) <= set(summary.ids[row].long().tolist())
+        # where the true totals of the top 5 are further apart than the bound, the estimates rank them exactly
+        top = truth[row][true_order[:6]]
+        if bool((top[:-1] - top[1:] > slack).all()):
+            assert summary.ids[row][:5].long().tolist() == true_order[:5].tolist()
+
+
+def test_merged_partial_summaries_keep_the_bound_and_merge_order_does_not_matter_without_pruning():
+    stream = zipf_stream(2)
+    truth = exact_totals(stream)
+    parts = [summarise(stream[i::4], capacity=64) for i in range(4)]
+    merged = HeavyHitters.empty(ROWS, 64)
+    for part in parts:
+        merged.merge(part)
+    check_bound(merged, truth)
+    small = zipf_stream(3, n_batches=4, batch=32)
+    forward, backward = HeavyHitters.empty(ROWS, 512), HeavyHitters.empty(ROWS, 512)
+    for part in [summarise(small[i::2], 512) for i in range(2)]:
+        forward.merge(part)
+    for part in [summarise(small[i::2], 512) for i in (1, 0)]:
+        backward.merge(part)
+    assert torch.equal(forward.ids, backward.ids) and torch.equal(forward.totals, backward.totals)
+    assert torch.equal(forward.totals[forward.ids >= 0], summarise(small, 512).totals[forward.ids >= 0])
+
+
+def test_fixed_point_round_trip_and_arrays():
+    values = torch.tensor([0.0, 1.0, 0.25, 1e-3])
+    assert from_fixed(to_fixed(values)).tolist() == [0.0, 1.0, 0.25, round(1e-3 * FIXED_POINT) / FIXED_POINT]
+    summary = summarise(zipf_stream(4, n_batches=2), capacity=16)
+    again = HeavyHitters.from_arrays(summary.to_arrays("hh"), "hh")
+    assert torch.equal(again.ids, summary.ids) and torch.equal(again.totals, summary.totals)
+    assert torch.equal(again.slack, summary.slack)
+    assert HeavyHitters.empty(2, 4).is_empty() and not summary.is_empty()

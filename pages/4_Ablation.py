@@ -12,9 +12,9 @@ from headvis_core.ablation.experiments import (
     load_experiment,
     save_experiment,
 )
-from headvis_core.ablation.metrics import METRIC_LABELS
-from headvis_core.ablation.ranking import check_metric, importance_heatmap, rank_heads
-from headvis_core.ablation.targeted import targeted_search, trajectory_figure
+from headvis_core.ablation.metrics import ABLATION_METRIC_LABELS
+from headvis_core.ablation.ranking import check_metric, rank_heads_by_ablation
+from headvis_core.ablation.targeted import targeted_search
 from headvis_core.ablation.values import ABLATION_KINDS, make_ablation
 from headvis_core.data.ioi import load_templates
 from headvis_core.data.prompt_library import prompt_set_keys
@@ -23,6 +23,7 @@ from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.lab.prompt_lab import top_predictions
 from headvis_core.tokens import single_token_id, tokenize_prompt
+from headvis_core.viz.ablation import importance_heatmap, trajectory_figure
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 SOURCES = {"prompt": "One prompt", "set": "Prompt set (library)", "ioi": "IOI preset", "induction": "Induction preset"}
@@ -83,8 +84,8 @@ with right:
     kind = st.selectbox("Ablation", ABLATION_KINDS, key="kind", bind=URL, help=KIND_HELP)
     mode = st.radio("Mode", list(MODES), captions=list(MODES.values()), key="mode", bind=URL)
     if mode == "kl":
-        st.selectbox("Metric", list(METRIC_LABELS), key="metric", bind=URL,
-                     help="; ".join(f"{code}: {label}" for code, label in METRIC_LABELS.items())
+        st.selectbox("Metric", list(ABLATION_METRIC_LABELS), key="metric", bind=URL,
+                     help="; ".join(f"{code}: {label}" for code, label in ABLATION_METRIC_LABELS.items())
                      + ". KL(clean || ablated) at the answer position; the drop in logit(answer) - "
                        "logit(alternative) (IOI: IO minus S); or the rise in loss on the answer tokens "
                        "(induction: the second copy).")
@@ -160,7 +161,7 @@ if st.button("Run ablation", type="primary", key="abl_run"):
         bar = ui.progress_bar("Ablating heads")
         ablation = make_ablation(model, kind, prompts)
         if mode == "kl":
-            result = rank_heads(model, prompts, ablation, metric=metric, top_n=10, progress=bar)
+            result = rank_heads_by_ablation(model, prompts, ablation, metric=metric, top_n=10, progress=bar)
         else:
             result = targeted_search(model, prompts, alternative, ablation, budget=budget, progress=bar)
             metric = "margin"
@@ -214,7 +215,7 @@ if experiment.mode == "kl":
     fig = importance_heatmap(ranking)
     st.plotly_chart(fig, width="stretch")
     ui.download_figure(fig, "ablation_heatmap.html")
-    st.markdown(f"**Ranked heads** ({METRIC_LABELS[ranking.metric]}; computed in {ranking.seconds:.1f} s)")
+    st.markdown(f"**Ranked heads** ({ABLATION_METRIC_LABELS[ranking.metric]}; computed in {ranking.seconds:.1f} s)")
     st.dataframe(ranking.table, hide_index=True, height=320)
     ui.download_table(ranking.table, "ablation_ranking.csv")
     c1, c2 = st.columns(2)

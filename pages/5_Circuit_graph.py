@@ -3,11 +3,10 @@
 import streamlit as st
 
 import headvis_ui as ui
+from headvis_core.circuits.candidates import patch_candidates, patched_edges_table
 from headvis_core.circuits.composition import KINDS, check_composable, compute_composition, head_weights, io_scores
 from headvis_core.circuits.graph import (
     EDGE_KIND_NAMES,
-    EMBED,
-    LOGITS,
     MEASURES,
     GraphFilter,
     all_edges,
@@ -15,13 +14,15 @@ from headvis_core.circuits.graph import (
     edges_frame,
     role_comparison,
     to_graphml,
-    to_html,
     to_json,
 )
-from headvis_core.circuits.path_patching import Edge, induction_prompt_pairs, ioi_prompt_pairs, path_patch
+from headvis_core.circuits.path_patching import path_patch
 from headvis_core.circuits.published_roles import published_roles_for
+from headvis_core.data.prompt_pairs import induction_prompt_pairs
+from headvis_core.data.prompt_pairs import ioi_prompts as ioi_prompt_pairs
 from headvis_core.errors import InputError
-from headvis_core.heads import HeadRef, parse_heads
+from headvis_core.heads import parse_heads
+from headvis_core.viz.circuit_graph import to_html
 
 PROMPT_SETS = {"ioi": "IOI: clean vs ABC corruption (logit IO - S)",
                "induction": "Induction: repeated random tokens vs a fresh first half"}
@@ -52,11 +53,6 @@ def lazy_progress(label: str):
     return slot, update
 
 
-def init(key: str, value) -> None:
-    if key not in st.session_state:
-        st.session_state[key] = value
-
-
 loaded = ui.page_setup("Circuit graph")
 info = loaded.info
 st.caption("Composition scores (Elhage et al. 2021) measure how much of what an earlier head writes (its OV "
@@ -65,45 +61,40 @@ st.caption("Composition scores (Elhage et al. 2021) measure how much of what an 
            "deviations above it. Weights alone do not say an edge is used; the path-patching check below measures "
            "it on prompts.")
 
-recalled = ui.recall(ui.GRAPH_HEADS, loaded) or []
-init("graph_kinds", [k for k in (ui.query_param("kinds", "q,k,v") or "").split(",") if k in KINDS] or list(KINDS))
-init("graph_measure", ui.query_param("measure", "ratio") if ui.query_param("measure") in MEASURES else "ratio")
-init("graph_threshold", ui.query_float("threshold"))
-init("graph_top_k", ui.query_int("top_k", 3, 0, 100))
-init("graph_max_edges", ui.query_int("max_edges", 200, 1, 2000))
-init("graph_heads", ui.query_param("heads", ", ".join(str(h) for h in recalled)))
-init("graph_io", ui.query_param("io") == "1")
-init("graph_fold", ui.query_param("fold", "1") != "0")
+# Widgets bound with bind="query-params" take the URL parameter's name as their key: a link
+# reopens the same graph, and a value a widget cannot hold gives its default.
+URL = "query-params"
+# Old links: ?kinds=q,k&io=1&fold=0.
+ui.repair_url(lists=("kinds",), flags=("io", "fold"), integers=("top_k", "max_edges"))
+sent = ui.recall(ui.GRAPH_HEADS, loaded)
+if sent and sent != st.session_state.get("graph_sent"):  # heads just sent from the Ablation page
+    st.session_state.graph_sent = sent
+    st.session_state.heads = ", ".join(str(h) for h in sent)
 
 selected = ui.selected_head(loaded)
 with st.container(border=True):
     row = st.columns([2, 2, 1.3, 1, 1])
-    kinds = row[0].multiselect("Composition kinds", list(KINDS), key="graph_kinds",
-                               format_func=lambda k: EDGE_KIND_NAMES[k])
-    measure = row[1].radio("Rank and threshold by", list(MEASURES), key="graph_measure", horizontal=True,
-                           format_func=lambda m: {"ratio": "ratio", "z": "z-score", "score": "raw score"}[m],
+    kinds = row[0].multiselect("Composition kinds", list(KINDS), default=list(KINDS), key="kinds", bind=URL,
+                               help="; ".join(f"{k}: {name}" for k, name in EDGE_KIND_NAMES.items() if k in KINDS))
+    measure = row[1].radio("Rank and threshold by", list(MEASURES), key="measure", bind=URL, horizontal=True,
                            help="; ".join(f"{k}: {v}" for k, v in MEASURES.items()))
-    threshold = row[2].number_input("Threshold (empty: none)", value=None, step=0.1, key="graph_threshold",
+    threshold = row[2].number_input("Threshold (empty: none)", value=None, step=0.1, key="threshold", bind=URL,
                                     placeholder="none")
-    top_k = row[3].number_input("Top-k per node", 0, 100, key="graph_top_k",
+    top_k = row[3].number_input("Top-k per node", 0, 100, 3, key="top_k", bind=URL,
                                 help="Keep each node's k strongest in and out edges (0: no limit).")
-    max_edges = row[4].number_input("Max edges", 1, 2000, key="graph_max_edges")
+    max_edges = row[4].number_input("Max edges", 1, 2000, 200, key="max_edges", bind=URL)
     row = st.columns([3, 1.2, 1.2, 1.6])
-    heads_text = row[0].text_input("Only these heads and their neighbours (empty: all)", key="graph_heads",
+    heads_text = row[0].text_input("Only these heads and their neighbours (empty: all)", key="heads", bind=URL,
                                    placeholder="e.g. 5.1, 6.9")
-    with_io = row[1].checkbox("Embedding and logits nodes", key="graph_io",
+    with_io = row[1].checkbox("Embedding and logits nodes", key="io", bind=URL,
                               help="Edges from the token embedding into heads' Q/K/V, and from heads' outputs "
                                    "straight to the logits, by the same score.")
-    fold_ln = row[2].checkbox("Fold layer norm", key="graph_fold",
+    fold_ln = row[2].checkbox("Fold layer norm", True, key="fold", bind=URL,
                               help="Fold each layer's ln1 gain into the reading weights (and centre them for "
                                    "LayerNorm models), as TransformerLens process_weights does.")
     if selected is not None:
         row[3].button(f"Focus on head {selected}", key="graph_focus",
-                      on_click=lambda: st.session_state.update(graph_heads=str(selected)))
-
-ui.set_query_params(kinds=",".join(kinds) or None, measure=measure,
-                    threshold=None if threshold is None else f"{threshold:g}", top_k=int(top_k),
-                    max_edges=int(max_edges), heads=heads_text.strip() or None, io=int(with_io), fold=int(fold_ln))
+                      on_click=lambda: st.session_state.update(heads=str(selected)))
 
 slot, progress = lazy_progress("Composition scores")
 with ui.user_errors():
@@ -138,8 +129,8 @@ with ui.user_errors():
     graph = build_graph(result, flt, io=io, atlas=atlas, importance=importance, published=published,
                         patching=patching, model_name=info.name, edges=edges)
 
-sources = [name for name, present in (("atlas roles", atlas is not None), ("ablation importance", importance is not None),
-                                      ("published IOI roles", published is not None)) if present]
+overlays = {"atlas roles": atlas, "ablation importance": importance, "published IOI roles": published}
+sources = [name for name, overlay in overlays.items() if overlay is not None]
 missing = [name for name, present in (("head atlas", atlas is None), ("ablation", importance is None)) if present]
 st.markdown(f"**{graph.number_of_nodes()} heads, {graph.number_of_edges()} edges.** "
             + (f"Overlaid: {', '.join(sources)}. " if sources else "")
@@ -177,9 +168,7 @@ prompt_set = row[0].selectbox("Prompts", list(PROMPT_SETS), format_func=PROMPT_S
 n_prompts = row[1].number_input("Prompts", 1, 64, 8, key="graph_patch_n")
 n_edges = row[2].number_input("Edges (strongest first)", 1, 200, 20, key="graph_patch_edges")
 direction = row[3].radio("Direction", ["noising", "denoising"], key="graph_patch_direction", horizontal=True)
-candidates = [Edge(HeadRef.from_label(u), HeadRef.from_label(v), kind)
-              for u, v, kinds_here in zip(table.get("sender", []), table.get("receiver", []), table.get("kinds", []))
-              if u != EMBED and v != LOGITS for kind in kinds_here.split(",") if kind in KINDS][:int(n_edges)]
+candidates = patch_candidates(table, int(n_edges))
 if st.button(f"Path-patch {len(candidates)} edge{'s' if len(candidates) != 1 else ''}", key="graph_patch_run",
              disabled=not candidates):
     with ui.user_errors():
@@ -193,9 +182,8 @@ if patch_state and patch_state["model"] == ui.model_key(loaded):
     outcome = patch_state["outcome"]
     st.markdown(f"{outcome.description}, {outcome.direction}: clean logit difference **{outcome.clean_metric:.3f}**, "
                 f"corrupted **{outcome.corrupted_metric:.3f}**. Patched edges carry the effect in their hover text.")
-    merged = outcome.table.merge(edges[["sender", "receiver", "kind", "score", "ratio", "z"]],
-                                 on=["sender", "receiver", "kind"], how="left")
-    st.dataframe(merged.sort_values("effect", key=abs, ascending=False), hide_index=True, width="stretch")
+    merged = patched_edges_table(outcome.table, edges)
+    st.dataframe(merged, hide_index=True, width="stretch")
     ui.download_table(merged, f"path_patching_{name}.csv", label="Download path patching (CSV)")
 
 if published is not None:

@@ -1,7 +1,9 @@
 import shutil
 
 import pandas as pd
+import pytest
 
+from tests.app import bound_params
 from tests.conftest import app_test
 
 PAGE = "pages/5_Circuit_graph.py"
@@ -23,38 +25,39 @@ def test_the_page_draws_the_graph_with_downloads_and_the_folding_note():
     labels = [b.label for b in at.get("download_button")]
     assert {"Download GraphML", "Download JSON", "Download HTML (offline)", "Download edges (CSV)"} <= set(labels)
     # unfolded weights are stated as such
-    at.checkbox(key="graph_fold").uncheck().run()
-    assert any("NOT folded" in w.value for w in at.warning) and at.query_params["fold"] in ("0", ["0"])
+    at.checkbox(key="fold").uncheck().run()
+    assert any("NOT folded" in w.value for w in at.warning)
+    assert bound_params(at) == {"kinds", "measure", "threshold", "top_k", "max_edges", "heads", "io", "fold"}
 
 
 def test_a_threshold_that_leaves_no_edge_says_so_and_suggests_one():
     at = app_test(PAGE, model="tiny-gpt2").run()
-    at.number_input(key="graph_threshold").set_value(50.0).run()
+    at.number_input(key="threshold").set_value(50.0).run()
     assert not at.exception
     assert any("No edge has ratio >= 50" in e and "Try a threshold of" in e for e in _errors(at))
     suggested = float(_errors(at)[0].split("Try a threshold of ")[1].split()[0])
-    at.number_input(key="graph_threshold").set_value(suggested).run()
+    at.number_input(key="threshold").set_value(suggested).run()
     assert not _errors(at) and len(at.dataframe[0].value) > 0
 
 
 def test_heads_out_of_range_and_no_kinds_are_errors():
     at = app_test(PAGE, model="tiny-gpt2").run()
-    at.text_input(key="graph_heads").set_value("1.9").run()
+    at.text_input(key="heads").set_value("1.9").run()
     assert not at.exception
     assert _errors(at) == ["Head 1.9 is out of range: this model has layers 0-1 and heads 0-3 in each layer."]
-    at.text_input(key="graph_heads").set_value("five").run()
+    at.text_input(key="heads").set_value("five").run()
     assert "is not a head" in _errors(at)[0]
-    at.text_input(key="graph_heads").set_value("1.2").run()
+    at.text_input(key="heads").set_value("1.2").run()
     assert not _errors(at)
     assert set(at.dataframe[0].value.receiver) | set(at.dataframe[0].value.sender) >= {"1.2"}
-    at.multiselect(key="graph_kinds").set_value([]).run()
+    at.multiselect(key="kinds").set_value([]).run()
     assert "Choose at least one composition kind" in _errors(at)[0]
 
 
 def test_the_url_reopens_the_same_view():
     at = app_test(PAGE, model="tiny-gpt2", kinds="k", measure="z", top_k="1", heads="1.2").run()
     assert not at.exception and not _errors(at)
-    assert at.multiselect(key="graph_kinds").value == ["k"] and at.radio(key="graph_measure").value == "z"
+    assert at.multiselect(key="kinds").value == ["k"] and at.radio(key="measure").value == "z"
     edges = at.dataframe[0].value
     assert set(edges.kind) == {"k"} and (edges.receiver == "1.2").all() and len(edges) == 1
 
@@ -89,7 +92,7 @@ def test_atlas_roles_importance_and_chosen_heads_from_other_pages_are_used():
         {"layer": [1, 0], "head": [3, 1], "importance": [0.4, 0.1]})
     at.run()
     assert not at.exception and not _errors(at)
-    assert at.text_input(key="graph_heads").value == "1.3"
+    assert at.text_input(key="heads").value == "1.3"
     summary = next(m.value for m in at.markdown if m.value.startswith("**"))
     assert "Overlaid: atlas roles, ablation importance" in summary
     edges = at.dataframe[0].value
@@ -116,4 +119,34 @@ def test_a_one_layer_model_cannot_compose(tmp_path):
 def test_malformed_numbers_in_the_url_fall_back_to_defaults():
     at = app_test(PAGE, model="tiny-gpt2", threshold="abc", top_k="many", max_edges="1e9").run()
     assert not at.exception
-    assert at.number_input(key="graph_top_k").value == 3 and at.number_input(key="graph_max_edges").value == 200
+    assert at.number_input(key="top_k").value == 3 and at.number_input(key="max_edges").value == 200
+    assert at.number_input(key="threshold").value is None
+
+
+@pytest.mark.parametrize("query", [
+    {"threshold": "nan", "top_k": "-1", "max_edges": "0", "measure": "<script>", "kinds": "x,y", "io": "maybe"},
+    {"threshold": "inf", "top_k": "1e400", "max_edges": "-inf", "fold": "2"},
+])
+def test_hostile_url_values_give_defaults(query):
+    at = app_test(PAGE, model="tiny-gpt2", **query).run()
+    assert not at.exception and not _errors(at)
+    assert at.number_input(key="threshold").value is None and at.number_input(key="top_k").value == 3
+    assert at.number_input(key="max_edges").value == 200 and at.radio(key="measure").value == "ratio"
+    assert at.multiselect(key="kinds").value == ["q", "k", "v"]
+    assert at.checkbox(key="io").value is False and at.checkbox(key="fold").value is True
+
+
+def test_an_empty_kinds_parameter_clears_the_kinds_and_says_so():
+    at = app_test(PAGE, model="tiny-gpt2", kinds="").run()
+    assert not at.exception and at.multiselect(key="kinds").value == []
+    assert _errors(at) == ["Choose at least one composition kind (Q, K or V)."]
+
+
+def test_old_links_with_comma_lists_and_digit_flags_reopen_the_same_view():
+    at = app_test(PAGE, model="tiny-gpt2", kinds="q,v", io="1", fold="0", threshold="0.5", max_edges="7").run()
+    assert not at.exception and not _errors(at)
+    assert at.multiselect(key="kinds").value == ["q", "v"]
+    assert at.checkbox(key="io").value is True and at.checkbox(key="fold").value is False
+    assert at.number_input(key="threshold").value == 0.5 and at.number_input(key="max_edges").value == 7
+    assert at.query_params["kinds"] == ["q", "v"] and at.query_params["io"] == "true"
+    assert len(at.dataframe[0].value) <= 7

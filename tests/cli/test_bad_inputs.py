@@ -119,7 +119,7 @@ def test_a_request_over_the_memory_cap_is_refused_with_the_estimate_and_the_limi
     monkeypatch.setenv("HEADVIS_MEMORY_CAP_GB", "0.01")  # below what the process already holds
     status = main(ATLAS + ["--out", str(paths / "m.csv")])
     err = capsys.readouterr().err
-    assert status == 2 and "error: The atlas (2 sequences of 16 tokens per pass) needs about" in err
+    assert status == 2 and "error: The atlas (4 sequences of 16 tokens per pass) needs about" in err
     assert "needs about" in err and "over the limit of 10 MiB" in err and "HEADVIS_MEMORY_CAP_GB" in err
     assert not (paths / "m.csv").exists()
 

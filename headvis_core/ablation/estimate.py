@@ -48,16 +48,13 @@ from scipy.stats import spearmanr
 
 from headvis_core import hooks
 from headvis_core.ablation.metrics import logit_difference, next_token_loss
-from headvis_core.ablation.ranking import HeadRanking, check_metric, rank_heads
-from headvis_core.ablation.runner import (
-    Ablation,
-    AblationPrompts,
-    check_hookable,
-    z_hook_name,
-    zero_ablation,
-)
+from headvis_core.ablation.ranking import HeadRanking, check_metric
+from headvis_core.ablation.ranking import rank_heads_by_ablation as rank_heads
+from headvis_core.ablation.values import Ablation, check_hookable, zero_ablation
+from headvis_core.data.prompt_pairs import PromptPairs
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
+from headvis_core.hooks import z_hook
 from headvis_core.progress import ProgressCallback, report, scaled
 
 DEFAULT_FISHER_TOKENS = 16
@@ -128,7 +125,7 @@ class RefinedEstimate:
         return table
 
 
-def _metric_values(metric: str, logits: torch.Tensor, prompts: AblationPrompts, indices: list[int]
+def _metric_values(metric: str, logits: torch.Tensor, prompts: PromptPairs, indices: list[int]
                    ) -> torch.Tensor:
     """Per-prompt metric ``[P]`` from answer-position logits ``[P, n_ans, vocab]`` (not for KL)."""
     if metric == "logit_diff":
@@ -139,7 +136,7 @@ def _metric_values(metric: str, logits: torch.Tensor, prompts: AblationPrompts, 
     return next_token_loss(logits, labels)
 
 
-def _metric_readout(logits: torch.Tensor, metric: str, prompts: AblationPrompts, indices: list[int],
+def _metric_readout(logits: torch.Tensor, metric: str, prompts: PromptPairs, indices: list[int],
                     out: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """One scalar: the metric summed over prompts (rows are independent, so each row gets its own gradient)."""
     values = _metric_values(metric, logits, prompts, indices)
@@ -175,7 +172,7 @@ def head_output_gradients(model: Any, tokens: torch.Tensor, positions: Sequence[
             return z + patches[layer]
         return add_patch
 
-    fwd_hooks = [(z_hook_name(layer), patch_hook(layer)) for layer in range(n_layers)]
+    fwd_hooks = [(z_hook(layer), patch_hook(layer)) for layer in range(n_layers)]
     # hooks.exclusive would switch gradients off, so hold the model's lock directly.
     with hooks.model_lock(model), torch.enable_grad():
         try:
@@ -194,7 +191,7 @@ def _head_dot(grad: torch.Tensor, change: torch.Tensor) -> Float[torch.Tensor, "
     return (grad.float() * change.float()).sum(dim=(1, 3))
 
 
-def estimate_heads(model: Any, prompts: AblationPrompts, ablation: Optional[Ablation] = None,
+def estimate_heads(model: Any, prompts: PromptPairs, ablation: Optional[Ablation] = None,
                    metric: str = "kl", fisher_tokens: int = DEFAULT_FISHER_TOKENS,
                    progress: Optional[ProgressCallback] = None) -> HeadEstimate:
     """Attribution-patching estimate of every head's ablation importance (see the module docstring).
@@ -284,7 +281,7 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, top_k: int = DEFAULT_TOP_
     return Agreement(spearman=rho, top_k_overlap=len(top_est & top_ex), top_k=k, n_heads=int(known.sum()))
 
 
-def refine_estimate(model: Any, prompts: AblationPrompts, estimate: HeadEstimate, top_n: int,
+def refine_estimate(model: Any, prompts: PromptPairs, estimate: HeadEstimate, top_n: int,
                     ablation: Optional[Ablation] = None, top_k: int = DEFAULT_TOP_K,
                     progress: Optional[ProgressCallback] = None, **rank_kwargs: Any) -> RefinedEstimate:
     """Ablate the estimate's ``top_n`` heads exactly (``rank_heads``) and measure the agreement."""
@@ -296,3 +293,89 @@ def refine_estimate(model: Any, prompts: AblationPrompts, estimate: HeadEstimate
     report(progress, 1.0, "done")
     return RefinedEstimate(estimate=estimate, exact=exact,
                            agreement=agreement(estimate.importance, exact.importance, top_k))
+
+
+def _query_input_gradients(model: Any, tokens: torch.Tensor, receiver_layers: Sequence[int],
+                           sender_layers: Sequence[int], readout: Any
+                           ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Clean ``hook_z`` of ``sender_layers`` and the readout's gradient at ``hook_q_input`` of ``receiver_layers``.
+
+    ``hook_q_input`` (``[batch, pos, n_heads, d_model]``, one residual copy per
+    query head, before ``ln1``) only exists while the bridge's split Q/K/V
+    input is on; the flags are restored afterwards.
+    """
+    cfg = model.cfg
+    saved_split = bool(getattr(cfg, "use_split_qkv_input", False))
+    saved_attn_in = bool(getattr(cfg, "use_attn_in", False))
+    patches: dict[int, torch.Tensor] = {}
+    clean_z: dict[int, torch.Tensor] = {}
+
+    def add_patch(layer: int):
+        def hook(fork: torch.Tensor, hook: Any) -> torch.Tensor:
+            patches[layer] = torch.zeros_like(fork, requires_grad=True)
+            return fork + patches[layer]
+        return hook
+
+    def keep_z(layer: int):
+        def hook(z: torch.Tensor, hook: Any) -> None:
+            clean_z[layer] = z.detach()
+        return hook
+
+    fwd_hooks = ([(f"blocks.{layer}.attn.hook_q_input", add_patch(layer)) for layer in receiver_layers]
+                 + [(z_hook(layer), keep_z(layer)) for layer in sender_layers])
+    with hooks.model_lock(model), torch.enable_grad():
+        try:
+            if saved_attn_in:
+                model.set_use_attn_in(False)
+            model.set_use_split_qkv_input(True)
+            logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+            layers = sorted(patches)
+            grads = torch.autograd.grad(readout(logits), [patches[layer] for layer in layers])
+        finally:
+            model.reset_hooks(including_permanent=False)
+            model.set_use_split_qkv_input(saved_split)
+            if saved_attn_in:
+                model.set_use_attn_in(True)
+    return clean_z, dict(zip(layers, grads))
+
+
+def estimate_query_edges(model: Any, prompts: PromptPairs, receivers: Sequence[HeadRef]) -> pd.DataFrame:
+    """Attribution patching of every edge ``sender -> receiver (Q)`` on the logit difference, noising.
+
+    The path-patching effect of an edge (Wang et al. 2022: the sender's write
+    ``z W_O`` from the corrupted run added to the receiver's query input
+    only) is estimated as ``sum over positions of (dz_s W_O^s) . grad_{q_input of r} LD``,
+    averaged over prompts: one forward and one backward pass for every edge
+    into every receiver. Only the query input: under grouped-query attention
+    a key/value input is shared by several query heads, so its gradient does
+    not belong to one receiver. Returns ``sender, receiver, kind, estimate``.
+    """
+    padded = prompts.padded()
+    device = model.cfg.device
+    receiver_layers = sorted({r.layer for r in receivers})
+    sender_layers = list(range(max(receiver_layers)))
+    if not sender_layers:
+        raise InputError("The receivers are in the first layer: no head writes into their queries.")
+    last = padded.last.to(device)
+    rows = torch.arange(padded.n_prompts, device=device)
+
+    def readout(logits: torch.Tensor) -> torch.Tensor:
+        final = logits[rows, last].float()
+        return (final[rows, padded.answer.to(device)] - final[rows, padded.alternative.to(device)]).sum()
+
+    _, corrupted = hooks.capture(model, padded.corrupted.to(device), [z_hook(layer) for layer in sender_layers])
+    clean_z, grads = _query_input_gradients(model, padded.clean.to(device), receiver_layers, sender_layers, readout)
+    records = []
+    for layer in sender_layers:
+        W_O = model.blocks[layer].attn.W_O.detach()  # [head, d_head, d_model]
+        dz = corrupted[z_hook(layer)].float() - clean_z[layer].float()  # [batch, pos, head, d_head]
+        writes = torch.einsum("bphd,hdm->bphm", dz, W_O.float())  # [batch, pos, head, d_model]
+        for receiver in receivers:
+            if receiver.layer <= layer:
+                continue
+            grad = grads[receiver.layer][:, :, receiver.head].float()  # [batch, pos, d_model]
+            values = torch.einsum("bphm,bpm->h", writes, grad) / padded.n_prompts
+            for head, value in enumerate(values.tolist()):
+                records.append({"sender": f"{layer}.{head}", "receiver": str(receiver), "kind": "q",
+                                "estimate": value})
+    return pd.DataFrame(records, columns=["sender", "receiver", "kind", "estimate"])

@@ -10,15 +10,11 @@ from transformer_lens.tools.analysis.attribution_patching import EdgeAttribution
 from headvis_core import hooks
 from headvis_core.ablation.estimate import agreement, estimate_heads, refine_estimate
 from headvis_core.ablation.metrics import kl_divergence, logit_difference, next_token_loss
-from headvis_core.ablation.runner import (
-    induction_prompts,
-    ioi_prompts,
-    make_ablation,
-    prompts_from_texts,
-    z_hook_name,
-)
+from headvis_core.ablation.values import make_ablation
+from headvis_core.data.prompt_pairs import induction_prompts, ioi_prompts, prompts_from_texts
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
+from headvis_core.hooks import z_hook
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and Kate went to the store, Mike gave a drink to"
@@ -34,7 +30,7 @@ def _scaled_patch(model, tokens, ablation, indices, head, epsilon, positions):
         mask[head.head] = 1.0
         return z + epsilon * change * mask[None, None, :, None]
 
-    return model.run_with_hooks(torch.stack(tokens), fwd_hooks=[(z_hook_name(head.layer), hook)]
+    return model.run_with_hooks(torch.stack(tokens), fwd_hooks=[(z_hook(head.layer), hook)]
                                 )[:, list(positions)].float()
 
 
@@ -204,7 +200,7 @@ def test_smollm2_ioi_estimate_ranks_heads_like_the_exact_ablation(smollm2):
     prompts = ioi_prompts(model, n_prompts=4, seed=0)
     ablation = make_ablation(model, "zero", prompts)
     estimate = estimate_heads(model, prompts, ablation, metric="logit_diff")
-    from headvis_core.ablation.ranking import rank_heads
+    from headvis_core.ablation.ranking import rank_heads_by_ablation as rank_heads
 
     exact = rank_heads(model, prompts, ablation, metric="logit_diff", top_n=0)
     result = agreement(estimate.importance, exact.importance, top_k=10)

@@ -39,51 +39,26 @@ the attended token first among 3,000 sampled tokens about half the time, and
 heads scoring about -1 rank it last (copy suppression).
 """
 
+from functools import partial
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from headvis_core.progress import ProgressCallback, report
+from headvis_core.weights import (
+    effective_embedding,
+    effective_unembedding,
+    expand_kv_heads,
+    is_layer_norm,
+    norm_eps,
+    norm_module,
+    norm_weight,
+    normalised_rows,
+)
 
 DEFAULT_MAX_VOCAB = 65536
 VOCAB_CHUNK = 2048  # tokens per step of the vocabulary pass (bounds its memory)
-
-
-def _norm_module(component: Any) -> Any:
-    """The HF norm module inside a bridge component.
-
-    Call this one, never the bridge wrapper: the bridge's ln1 carries a pre-hook that stores its input on the
-    attention module (for the next forward), and given an ``nn.Parameter`` it even registers it there.
-    """
-    original = getattr(component, "original_component", None)
-    return component if original is None else original
-
-
-def _is_layer_norm(module: Any) -> bool:
-    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.lower().endswith("layernorm")
-
-
-def _eps(module: Any) -> float:
-    for name in ("eps", "variance_epsilon", "epsilon"):
-        value = getattr(module, name, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return 1e-5
-
-
-def _weight(module: Any, d_model: int) -> torch.Tensor:
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        return torch.ones(d_model, dtype=torch.float64)
-    return weight.detach().double().cpu()
-
-
-def normalised_rows(x: torch.Tensor, layer_norm: bool, eps: float) -> torch.Tensor:
-    """Rows of ``x [n, d_model]`` centred (LayerNorm only) and divided by their RMS / standard deviation."""
-    if layer_norm:
-        x = x - x.mean(-1, keepdim=True)
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def vocab_sample(d_vocab: int, max_vocab: Optional[int], seed: int = 0) -> Optional[torch.Tensor]:
@@ -94,26 +69,9 @@ def vocab_sample(d_vocab: int, max_vocab: Optional[int], seed: int = 0) -> Optio
     return torch.randperm(d_vocab, generator=generator)[:max_vocab].sort().values
 
 
-def effective_unembedding(model: Any, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[d_model, n_tokens]``: ``W_U`` with the final norm's weight folded in (centred for LayerNorm)."""
-    ln_final = _norm_module(model.ln_final)
-    W_U = model.W_U.detach()
-    W_U = (W_U if token_ids is None else W_U[:, token_ids]).double().cpu()
-    U = _weight(ln_final, W_U.shape[0])[:, None] * W_U
-    return U - U.mean(0, keepdim=True) if _is_layer_norm(ln_final) else U
-
-
-def effective_embedding(model: Any, layer: int, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[n_tokens, d_model]``: embeddings as layer ``layer``'s attention reads them (ln1, no bias)."""
-    W_E = model.W_E.detach()
-    W_E = (W_E if token_ids is None else W_E[token_ids]).double().cpu()
-    ln1 = _norm_module(model.blocks[layer].ln1)
-    return normalised_rows(W_E, _is_layer_norm(ln1), _eps(ln1)) * _weight(ln1, W_E.shape[1])
-
-
 def _matches_formula(model: Any, layer: int, token_ids: torch.Tensor) -> bool:
     """Whether the real ln1 module agrees with :func:`effective_embedding` (Gemma-style norms do not)."""
-    ln1 = _norm_module(model.blocks[layer].ln1)
+    ln1 = norm_module(model.blocks[layer].ln1)
     W_E = model.W_E.detach()[token_ids[:8]]
     with torch.no_grad():
         real = (ln1(W_E) - ln1(torch.zeros_like(W_E))).double().cpu()
@@ -126,13 +84,8 @@ def ov_weights(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
     In the model's dtype, on the CPU (callers convert one layer at a time, to keep memory down).
     """
-    W_V = model.W_V.detach().cpu()
     W_O = model.W_O.detach().cpu()
-    n_heads = W_O.shape[1]
-    n_kv = W_V.shape[1]
-    if n_kv != n_heads:
-        W_V = W_V.repeat_interleave(n_heads // n_kv, dim=1)  # query head h reads kv head h // group
-    return W_V, W_O
+    return expand_kv_heads(model.W_V.detach().cpu(), W_O.shape[1]), W_O
 
 
 def eigenvalue_ratio(eigenvalues: torch.Tensor) -> torch.Tensor:
@@ -154,16 +107,15 @@ def copying_scores(model: Any, max_vocab: Optional[int] = DEFAULT_MAX_VOCAB, see
     vocab_products: dict[tuple[bool, float], torch.Tensor] = {}
     scores = torch.zeros(n_layers, W_O.shape[1], dtype=torch.float64)
     for layer in range(n_layers):
-        ln1 = _norm_module(model.blocks[layer].ln1)
+        ln1 = norm_module(model.blocks[layer].ln1)
         if _matches_formula(model, layer, ids):
             # U E_l = (U N) diag(w_l) for a "normalise, then scale" ln1: one vocabulary pass serves all layers
-            kind = (_is_layer_norm(ln1), _eps(ln1))
+            kind = (is_layer_norm(ln1), norm_eps(ln1))
             if kind not in vocab_products:
-                vocab_products[kind] = _unembed_times_embed(model, ids, lambda chunk: normalised_rows(
-                    model.W_E.detach()[chunk].double().cpu(), *kind))
-            UE = vocab_products[kind] * _weight(ln1, W_O.shape[-1])[None, :]
+                vocab_products[kind] = _unembed_times_embed(model, ids, partial(_normalised_embedding, model, kind))
+            UE = vocab_products[kind] * norm_weight(ln1, W_O.shape[-1])[None, :]
         else:
-            UE = _unembed_times_embed(model, ids, lambda chunk: _exact_effective_embedding(model, layer, chunk))
+            UE = _unembed_times_embed(model, ids, partial(_exact_effective_embedding, model, layer))
         inner = W_O[layer].double() @ UE @ W_V[layer].double()  # [head, d_head, d_head]
         scores[layer] = eigenvalue_ratio(torch.linalg.eigvals(inner))
         report(progress, (layer + 1) / n_layers, f"copying scores: layer {layer + 1} of {n_layers}")
@@ -188,8 +140,13 @@ def _unembed_times_embed(model: Any, ids: torch.Tensor, embed_rows, chunk_size: 
     return products - torch.outer(sum_u, sum_e) / len(ids)
 
 
+def _normalised_embedding(model: Any, kind: tuple[bool, float], token_ids: torch.Tensor) -> torch.Tensor:
+    """Embedding rows of ``token_ids`` normalised as an ``(is LayerNorm, eps)`` norm would, before its gain."""
+    return normalised_rows(model.W_E.detach()[token_ids].double().cpu(), *kind)
+
+
 def _exact_effective_embedding(model: Any, layer: int, token_ids: torch.Tensor) -> torch.Tensor:
-    ln1 = _norm_module(model.blocks[layer].ln1)
+    ln1 = norm_module(model.blocks[layer].ln1)
     W_E = model.W_E.detach()[token_ids]
     with torch.no_grad():
         return (ln1(W_E) - ln1(torch.zeros_like(W_E[:1]))).double().cpu()

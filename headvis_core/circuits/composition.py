@@ -44,6 +44,7 @@ import torch
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.progress import ProgressCallback, report
+from headvis_core.weights import expand_kv_heads, fold_ln1, ln1_gains
 
 KINDS = ("q", "k", "v")
 KIND_NAMES = {"q": "Q-composition", "k": "K-composition", "v": "V-composition"}
@@ -93,31 +94,6 @@ class HeadWeights:
         return int(self.W_Q.shape[3])
 
 
-def _expand_kv(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """``[layer, kv_head, ...]`` -> ``[layer, head, ...]`` (query head h reads kv head h // group)."""
-    n_kv = w.shape[1]
-    if n_kv == n_heads:
-        return w
-    if n_heads % n_kv:
-        raise InputError(f"{n_heads} query heads cannot share {n_kv} key/value heads evenly.")
-    return w.repeat_interleave(n_heads // n_kv, dim=1)
-
-
-def _ln1_scales(model: Any) -> Optional[torch.Tensor]:
-    """``[layer, d_model]`` effective ``ln1`` gains, or ``None`` when a block has no readable ``ln1``."""
-    uses_offset = bool(getattr(model.cfg, "rmsnorm_uses_offset", False))
-    scales = []
-    for block in model.blocks:
-        norm = getattr(block, "ln1", None)
-        module = getattr(norm, "original_component", norm)
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 1:
-            return None
-        weight = weight.detach().float()
-        scales.append(weight + 1.0 if uses_offset else weight)
-    return torch.stack(scales)
-
-
 def head_weights(model: Any, fold_ln: bool = True, dtype: torch.dtype = torch.float32) -> HeadWeights:
     """Stack ``W_Q, W_K, W_V, W_O`` of every head of a ``TransformerBridge``.
 
@@ -135,7 +111,7 @@ def head_weights(model: Any, fold_ln: bool = True, dtype: torch.dtype = torch.fl
         W_V_raw = model.W_V.detach().to(dtype)
         W_O = model.W_O.detach().to(dtype)
         n_kv = int(W_K_raw.shape[1])
-        W_K, W_V = _expand_kv(W_K_raw, n_heads), _expand_kv(W_V_raw, n_heads)
+        W_K, W_V = expand_kv_heads(W_K_raw, n_heads), expand_kv_heads(W_V_raw, n_heads)
         already = bool(getattr(model, "_weights_processed", False))
         norm_type = str(getattr(cfg, "normalization_type", "") or "")
         is_layernorm = norm_type in ("LN", "LNPre")
@@ -148,17 +124,14 @@ def head_weights(model: Any, fold_ln: bool = True, dtype: torch.dtype = torch.fl
                     "ln1 gain is ignored.")
             folded = False
         else:
-            scales = _ln1_scales(model)
+            scales = ln1_gains(model)
             if scales is None:
                 note = ("Layer norm could not be folded (no readable ln1 weight); scores use the raw "
                         "weights.")
                 folded = False
             else:
-                gain = scales.to(dtype)[:, None, :, None]  # [layer, 1, d_model, 1]
-                W_Q, W_K, W_V = W_Q * gain, W_K * gain, W_V * gain
+                W_Q, W_K, W_V, W_O = fold_ln1(W_Q, W_K, W_V, W_O, scales.to(dtype), is_layernorm)
                 if is_layernorm:
-                    W_Q, W_K, W_V = (w - w.mean(dim=2, keepdim=True) for w in (W_Q, W_K, W_V))
-                    W_O = W_O - W_O.mean(dim=-1, keepdim=True)
                     what = "ln1 gains folded into W_Q/W_K/W_V, reading and writing weights centred"
                 else:
                     what = "ln1 (RMSNorm) gains folded into W_Q/W_K/W_V"

@@ -20,6 +20,10 @@ class ScanParams:
     reservoir_size: Optional[int] = None  # None: 40 x examples_per_decile
     histogram_bins: int = 4096
     seed: int = 0
+    # Windows per shard: the unit of work of a sharded scan (scan/shards.py) and the step at which the
+    # token summaries are merged, so a one-process scan and a sharded one merge the same summaries.
+    shard_windows: int = 256
+    token_capacity: int = 1024  # counters per head and role of the top-token summary (scan/heavy_hitters.py)
 
     @property
     def reservoir(self) -> int:
@@ -32,6 +36,7 @@ class ScanParams:
                              f"model (context {n_ctx}, one position for BOS); got {self.window_len}.")
         if self.max_windows is not None and self.max_windows < 1:
             raise InputError("The number of windows must be at least 1.")
-        for name in ("examples_per_decile", "top_examples", "top_k_keys", "histogram_bins"):
+        for name in ("examples_per_decile", "top_examples", "top_k_keys", "histogram_bins", "shard_windows",
+                     "token_capacity"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be at least 1.")

@@ -16,6 +16,7 @@ import torch
 
 from headvis_core.errors import CorruptFileError
 from headvis_core.heads import HeadRef
+from headvis_core.scan.heavy_hitters import FIXED_POINT, estimates_of, from_fixed
 from headvis_core.scan.params import N_DECILES, ScanParams
 from headvis_core.scan.state import ScanState, bin_deciles, score_bins
 from headvis_core.scan.store import read_stage
@@ -78,7 +79,13 @@ class ScanResult:
 
     @classmethod
     def from_state(cls, state: ScanState, tokenizer: Any, meta: dict[str, Any]) -> "ScanResult":
-        """Bucket the reservoir by each head's deciles and keep the chosen examples only."""
+        """Bucket the reservoir by each head's deciles and keep the chosen examples only.
+
+        Ends the state's last shard and puts its reservoir in canonical order first, so a one-process
+        and a sharded scan of the same windows give the same arrays.
+        """
+        state.end_shard()
+        state.canonical_reservoir()
         hist = state.hist.numpy()
         slot = _decile_slots(state, bin_deciles(hist))
         safe = np.clip(slot, 0, None)
@@ -107,9 +114,10 @@ class ScanResult:
             "ex_first": state.res_first.numpy()[heads_idx, safe],
             "token_ids": seen,
             "token_count": state.token_count.numpy()[seen],
-            "token_paid": state.paid_sum.numpy()[:, seen],
-            "token_received": state.received_sum.numpy()[:, seen],
-            "distance_sum": state.distance_sum.numpy(),
+            "hh_ids": state.tokens.ids.numpy(),  # rows: heads as queries, then heads as keys
+            "hh_totals": state.tokens.totals.numpy(),
+            "hh_slack": state.tokens.slack.numpy(),
+            "distance_sum": from_fixed(state.distance_sum),
             "vocab_ids": vocab_ids,
         }
         return cls(arrays, {**meta, "vocab": vocab})
@@ -194,22 +202,34 @@ class ScanResult:
     def top_tokens(self, head: HeadRef, role: str = "query", n: int = 20, min_count: int = 5) -> pd.DataFrame:
         """Tokens that pay (``role="query"``) or receive (``"key"``) the most attention on average.
 
-        Columns: token, token_id, count (occurrences at positions 1..), mean_attention, total_attention.
-        Tokens seen fewer than ``min_count`` times are left out (their averages are noise).
+        Columns: token, token_id, count (occurrences at positions 1..), mean_attention, total_attention,
+        error_bound. Tokens seen fewer than ``min_count`` times are left out (their averages are noise).
+
+        Totals come from a bounded summary (:mod:`headvis_core.scan.heavy_hitters`): each lies in
+        ``[total_attention, total_attention + slack]``, so the true mean lies in
+        ``[mean_attention, mean_attention + error_bound]``; ``error_bound`` is 0 (exact) while the
+        corpus has no more distinct tokens than the summary's capacity. Scans saved before the summary
+        (per-vocabulary sums) open with ``error_bound`` 0.
         """
         if role not in ("query", "key"):
             raise ValueError("role must be 'query' or 'key'")
         slot = self._slot(head)
-        sums = self.arrays["token_paid" if role == "query" else "token_received"][slot]
         counts = self.arrays["token_count"]
         keep = counts >= min_count
         if not keep.any():
             keep = counts > 0
-        ids, sums, counts = self.arrays["token_ids"][keep], sums[keep], counts[keep]
+        ids, counts = self.arrays["token_ids"][keep], counts[keep]
+        if "token_paid" in self.arrays:  # format of scans stored before the bounded summary
+            sums, slack = self.arrays["token_paid" if role == "query" else "token_received"][slot][keep], 0.0
+        else:
+            row = slot + (0 if role == "query" else self.n_layers * self.n_heads)
+            sums = estimates_of(self.arrays["hh_ids"][row], self.arrays["hh_totals"][row], ids)
+            slack = float(self.arrays["hh_slack"][row]) / FIXED_POINT
         mean = sums / counts
         order = np.lexsort((ids, -mean))[:n]
         return pd.DataFrame({"token": self._strings(ids[order]), "token_id": ids[order], "count": counts[order],
-                             "mean_attention": mean[order], "total_attention": sums[order]})
+                             "mean_attention": mean[order], "total_attention": sums[order],
+                             "error_bound": slack / counts[order]})
 
     def distance_histogram(self, head: HeadRef) -> np.ndarray:
         """Share of ``head``'s attention (positions 1..) at each query-key distance 0, 1, ..., as ``[distance]``."""

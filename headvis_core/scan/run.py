@@ -27,8 +27,10 @@ pattern at once, so no pattern outlives its layer. For every head it keeps:
   fixed-size running top-k per head).
 * **top tokens**: per token id, the attention it pays as a query (to
   positions 1..) and receives as a key (from queries 1..), summed and
-  averaged per occurrence; held per vocabulary entry, so memory is bounded
-  by the vocabulary, not the corpus.
+  averaged per occurrence; the sums are held in a bounded heavy-hitters
+  summary per head (:mod:`headvis_core.scan.heavy_hitters`: exact while the
+  corpus has at most ``token_capacity`` distinct tokens, else within a
+  stated bound), so memory grows with neither the corpus nor the vocabulary.
 * **distance histogram**: attention weight summed by query-key distance
   ``q - k`` over positions 1.., which separates previous-token heads
   (distance 1), local heads and long-range (induction, duplicate) heads.
@@ -43,6 +45,7 @@ resumes from the last checkpoint with the same result.
 
 # ruff: noqa: F722  (jaxtyping shape strings such as "batch head" are not Python expressions)
 
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -265,6 +268,7 @@ def run_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = ScanParam
     and recomputed; a checkpoint from an interrupted run is resumed.
     """
     params.check(int(loaded.model.cfg.n_ctx))
+    batch_size = math.gcd(batch_size, params.shard_windows)  # no batch straddles a shard: see scan/shards.py
     root = Path(out_dir) if out_dir is not None else store.scans_root()
     key = scan_key(loaded, corpus, params)
     folder = root / key

@@ -3,9 +3,17 @@
 Per head (indexed by ``layer * n_heads + head``) the state keeps a histogram
 of window scores, the exact running top-``top_examples`` windows, a shared
 reservoir sample of windows (chosen by a hash-derived priority of the window
-index, so a resumed scan keeps the same sample), attention paid and received
-per vocabulary entry, and attention summed by query-key distance. Its size
-depends on the model and the parameters only, never on the corpus.
+index, so a resumed scan keeps the same sample), bounded summaries of the
+attention paid and received per token (:mod:`headvis_core.scan.heavy_hitters`)
+and attention summed by query-key distance. Its size depends on the model and
+the parameters only, never on the corpus, and (but for one count per
+vocabulary entry) not on the vocabulary.
+
+States of disjoint shards merge exactly (:meth:`ScanState.merge_state`):
+histograms, counts and the distance sums are integers (fixed point), the top
+windows are ordered by (score, window index), the reservoir by (priority,
+window index), and the token summaries are merged one shard at a time in
+shard order, in a one-process scan as in a sharded one.
 """
 
 # ruff: noqa: F722  (jaxtyping shape strings such as "batch head" are not Python expressions)
@@ -17,6 +25,7 @@ import torch
 from jaxtyping import Float, Int
 
 from headvis_core.errors import CorruptFileError
+from headvis_core.scan.heavy_hitters import HeavyHitters, to_fixed
 from headvis_core.scan.params import N_DECILES, ScanParams
 
 
@@ -89,10 +98,14 @@ class ScanState:
         heads = n_layers * n_heads
         self._init_histogram_and_top(heads)
         self._init_reservoir(heads)
-        self.paid_sum = torch.zeros(heads, d_vocab, dtype=torch.float64)
-        self.received_sum = torch.zeros(heads, d_vocab, dtype=torch.float64)
+        # Rows 0..heads-1: attention paid as a query; heads..2*heads-1: received as a key. ``tokens`` holds the
+        # finished shards, ``shard_tokens`` the shard in progress (merged into ``tokens`` at its end).
+        capacity = min(params.token_capacity, d_vocab)
+        self.tokens = HeavyHitters.empty(2 * heads, capacity)
+        self.shard_tokens = HeavyHitters.empty(2 * heads, capacity)
+        self._batch_weights: torch.Tensor | None = None  # [2 * heads, tokens of the batch], filled layer by layer
         self.token_count = torch.zeros(d_vocab, dtype=torch.int64)
-        self.distance_sum = torch.zeros(heads, seq_len - 1, dtype=torch.float64)
+        self.distance_sum = torch.zeros(heads, seq_len - 1, dtype=torch.int64)  # fixed point (heavy_hitters)
 
     def _init_histogram_and_top(self, heads: int) -> None:
         m, s, k = self.params.top_examples, self.seq_len, self.k
@@ -120,8 +133,8 @@ class ScanState:
         return min(self.params.top_k_keys, self.seq_len - 1)
 
     def nbytes(self) -> int:
-        tensors = [getattr(self, name) for name in self.ARRAYS] + [self.paid_sum, self.received_sum, self.token_count]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [getattr(self, name) for name in self.ARRAYS] + [self.token_count]
+        return sum(t.numel() * t.element_size() for t in tensors) + self.tokens.nbytes() + self.shard_tokens.nbytes()
 
     # -- planning and merging -----------------------------------------------------------------
 
@@ -144,7 +157,7 @@ class ScanState:
         bins = torch.from_numpy(score_bins(scores, self.params.histogram_bins))
         self.hist[h0:h1].scatter_add_(1, bins, torch.ones_like(bins))
         self._merge_token_sums(h0, h1, batch, seq_tokens)
-        self.distance_sum[h0:h1] += batch.distance.double()
+        self.distance_sum[h0:h1] += to_fixed(batch.distance)
         if len(batch.cand_batch):
             self._merge_top(h0, h1, scores, batch, seq_tokens, indices)
         if len(res_rows):
@@ -155,11 +168,12 @@ class ScanState:
             self.res_first[h0:h1, slots] = batch.res_first.transpose(0, 1)
 
     def _merge_token_sums(self, h0: int, h1: int, batch: LayerBatch, seq_tokens: torch.Tensor) -> None:
-        text = seq_tokens[:, 1:].reshape(-1)  # tokens at positions 1..
-        paid = batch.paid.permute(1, 0, 2).reshape(self.n_heads, -1).double()
-        received = batch.received.permute(1, 0, 2).reshape(self.n_heads, -1).double()
-        self.paid_sum[h0:h1].index_add_(1, text, paid)
-        self.received_sum[h0:h1].index_add_(1, text, received)
+        """Keep the layer's per-position attention paid and received; :meth:`count_tokens` folds the batch."""
+        heads = self.n_layers * self.n_heads
+        if self._batch_weights is None:
+            self._batch_weights = torch.zeros(2 * heads, batch.paid.shape[0] * batch.paid.shape[2])
+        self._batch_weights[h0:h1] = batch.paid.permute(1, 0, 2).reshape(self.n_heads, -1)
+        self._batch_weights[heads + h0:heads + h1] = batch.received.permute(1, 0, 2).reshape(self.n_heads, -1)
 
     def _merge_top(self, h0: int, h1: int, scores: torch.Tensor, batch: LayerBatch, seq_tokens: torch.Tensor,
                    indices: np.ndarray) -> None:
@@ -202,10 +216,69 @@ class ScanState:
             self.res_tokens[slots_t] = seq_tokens[torch.from_numpy(rows)].to(torch.int32)
 
     def count_tokens(self, seq_tokens: torch.Tensor, n_windows: int) -> None:
-        """Count the batch's tokens at positions 1.. and its windows."""
+        """Count the batch's tokens at positions 1.. and its windows; fold its token weights into the summary."""
         text = seq_tokens[:, 1:].reshape(-1)
         self.token_count.index_add_(0, text, torch.ones_like(text))
+        if self._batch_weights is not None:
+            self.shard_tokens.add(text, self._batch_weights)
+            self._batch_weights = None
         self.n_windows += n_windows
+        if self.n_windows % self.params.shard_windows == 0:
+            self.end_shard()
+
+    def end_shard(self) -> None:
+        """Merge the token summary of the shard in progress into that of the finished shards."""
+        if not self.shard_tokens.is_empty():
+            self.tokens.merge(self.shard_tokens)
+            self.shard_tokens = HeavyHitters.empty(*self.tokens.ids.shape)
+
+    def merge_state(self, shard: "ScanState") -> None:
+        """Fold the state of the next shard (scanned from an empty state, its shard ended) into this one.
+
+        Exact: the result does not depend on how the windows were split into shards, as long as the
+        token summaries of the shards are merged in shard order (see the module docstring).
+        """
+        if not self.shard_tokens.is_empty() or not shard.shard_tokens.is_empty():
+            raise ValueError("merge_state needs both states at a shard boundary (end_shard first)")
+        self.hist += shard.hist
+        self.distance_sum += shard.distance_sum
+        self.token_count += shard.token_count
+        self.n_windows += shard.n_windows
+        self.tokens.merge(shard.tokens)
+        self._merge_top_state(shard)
+        self._merge_reservoir_state(shard)
+
+    def _merge_top_state(self, shard: "ScanState") -> None:
+        m = self.params.top_examples
+        windows = torch.cat([self.top_window, shard.top_window], dim=1)
+        scores = torch.cat([self.top_scores, shard.top_scores], dim=1)
+        order = torch.sort(windows, dim=1, stable=True).indices  # then by score, highest first: (-score, window)
+        order = order.gather(1, torch.sort(scores.gather(1, order), dim=1, descending=True, stable=True).indices)
+        order = order[:, :m]
+        for name in ("top_scores", "top_window", "top_tokens", "top_keys", "top_values", "top_first"):
+            both = torch.cat([getattr(self, name), getattr(shard, name)], dim=1)
+            index = order.reshape(order.shape + (1,) * (both.dim() - 2)).expand((-1, -1) + both.shape[2:])
+            setattr(self, name, both.gather(1, index))
+
+    def _merge_reservoir_state(self, shard: "ScanState") -> None:
+        r = self.params.reservoir
+        priority = torch.cat([self.res_priority, shard.res_priority])
+        window = torch.cat([self.res_window, shard.res_window])
+        self._take_reservoir(_by_priority(priority, window)[:r], shard)
+
+    def canonical_reservoir(self) -> None:
+        """Order the reservoir's slots by (priority, window), empty slots last: the layout a merge gives."""
+        self._take_reservoir(_by_priority(self.res_priority, self.res_window), None)
+
+    def _take_reservoir(self, slots: torch.Tensor, shard: "ScanState | None") -> None:
+        for name in ("res_priority", "res_window", "res_tokens"):
+            both = getattr(self, name) if shard is None else torch.cat([getattr(self, name), getattr(shard, name)])
+            setattr(self, name, both[slots])
+        for name in ("res_scores", "res_keys", "res_values", "res_first"):
+            both = getattr(self, name)
+            if shard is not None:
+                both = torch.cat([both, getattr(shard, name)], dim=1)
+            setattr(self, name, both[:, slots])
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -213,7 +286,7 @@ class ScanState:
         arrays = {name: getattr(self, name).numpy() for name in self.ARRAYS}
         seen = torch.nonzero(self.token_count).flatten()
         arrays.update(seen_ids=seen.numpy(), seen_count=self.token_count[seen].numpy(),
-                      seen_paid=self.paid_sum[:, seen].numpy(), seen_received=self.received_sum[:, seen].numpy())
+                      **self.tokens.to_arrays("tokens"), **self.shard_tokens.to_arrays("shard_tokens"))
         return arrays
 
     def load_arrays(self, arrays: dict[str, np.ndarray], n_windows: int) -> None:
@@ -225,6 +298,15 @@ class ScanState:
             setattr(self, name, value)
         seen = torch.from_numpy(np.array(arrays["seen_ids"])).long()
         self.token_count[seen] = torch.from_numpy(np.array(arrays["seen_count"]))
-        self.paid_sum[:, seen] = torch.from_numpy(np.array(arrays["seen_paid"]))
-        self.received_sum[:, seen] = torch.from_numpy(np.array(arrays["seen_received"]))
+        for name in ("tokens", "shard_tokens"):
+            summary = HeavyHitters.from_arrays(arrays, name)
+            if summary.ids.shape != self.tokens.ids.shape:
+                raise CorruptFileError(f"The scan checkpoint's {name} summary has the wrong shape.")
+            setattr(self, name, summary)
         self.n_windows = n_windows
+
+
+def _by_priority(priority: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Slots ordered by (priority, window index); empty slots (priority inf, window -1) last."""
+    order = torch.sort(window, stable=True).indices
+    return order[torch.sort(priority[order], stable=True).indices]

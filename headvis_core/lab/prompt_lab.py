@@ -20,7 +20,7 @@ import torch
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.hooks import capture, pattern_hook
-from headvis_core.sparse_attention import SparseAttention
+from headvis_core.sparse_attention import SparseAttention, top_attended_keys
 
 
 @dataclass
@@ -83,10 +83,9 @@ def _selected_hooks(heads: Sequence[HeadRef], start: int, stop: int, top_k: int,
             for head in layer_heads:
                 p = pattern[0, head.head].detach().float()  # [query, key]
                 windows[head] = p[start:stop, start:stop].cpu()
-                k = max(0, min(top_k, p.shape[-1] - 1))
-                top = torch.topk(p[:, 1:], k, dim=-1)
-                sparse[head] = SparseAttention(keys=(top.indices + 1).cpu().numpy(), values=top.values.cpu().numpy(),
-                                               first=p[:, 0].cpu().numpy())
+                keys, values, first = top_attended_keys(p, top_k)
+                sparse[head] = SparseAttention(keys=keys.cpu().numpy(), values=values.cpu().numpy(),
+                                               first=first.cpu().numpy())
         return keep_heads
 
     return [(pattern_hook(layer), make(layer_heads)) for layer, layer_heads in by_layer.items()]

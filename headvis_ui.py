@@ -13,7 +13,7 @@ import contextlib
 import gc
 import math
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
@@ -60,6 +60,35 @@ def progress_bar(label: str) -> ProgressCallback:
         bar.progress(fraction, text=f"{label}: {message}" if message else label)
 
     return update
+
+
+def lazy_progress(label: str) -> tuple[Any, ProgressCallback]:
+    """A slot and a progress callback whose bar is drawn on its first call only, so a result taken
+    from a cache shows no bar; ``slot.empty()`` removes the bar when the work is done."""
+    slot = st.empty()
+    drawn: dict[str, ProgressCallback] = {}
+
+    def update(fraction: float, message: str) -> None:
+        if "bar" not in drawn:
+            with slot.container():
+                drawn["bar"] = progress_bar(label)
+        drawn["bar"](fraction, message)
+
+    return slot, update
+
+
+def session_memo(store: str, key: str, compute: Callable[[], Any], max_entries: int = 6) -> Any:
+    """``compute()`` once per ``key`` in this browser session, the oldest of ``max_entries`` dropped.
+
+    Unlike ``st.cache_data``, a hit replays nothing: a progress bar drawn while computing (see
+    :func:`lazy_progress`) stays away.
+    """
+    results = st.session_state.setdefault(store, {})
+    if key not in results:
+        if len(results) >= max_entries:
+            results.pop(next(iter(results)))
+        results[key] = compute()
+    return results[key]
 
 
 @contextlib.contextmanager
@@ -149,14 +178,17 @@ def set_query_params(**params: Any) -> None:
 
     For state that is not one widget's value (the model, the head shared between pages, a stored
     scan). A widget's own value goes into the URL by ``bind="query-params"`` with the parameter's
-    name as its key; Streamlit refuses to set such a bound parameter here.
+    name as its key; a parameter bound so is left to its widget here.
     """
     for key, value in params.items():
-        if value is None:
-            if key in st.query_params:
-                del st.query_params[key]
-        elif st.query_params.get(key) != str(value):
-            st.query_params[key] = str(value)
+        try:
+            if value is None:
+                if key in st.query_params:
+                    del st.query_params[key]
+            elif st.query_params.get(key) != str(value):
+                st.query_params[key] = str(value)
+        except StreamlitAPIException:
+            continue  # a widget on this page is bound to the parameter (?layer= on Edge attribution): it owns it
 
 
 def repair_url(lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), integers: tuple[str, ...] = ()) -> None:

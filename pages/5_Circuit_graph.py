@@ -27,30 +27,7 @@ from headvis_core.viz.circuit_graph import to_html
 PROMPT_SETS = {"ioi": "IOI: clean vs ABC corruption (logit IO - S)",
                "induction": "Induction: repeated random tokens vs a fresh first half"}
 PATCH_STATE = "circuit_graph_patching"
-
-
-def memo(key: str, compute):
-    """Keep a result in this session (st.cache_data would replay the progress bar drawn while computing)."""
-    store = st.session_state.setdefault("circuit_graph_memo", {})
-    if key not in store:
-        if len(store) >= 6:
-            store.pop(next(iter(store)))
-        store[key] = compute()
-    return store[key]
-
-
-def lazy_progress(label: str):
-    """A progress bar drawn on first use only, so a remembered result shows none."""
-    slot = st.empty()
-    state = {}
-
-    def update(fraction: float, message: str) -> None:
-        if "bar" not in state:
-            with slot.container():
-                state["bar"] = ui.progress_bar(label)
-        state["bar"](fraction, message)
-
-    return slot, update
+MEMO = "circuit_graph_memo"  # composition scores and edges of this session, by model and settings
 
 
 loaded = ui.page_setup("Circuit graph")
@@ -96,19 +73,21 @@ with st.container(border=True):
         row[3].button(f"Focus on head {selected}", key="graph_focus",
                       on_click=lambda: st.session_state.update(heads=str(selected)))
 
-slot, progress = lazy_progress("Composition scores")
+slot, progress = ui.lazy_progress("Composition scores")
 with ui.user_errors():
     if not kinds:
         raise InputError("Choose at least one composition kind (Q, K or V).")
     check_composable(info.n_layers)
     heads = tuple(parse_heads(heads_text, info.n_layers, info.n_heads)) if heads_text.strip() else ()
     key = f"{ui.model_key(loaded)}|fold={fold_ln}"
-    result = memo(f"composition|{key}", lambda: compute_composition(loaded.model, KINDS, fold_ln=fold_ln,
-                                                                   progress=progress))
-    io = memo(f"io|{key}", lambda: io_scores(loaded.model, head_weights(loaded.model, fold_ln=fold_ln), KINDS)
-              ) if with_io else None
+    result = ui.session_memo(MEMO, f"composition|{key}",
+                             lambda: compute_composition(loaded.model, KINDS, fold_ln=fold_ln, progress=progress))
+    io = None
+    if with_io:
+        io = ui.session_memo(MEMO, f"io|{key}",
+                             lambda: io_scores(loaded.model, head_weights(loaded.model, fold_ln=fold_ln), KINDS))
 slot.empty()
-edges = memo(f"edges|{key}|io={with_io}", lambda: all_edges(result, io))
+edges = ui.session_memo(MEMO, f"edges|{key}|io={with_io}", lambda: all_edges(result, io))
 
 (st.info if result.ln_folded else st.warning)(result.folding_note)
 base_text = "; ".join(f"{k.upper()} {b.mean:.4f} ± {b.std:.4f}" for k, b in result.baselines.items())

@@ -1,0 +1,35 @@
+"""Stored projections in HeadVis's ``umap/`` shape (the PCA view of its frontend).
+
+``umap/sequences.json`` lists the windows' tokens (one list of strings per
+window); ``umap/L{l}H{h}.json`` holds, per pair, ``seq_idx`` (index into that
+list), ``top_q``/``top_k`` (positions), ``norms`` (``||A[q,k] v_k W_O||``) and
+``pca: {Q, K, O, V: {d0, d1, d2}}``, with ``clusters: []``; there is no
+``views`` key because only PCA is computed.
+"""
+
+from typing import Any
+
+import numpy as np
+
+from headvis_core.heads import HeadRef
+from headvis_core.projections.pairs import KINDS
+from headvis_core.projections.store import ProjectionSet
+
+
+def _coords(values: np.ndarray) -> dict[str, list[float]]:
+    padded = np.zeros((len(values), 3), np.float64)
+    padded[:, :values.shape[1]] = values
+    return {f"d{c}": [round(float(v), 5) for v in padded[:, c]] for c in range(3)}
+
+
+def umap_records(projections: ProjectionSet, scan: Any) -> tuple[list[list[str]], dict[HeadRef, dict[str, Any]]]:
+    """``(sequences, {head: record})`` for ``umap/`` (``scan`` decodes token ids: ``scan._strings``)."""
+    sequences = [scan._strings(row) for row in projections.arrays["window_tokens"]]
+    records = {}
+    for head in projections.heads:
+        p = projections.head(head)
+        records[head] = {"seq_idx": [int(r) for r in p.rows], "top_q": [int(q) for q in p.queries],
+                         "top_k": [int(k) for k in p.keys], "norms": [round(float(n), 5) for n in p.norms],
+                         "pca": {kind: _coords(p.coords[kind]) for kind in ("Q", "K", "O", "V") if kind in KINDS},
+                         "clusters": []}
+    return sequences, records

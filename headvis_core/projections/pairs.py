@@ -1,0 +1,107 @@
+"""A head's (query, key) pairs with the largest attention output, and the Q, K, V and O vectors at each.
+
+The output of head ``h`` at query ``q`` is ``sum_k A[q, k] v_k W_O``; the
+pair (q, k) contributes ``o_qk = A[q, k] v_k W_O`` (the HeadVis view of
+which pairs matter, ranked by ``||o_qk||``). Since ``A >= 0``,
+``||o_qk|| = A[q, k] * ||v_k W_O||``, so every pair's norm costs one product
+per key. Pairs with ``q = 0`` or ``k = 0`` (the BOS/first position, where
+heads park unused attention) are left out, as in the scan.
+
+Q and K are read at ``hook_q``/``hook_k`` (before rotary embeddings, where the
+model has them), V at ``hook_v``; with grouped-query attention head ``h``
+reads key-value head ``h // (n_heads // n_kv_heads)``.
+"""
+
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from transformer_lens.utilities import get_act_name
+
+from headvis_core.heads import HeadRef
+
+KINDS = ("Q", "K", "V", "O")
+
+
+def attention_hooks(layer: int) -> list[str]:
+    return [get_act_name(name, layer) for name in ("pattern", "q", "k", "v")]
+
+
+def kv_head(model: Any, head: int) -> int:
+    n_heads = int(model.cfg.n_heads)
+    n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or n_heads)
+    return head // (n_heads // n_kv)
+
+
+def pair_norms(pattern: Float[torch.Tensor, "batch query key"], v: Float[torch.Tensor, "batch key d_head"],
+               w_o: Float[torch.Tensor, "d_head d_model"]) -> Float[torch.Tensor, "batch query key"]:
+    """``||A[q, k] v_k W_O||`` of every pair, 0 where ``q = 0``, ``k = 0`` or ``k > q``."""
+    value_norm = (v.float() @ w_o.float()).norm(dim=-1)  # [batch, key]
+    norms = pattern.float() * value_norm[:, None, :]
+    n = pattern.shape[-1]
+    allowed = torch.ones(n, n, dtype=torch.bool, device=norms.device).tril()
+    allowed[0, :] = False
+    allowed[:, 0] = False
+    return torch.where(allowed, norms, torch.zeros((), device=norms.device))
+
+
+@dataclass
+class PairVectors:
+    """Pairs of one head: ``(window row, query, key)``, their norms, and the vectors of each kind."""
+
+    rows: np.ndarray  # [pair] row of the batch of windows
+    queries: np.ndarray
+    keys: np.ndarray
+    norms: np.ndarray
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> [pair, dim]
+
+
+def vectors_at(pattern: Float[torch.Tensor, "batch query key"], q: Float[torch.Tensor, "batch pos d_head"],
+               k: Float[torch.Tensor, "batch pos d_head"], v: Float[torch.Tensor, "batch pos d_head"],
+               w_o: Float[torch.Tensor, "d_head d_model"], rows: Int[torch.Tensor, " pair"],
+               queries: Int[torch.Tensor, " pair"], keys: Int[torch.Tensor, " pair"]) -> dict[str, np.ndarray]:
+    """Q at the query, K and V at the key, and O = ``A[q, k] v_k W_O`` of each pair."""
+    weighted = weighted_values(pattern, v, rows, queries, keys)
+    return {"Q": q[rows, queries].float().numpy(), "K": k[rows, keys].float().numpy(),
+            "V": v[rows, keys].float().numpy(), "O": (weighted @ w_o.float()).numpy()}
+
+
+def weighted_values(pattern: Float[torch.Tensor, "batch query key"], v: Float[torch.Tensor, "batch pos d_head"],
+                    rows: Int[torch.Tensor, " pair"], queries: Int[torch.Tensor, " pair"],
+                    keys: Int[torch.Tensor, " pair"]) -> Float[torch.Tensor, "pair d_head"]:
+    """``A[q, k] v_k`` of each pair: O before ``W_O`` (``d_head`` values where O has ``d_model``)."""
+    return pattern[rows, queries, keys].float()[:, None] * v[rows, keys].float()
+
+
+def top_pairs(norms: Float[torch.Tensor, "batch query key"], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                            np.ndarray]:
+    """``(rows, queries, keys, norms)`` of the ``n`` largest pairs, largest first; ties keep the earlier pair."""
+    flat = norms.reshape(-1)
+    candidates = torch.nonzero(flat > 0).flatten()
+    order = torch.sort(-flat[candidates], stable=True).indices[:n]
+    chosen = candidates[order]
+    s = norms.shape[-1]
+    return ((chosen // (s * s)).numpy(), ((chosen // s) % s).numpy(), (chosen % s).numpy(),
+            flat[chosen].numpy())
+
+
+def head_weights(model: Any, head: HeadRef) -> torch.Tensor:
+    """``W_O[head]`` as ``[d_head, d_model]``."""
+    return model.blocks[head.layer].attn.W_O[head.head].detach().cpu()
+
+
+def merge_top(kept: PairVectors | None, new: PairVectors, n: int) -> PairVectors:
+    """The ``n`` largest pairs of both sets (earlier pairs first among equal norms)."""
+    if kept is None:
+        both = new
+    else:
+        both = PairVectors(*(np.concatenate([getattr(kept, f), getattr(new, f)])
+                             for f in ("rows", "queries", "keys", "norms")),
+                           vectors={kind: np.concatenate([kept.vectors[kind], new.vectors[kind]]) for kind in KINDS})
+    order = np.argsort(-both.norms, kind="stable")[:n]
+    return PairVectors(both.rows[order], both.queries[order], both.keys[order], both.norms[order],
+                       {kind: both.vectors[kind][order] for kind in KINDS})

@@ -49,10 +49,16 @@ def test_writes_dictionary_features(tmp_path, tiny_llama):
     (["--head", "1.2", "--query", "-1", "--key", "0"], "too small"),
     (["--head", "1.2", "--query", "20", "--key", "9", "--sae", "/nonexistent/sae"], "No SAE folder"),
 ])
-def test_bad_input_is_an_error_message(tmp_path, args, message):
-    result = run_cli("--model", "tiny-llama", "--prompt", PROMPT, *args, "--out", str(tmp_path / "e.json"))
-    stderr = result.stderr.decode()
-    assert result.returncode == 2, stderr
+def test_bad_input_is_an_error_message(tmp_path, capsys, args, message):
+    from headvis_core.cli.main import main
+
+    try:  # argparse's own errors exit; the command's return status 2
+        status = main(["attribute", "--model", "tiny-llama", "--prompt", PROMPT, *args,
+                       "--out", str(tmp_path / "e.json")])
+    except SystemExit as exit_:
+        status = exit_.code
+    stderr = capsys.readouterr().err
+    assert status == 2, stderr
     assert "error:" in stderr and message in stderr and "Traceback" not in stderr
     assert not (tmp_path / "e.json").exists()
 

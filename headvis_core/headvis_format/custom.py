@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from headvis_core.errors import CorruptFileError, InputError
+from headvis_core.heads import HeadRef
 from headvis_core.headvis_format.contract import CUSTOM_DIR, CUSTOM_INTERVAL, head_file_name
 from headvis_core.headvis_format.sequences import DEFAULT_KEYS_PER_QUERY, DEFAULT_THRESHOLD, sequence_record
-from headvis_core.heads import HeadRef
 from headvis_core.hooks import capture, pattern_hook
 from headvis_core.models.loader import LoadedModel
 from headvis_core.sparse_attention import sparse_from_dense

@@ -32,10 +32,10 @@ from typing import Any, Optional
 import numpy as np
 
 from headvis_core.errors import CorruptFileError, InputError
+from headvis_core.heads import HeadRef, all_heads
 from headvis_core.headvis_format import contract
 from headvis_core.headvis_format.custom import read_custom_sequences
 from headvis_core.headvis_format.sequences import DEFAULT_KEYS_PER_QUERY, DEFAULT_THRESHOLD, sequence_record
-from headvis_core.heads import HeadRef, all_heads
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.scan.params import N_DECILES
 from headvis_core.scan.result import ScanExample, ScanResult
@@ -212,8 +212,8 @@ def _write(path: Path, obj: Any) -> int:
 
 def _write_umap(tmp: Path, scan: ScanResult) -> list[list[int]]:
     """``umap/`` from the projections stored with the scan; the heads written."""
-    from headvis_core.projections.store import load_projections
     from headvis_core.projections.headvis import umap_records
+    from headvis_core.projections.store import load_projections
 
     projections = load_projections(scan.path) if scan.path is not None else None
     if projections is None:

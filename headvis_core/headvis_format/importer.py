@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from headvis_core.errors import CorruptFileError, InputError
+from headvis_core.heads import HeadRef
 from headvis_core.headvis_format import contract
 from headvis_core.headvis_format.sequences import sparse_from_record
 from headvis_core.headvis_format.validate import check_tree, load_strict
-from headvis_core.heads import HeadRef
 from headvis_core.scan.params import ScanParams
 from headvis_core.scan.result import DecileBucket, ScanExample, load_scan
 from headvis_core.scan.state import bin_deciles

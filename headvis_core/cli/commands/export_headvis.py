@@ -1,0 +1,99 @@
+"""``export-headvis --scan DIR --out DATA_DIR``: a stored scan as the HeadVis frontend's static ``data/`` tree.
+
+``--pca`` first computes the Q/K/V/O projections of every head (needs the
+scan's model) and stores them with the scan, so the tree gets ``umap/``.
+``--check DATA_DIR`` validates an existing tree (ours or Neuronpedia's) against
+the contract and prints what the Dataset examples page would read from it.
+"""
+
+import argparse
+from pathlib import Path
+
+from headvis_core.cli.main import finite_float, positive_int, text_argument
+from headvis_core.errors import CorruptFileError, InputError
+
+
+def _check(raw: str) -> int:
+    from headvis_core.headvis_format.importer import import_headvis
+
+    tree = import_headvis(Path(raw))
+    n_sequences = sum(len(tree.head_data(_head(pair))["sequences"]) for pair in tree.config["heads"])
+    print(f"{raw}: valid HeadVis data for {tree.config['model_name']}: {len(tree.config['heads'])} heads, "
+          f"{tree.n_intervals} intervals, {n_sequences} sequences, umap: {bool(tree.config.get('has_umap'))}")
+    return 0
+
+
+def _head(pair):
+    from headvis_core.heads import HeadRef
+
+    return HeadRef(int(pair[0]), int(pair[1]))
+
+
+def _project(args: argparse.Namespace, scan) -> None:
+    from headvis_core.models.loader import load_model
+    from headvis_core.progress import tqdm_progress
+    from headvis_core.projections.run import ProjectionParams, project_scan
+
+    params = ProjectionParams(max_pairs=args.pca_pairs, max_windows=args.pca_windows)
+    params.check()
+    name = args.model or scan.meta["model"]["name"]
+    loaded = load_model(name, device=args.device, dtype=args.dtype, progress=tqdm_progress("loading model"))
+    projections = project_scan(loaded, scan, params, progress=tqdm_progress("projections"))
+    for head, reason in projections.skipped.items():
+        print(f"head {head}: no projection ({reason})")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from headvis_core.headvis_format import contract
+    from headvis_core.headvis_format.export import ExportOptions, check_destination, export_headvis
+    from headvis_core.progress import tqdm_progress
+    from headvis_core.scan import load_scan
+
+    if args.check:
+        return _check(args.check)
+    if not args.scan or not args.out:
+        raise InputError("Give --scan DIR and --out DATA_DIR (or --check DATA_DIR).")
+    scan_dir = Path(args.scan).expanduser()
+    if contract.is_tree(scan_dir):
+        raise InputError(f"{args.scan} is already HeadVis data; --check validates it.")
+    if not scan_dir.is_dir():
+        raise InputError(f"--scan {args.scan!r} is not a folder holding a stored scan.")
+    options = ExportOptions(keys_per_query=args.keys_per_query, threshold=args.threshold)
+    options.check()
+    out = Path(args.out).expanduser()
+    check_destination(out, args.force)  # before any work
+    try:
+        scan = load_scan(scan_dir)
+    except CorruptFileError as err:
+        raise InputError(f"--scan {args.scan!r}: {err}") from None
+    if args.pca:
+        _project(args, scan)
+    summary = export_headvis(scan, out, force=args.force, options=options, progress=tqdm_progress("exporting"))
+    print(f"wrote {summary.folder}: {summary.n_heads} heads, {summary.n_files} files, "
+          f"{summary.n_bytes / 1e6:.2f} MB in {summary.seconds:.1f} s (checked against the HeadVis contract)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export-headvis",
+                                   help="write a stored scan as the HeadVis frontend's data/ tree (or --check one)")
+    parser.add_argument("--scan", type=text_argument, help="a stored scan folder (from the scan command)")
+    parser.add_argument("--out", type=text_argument, help="the data/ folder to write (must be empty, or --force)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing HeadVis data folder (any other non-empty folder is refused)")
+    parser.add_argument("--check", type=text_argument, metavar="DATA_DIR",
+                        help="only validate an existing HeadVis data/ tree against the contract")
+    parser.add_argument("--keys-per-query", type=positive_int, default=5,
+                        help="attention entries kept per query of a sequence (default 5)")
+    parser.add_argument("--threshold", type=finite_float, default=0.01,
+                        help="smallest attention weight kept (default 0.01)")
+    parser.add_argument("--pca", action="store_true",
+                        help="first compute each head's Q/K/V/O projections (loads the scan's model) for umap/")
+    parser.add_argument("--pca-pairs", type=positive_int, default=1000, help="top pairs per head (default 1000)")
+    parser.add_argument("--pca-windows", type=positive_int, default=128,
+                        help="scan windows run again for the projections (default 128)")
+    parser.add_argument("--model", type=text_argument, default=None,
+                        help="model for --pca (default: the scan's model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (for --pca)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.set_defaults(func=_run)

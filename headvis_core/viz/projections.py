@@ -1,0 +1,77 @@
+"""Figures of a head's Q/K/V/O projections: the PCA cloud of its top pairs, optionally with a prompt drawn in.
+
+Input tables come from :func:`headvis_core.projections.prompt.stored_pairs_table`
+and :func:`~headvis_core.projections.prompt.project_prompt` (columns ``query_token``,
+``key_token``, ``distance``, ``norm``, ``context`` and ``{kind}{component}``).
+Token text is HTML-escaped before it reaches a hover label.
+"""
+
+import html
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from headvis_core.tokens import visible
+
+COLOR_OPTIONS = ("query token", "key token", "distance", "norm")
+MAX_TOKEN_COLOURS = 12
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+           "#7f7f7f", "#aec7e8", "#ffbb78")
+OTHER_COLOUR = "#d9d9d9"
+
+
+def _hover(table: pd.DataFrame) -> list[str]:
+    return [f"{html.escape(visible(str(c)))}<br>q {q} \u2190 k {k} (distance {d}), norm {n:.3g}"
+            for c, q, k, d, n in zip(table["context"], table["query"], table["key"], table["distance"],
+                                     table["norm"])]
+
+
+def _scatter(table: pd.DataFrame, kind: str, dims: int, **style) -> go.Scatter | go.Scatter3d:
+    xyz = {axis: table[f"{kind}{c}"] for axis, c in zip("xyz", range(dims))}
+    if dims == 3:
+        return go.Scatter3d(mode="markers", hovertemplate="%{text}<extra></extra>", text=_hover(table), **xyz,
+                            **style)
+    return go.Scatter(mode="markers", hovertemplate="%{text}<extra></extra>", text=_hover(table), **xyz, **style)
+
+
+def projection_figure(table: pd.DataFrame, kind: str, color_by: str = "distance", dims: int = 2,
+                      explained: Optional[np.ndarray] = None, overlay: Optional[pd.DataFrame] = None,
+                      title: str = "") -> go.Figure:
+    """Scatter of one kind's PCA coordinates (``dims`` 2 or 3), coloured by ``color_by`` (see ``COLOR_OPTIONS``).
+
+    ``overlay`` (a projected prompt's pairs) is drawn on top as black crosses.
+    """
+    if color_by not in COLOR_OPTIONS:
+        raise ValueError(f"color_by must be one of {COLOR_OPTIONS}")
+    if dims not in (2, 3):
+        raise ValueError("dims must be 2 or 3")
+    fig = go.Figure()
+    size = 4 if dims == 3 else 6
+    if color_by in ("query token", "key token"):
+        column = "query_token" if color_by == "query token" else "key_token"
+        common = table[column].value_counts().index[:MAX_TOKEN_COLOURS].tolist()
+        groups = [(tok, table[table[column] == tok], PALETTE[i]) for i, tok in enumerate(common)]
+        rest = table[~table[column].isin(common)]
+        if len(rest):
+            groups.append(("other", rest, OTHER_COLOUR))
+        for name, part, colour in groups:
+            label = html.escape(visible(str(name))) if name != "other" else "other tokens"
+            fig.add_trace(_scatter(part, kind, dims, name=label, marker=dict(size=size, color=colour, opacity=0.75)))
+    else:
+        values = table[color_by]
+        fig.add_trace(_scatter(table, kind, dims, name="pairs", showlegend=False,
+                               marker=dict(size=size, color=values, colorscale="Viridis", opacity=0.8,
+                                           colorbar=dict(title=color_by))))
+    if overlay is not None and len(overlay):
+        fig.add_trace(_scatter(overlay, kind, dims, name="prompt",
+                               marker=dict(size=size + 4, color="black", symbol="x")))
+    labels = [f"PC{c + 1}" + (f" ({explained[c]:.0%})" if explained is not None else "") for c in range(dims)]
+    fig.update_layout(title=title or f"{kind} at the top pairs", height=460, margin=dict(t=40, b=40, l=40, r=10),
+                      legend=dict(itemsizing="constant"))
+    if dims == 3:
+        fig.update_layout(scene=dict(xaxis_title=labels[0], yaxis_title=labels[1], zaxis_title=labels[2]))
+    else:
+        fig.update_layout(xaxis_title=labels[0], yaxis_title=labels[1])
+    return fig

@@ -1,0 +1,198 @@
+"""HeadVis export: every fact of the contract, the round trip through the import, atomic writes and refusals."""
+
+import json
+
+import numpy as np
+import pytest
+
+from headvis_core.errors import CorruptFileError, InputError
+from headvis_core.headvis_format import contract, export
+from headvis_core.headvis_format.export import ExportOptions, export_headvis
+from headvis_core.headvis_format.importer import import_headvis, open_any_scan
+from headvis_core.headvis_format.validate import validate_tree
+from headvis_core.heads import HeadRef, all_heads
+from headvis_core.scan.result import ScanResult
+from tests.headvis_format.scans import tiny_scan
+
+
+@pytest.fixture(scope="module", params=["tiny_gpt2", "tiny_llama"])
+def scan(request, tmp_path_factory):
+    return tiny_scan(request.getfixturevalue(request.param), tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def tree(scan, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trees") / "data"
+    export_headvis(scan, out)
+    return out
+
+
+def read(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_tree_has_every_file_and_passes_the_validator(scan, tree):
+    assert validate_tree(tree) == []
+    config = read(tree / contract.CONFIG)
+    assert config["n_intervals"] == 10 and config["head_data_pattern"] == "L{layer}H{head}.json"
+    assert config["heads"] == [[h.layer, h.head] for h in all_heads(scan.n_layers, scan.n_heads)]
+    rows = read(tree / contract.SCATTER)
+    assert config["scatter"]["default_x"] in rows[0] and config["scatter"]["default_y"] in rows[0]
+    assert [(r["layer"], r["head"]) for r in rows] == [tuple(h) for h in config["heads"]]
+    assert read(tree / contract.SERVER_CONFIG) == {}
+    for layer, head in config["heads"]:
+        assert (tree / "heads" / f"L{layer}H{head}.json").is_file()
+        assert read(tree / "custom_sequences" / f"L{layer}H{head}.json") == {"sequences": []}
+    text = "".join(p.read_text() for p in tree.rglob("*.json"))
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def slow_entries(attention, keys_per_query, threshold):
+    """Reference: per query, candidates key 0 and the stored keys, largest rounded value first, earlier key first."""
+    n = attention.keys.shape[0]
+    kept = {}
+    for q in range(n):
+        candidates = [(round(float(attention.first[q]), 4), 0)]
+        for key, value in zip(attention.keys[q], attention.values[q]):
+            if value > 0 and 1 <= key <= q:
+                candidates.append((round(float(value), 4), int(key)))
+        candidates.sort(key=lambda c: (-c[0], c[1]))
+        for value, key in candidates[:keys_per_query]:
+            if value >= threshold and value > 0:
+                kept[q * n + key] = value
+    return dict(sorted(kept.items()))
+
+
+@pytest.mark.parametrize("keys_per_query,threshold", [(5, 0.01), (2, 0.1)])
+def test_sequences_follow_the_format(scan, tmp_path, keys_per_query, threshold):
+    out = tmp_path / "data"
+    export_headvis(scan, out, options=ExportOptions(keys_per_query=keys_per_query, threshold=threshold))
+    head = HeadRef(1, 2)
+    data = read(out / "heads" / "L1H2.json")
+    by_window = {ex.window_index: ex for b in scan.deciles(head) for ex in b.examples}
+    by_window.update({ex.window_index: ex for ex in scan.top_examples(head)})
+    assert sorted(s["sequence_id"] for s in data["sequences"]) == sorted(by_window)
+    for seq in data["sequences"]:
+        assert type(seq["interval"]) is int and 1 <= seq["interval"] <= 10
+        ex = by_window[seq["sequence_id"]]
+        n = seq["seq_len"]
+        assert n == len(seq["tokens"]) and seq["tokens"] == ex.str_tokens
+        entries = dict(zip(seq["attention_indices"], seq["attention_values"]))
+        assert entries == slow_entries(ex.attention, keys_per_query, threshold)
+        inner = [v for i, v in entries.items() if i // n > 0 and i % n > 0]
+        assert seq["max_activation"] == max(inner, default=0.0)
+        if threshold <= 0.01:  # the window's score (fp16 storage) is the sequence's largest inner weight
+            assert seq["max_activation"] == pytest.approx(ex.score, abs=2e-3)
+
+
+def test_a_window_has_its_decile_as_interval(scan, tree):
+    head = HeadRef(0, 1)
+    decile_of = {ex.window_index: b.decile for b in scan.deciles(head) for ex in b.examples}
+    edges_of = {b.decile: (b.low, b.high) for b in scan.deciles(head)}
+    for seq in read(tree / "heads" / "L0H1.json")["sequences"]:
+        if seq["sample"]:
+            assert seq["interval"] == decile_of[seq["sequence_id"]]
+        else:  # a top window outside the sample: the decile its score falls in
+            low, high = edges_of[seq["interval"]]
+            assert low <= seq["score"] <= high
+
+
+def test_round_trip_gives_the_same_deciles_and_top_tokens(scan, tree):
+    imported = open_any_scan(tree)
+    assert (imported.n_layers, imported.n_heads, imported.n_windows) == (scan.n_layers, scan.n_heads,
+                                                                         scan.n_windows)
+    for head in all_heads(scan.n_layers, scan.n_heads):
+        for a, b in zip(scan.deciles(head), imported.deciles(head), strict=True):
+            assert (a.decile, a.n_windows) == (b.decile, b.n_windows)
+            assert (np.isnan(a.low) and np.isnan(b.low)) or (a.low, a.high) == (b.low, b.high)
+            assert [(e.window_index, e.score, e.str_tokens) for e in a.examples] == \
+                   [(e.window_index, e.score, e.str_tokens) for e in b.examples]
+        assert [(e.window_index, e.score) for e in scan.top_examples(head)] == \
+               [(e.window_index, e.score) for e in imported.top_examples(head)]
+        for role in ("query", "key"):
+            ours = scan.top_tokens(head, role, n=25, min_count=5)
+            theirs = imported.top_tokens(head, role, n=25, min_count=5)
+            columns = ["token", "token_id", "count"]
+            assert ours[columns].values.tolist() == theirs[columns].values.tolist()
+            assert np.array_equal(ours["mean_attention"].values, theirs["mean_attention"].values)
+        assert np.allclose(scan.distance_histogram(head), imported.distance_histogram(head))
+        assert np.array_equal(scan.score_histogram(head)[1], imported.score_histogram(head)[1])
+    assert imported.head_summary()[["layer", "head", "name"]].values.tolist() == \
+        scan.head_summary()[["layer", "head", "name"]].values.tolist()
+
+
+def test_a_foreign_tree_is_read_from_its_intervals(scan, tree, tmp_path):
+    """Without the workbench keys (as Neuronpedia's pipeline writes it) the deciles are the intervals."""
+    import shutil
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tree, foreign)
+    for path in (foreign / "heads").iterdir():
+        data = read(path)
+        data.pop("workbench")
+        for seq in data["sequences"]:
+            for key in ("score", "sample", "top_rank"):
+                seq.pop(key, None)
+        for row in data["top_query_tokens"] + data["top_key_tokens"]:
+            for key in ("token_id", "count", "total"):
+                row.pop(key)
+        path.write_text(json.dumps(data))
+    imported = import_headvis(foreign)
+    head = HeadRef(1, 0)
+    seqs = read(foreign / "heads" / "L1H0.json")["sequences"]
+    for bucket in imported.deciles(head):
+        mine = [s for s in seqs if s["interval"] == bucket.decile]
+        assert sorted(e.window_index for e in bucket.examples) == sorted(s["sequence_id"] for s in mine)
+        assert [e.score for e in bucket.examples] == sorted((s["max_activation"] for s in mine), reverse=True)
+    table = imported.top_tokens(head, "query", n=5)
+    assert table["count"].isna().all() and len(table) == 5
+
+
+def test_non_empty_folder_is_refused_unless_force_on_a_headvis_tree(scan, tree, tmp_path):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty"):
+        export_headvis(scan, other)
+    with pytest.raises(InputError, match="holds no HeadVis data"):
+        export_headvis(scan, other, force=True)
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+    with pytest.raises(InputError, match="--force"):
+        export_headvis(scan, tree)
+    out = tmp_path / "again"
+    export_headvis(scan, out)
+    (out / "heads" / "stale.json").write_text("{}")
+    export_headvis(scan, out, force=True)
+    assert not (out / "heads" / "stale.json").exists() and validate_tree(out) == []
+
+
+def test_a_failure_leaves_nothing_half_written(scan, tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    calls = []
+
+    def failing(scan_, head, options=ExportOptions()):
+        calls.append(head)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return real(scan_, head, options)
+
+    real = export.head_record
+    monkeypatch.setattr(export, "head_record", failing)
+    with pytest.raises(RuntimeError):
+        export_headvis(scan, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_non_finite_value_is_refused_not_written(scan, tmp_path):
+    arrays = {k: v.copy() for k, v in scan.arrays.items()}
+    arrays["distance_sum"][3, 2] = np.nan
+    damaged = ScanResult(arrays, scan.meta, path=None)
+    with pytest.raises(CorruptFileError, match="JSON"):
+        export_headvis(damaged, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_bad_options_are_refused(scan, tmp_path):
+    for options in (ExportOptions(keys_per_query=0), ExportOptions(threshold=-0.1), ExportOptions(threshold=1.0)):
+        with pytest.raises(InputError):
+            export_headvis(scan, tmp_path / "data", options=options)

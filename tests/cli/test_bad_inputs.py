@@ -70,7 +70,7 @@ BAD_INPUTS = [
     ("graph top-k -1", GRAPH + ["--top-k", "-1"], "-1 is too small"),
     ("graph threshold nan", GRAPH + ["--threshold", "nan"], "not a finite number"),
     ("graph patch-max 0", GRAPH + ["--patch-max", "0"], "0 is too small"),
-    ("store kind", ["store", "list", "--kind", "nonsense"], "invalid choice"),
+    ("store action", ["store", "drop"], "invalid choice"),
     # output paths, checked before any work
     ("atlas out is a folder", ATLAS + ["--out", "{tmp}/a_dir"], "is a folder"),
     ("atlas out in /proc", ATLAS + ["--out", "/proc/headvis.csv"], "system folder"),

@@ -56,5 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                   ("clear", _clear, "delete stored results (all of them, or those matching)")):
         action = actions.add_parser(name, help=help_text)
         action.add_argument("--model", type=text_argument, help="only results of this model name")
-        action.add_argument("--kind", choices=KINDS, help="only results of this kind")
+        action.add_argument("--kind", type=text_argument,
+                            help=f"only results of this kind ({', '.join(KINDS)}, tour_step, ...)")
         action.set_defaults(func=func)

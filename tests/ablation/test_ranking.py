@@ -11,8 +11,8 @@ from headvis_core.ablation.values import make_ablation
 from headvis_core.data.prompt_pairs import induction_prompts, prompts_from_texts
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
-from headvis_core.hooks import z_hook
 from headvis_core.viz.ablation import importance_heatmap
+from tests.reference import ablated_logits
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 PROMPTS = ["hello world, hello", "jello world, jello", "a prompt of another length"]
@@ -31,13 +31,7 @@ def _assert_same(fast, slow, columns=("importance", "kl")):
 def _hand_loop_kl(model, tokens, head):
     """The plainest reference: one full forward per head, zeroing ``z[:, :, h]``."""
     clean = hooks.forward(model, tokens)[:, -1]
-
-    def zero(z, hook):
-        z = z.clone()
-        z[:, :, head.head] = 0
-        return z
-
-    ablated = hooks.run_with_hooks(model, tokens, [(z_hook(head.layer), zero)])[:, -1]
+    ablated = ablated_logits(model, tokens, [head])[:, -1]
     return float(kl_divergence(clean, ablated).mean())
 
 

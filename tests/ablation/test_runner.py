@@ -13,6 +13,7 @@ from headvis_core.errors import InputError, UnsupportedArchitectureError
 from headvis_core.heads import HeadRef, all_heads
 from headvis_core.hooks import z_hook
 from headvis_core.models.loader import load_model
+from tests.reference import ablated_logits
 
 TEXTS = ["hello world, hello", "jello world, jello"]  # same byte length
 CORRUPTED = ["abcde world, hello", "jello wxrld, jello"]
@@ -41,12 +42,7 @@ def test_zero_ablation_at_hook_z_equals_zeroing_the_heads_rows_of_w_o(name):
     layer, head, d_head = 1, 2, reference.info.d_head
     tokens = model.to_tokens("When Mary and John went to the store")
 
-    def zero(z, hook):
-        z = z.clone()
-        z[:, :, head] = 0
-        return z
-
-    hooked = hooks.run_with_hooks(model, tokens, [(z_hook(layer), zero)])
+    hooked = ablated_logits(model, tokens, [HeadRef(layer, head)])
     _zero_head_rows_of_w_o(ablated.model, layer, head, d_head)
     edited = hooks.forward(ablated.model, tokens)
     assert not torch.allclose(hooked, hooks.forward(model, tokens), atol=1e-3)  # the head matters
@@ -81,12 +77,8 @@ def _slow_logprobs(model, tokens_list, replace_fn, head):
     """One prompt and one forward at a time, with ``z[:, :, h]`` replaced by ``replace_fn(i, z)``."""
     out = []
     for i, tokens in enumerate(tokens_list):
-        def hook(z, hook, i=i):
-            z = z.clone()
-            z[:, :, head.head] = replace_fn(i, z)[..., head.head, :]
-            return z
-
-        logits = hooks.run_with_hooks(model, tokens[None], [(z_hook(head.layer), hook)])
+        logits = ablated_logits(model, tokens[None], [head],
+                                replacement=lambda layer, z, i=i: replace_fn(i, z).expand_as(z))
         out.append(logits[0, -1].log_softmax(-1))
     return torch.stack(out)
 

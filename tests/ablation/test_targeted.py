@@ -9,28 +9,17 @@ from headvis_core.ablation.targeted import TargetedResult, targeted_search
 from headvis_core.data.prompt_pairs import prompts_from_texts
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, all_heads
-from headvis_core.hooks import z_hook
 from headvis_core.models.loader import load_random_model
 from headvis_core.models.random_models import RandomModelSpec
 from headvis_core.viz.ablation import trajectory_figure
+from tests.reference import ablated_logits
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 
 
 def _zero_heads_logits(model, tokens, heads):
-    """The slow reference: one forward with ``heads`` zeroed at hook_z."""
-    by_layer: dict[int, list[int]] = {}
-    for h in heads:
-        by_layer.setdefault(h.layer, []).append(h.head)
-
-    def make(layer):
-        def hook(z, hook):
-            z = z.clone()
-            z[:, :, by_layer[layer]] = 0
-            return z
-        return hook
-
-    return hooks.run_with_hooks(model, tokens, [(z_hook(l), make(l)) for l in by_layer])[0, -1]
+    """The slow reference: one forward with ``heads`` zeroed at hook_z, logits at the last position."""
+    return ablated_logits(model, tokens, heads)[0, -1]
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +48,17 @@ def test_search_result_checked_against_independent_forward_passes(wide_model):
     assert result.trajectory["step"].tolist() == list(range(len(result.trajectory)))
     assert result.trajectory["margin"].iloc[0] == pytest.approx(
         float(margin_over_rest(clean, torch.tensor(alternative))), abs=1e-4)
-    if result.found:
-        final = _zero_heads_logits(model, tokens, result.heads)
-        assert int(final.argmax()) == alternative
-        # Pruned: removing any one head loses the flip.
-        for drop in result.heads if len(result.heads) > 1 else []:
-            rest = [h for h in result.heads if h != drop]
-            assert int(_zero_heads_logits(model, tokens, rest).argmax()) != alternative
-        assert set(result.heads) <= set(result.greedy_heads)
-        assert result.final_shift["token"].iloc[0] == model.to_single_str_token(alternative)
-    else:
-        assert result.reason and len(result.greedy_heads) <= 18
+    # This model and prompt need several heads (4 of the 18) to flip to the second choice.
+    assert result.found, result.summary
+    assert len(result.heads) > 1
+    final = _zero_heads_logits(model, tokens, result.heads)
+    assert int(final.argmax()) == alternative
+    # Pruned: removing any one head loses the flip.
+    for drop in result.heads:
+        rest = [h for h in result.heads if h != drop]
+        assert int(_zero_heads_logits(model, tokens, rest).argmax()) != alternative
+    assert set(result.heads) <= set(result.greedy_heads)
+    assert result.final_shift["token"].iloc[0] == model.to_single_str_token(alternative)
     # Each greedy step raised the margin.
     added = result.trajectory[result.trajectory["action"] != "prune"]["margin"].tolist()
     assert added == sorted(added)

@@ -39,7 +39,7 @@ def pair_vectors(loaded: LoadedModel, tokens: torch.Tensor, head: HeadRef, rows:
                  keys: np.ndarray) -> dict[str, np.ndarray]:
     """Q, K, V and O (``d_model`` values) of the given pairs of ``tokens [window, pos]``, run again."""
     acts = _head_activations(loaded, tokens, head)
-    index = [torch.as_tensor(np.asarray(x, np.int64)) for x in (rows, queries, keys)]
+    index = [torch.from_numpy(np.array(x, np.int64)) for x in (rows, queries, keys)]
     return vectors_at(acts["pattern"], acts["q"], acts["k"], acts["v"], head_weights(loaded.model, head), *index)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from headvis_core.cli.main import main
 from headvis_core.errors import InputError
+from headvis_core.heads import HeadRef
 from headvis_core.headvis_format.custom import (
     add_custom_sequence,
     delete_custom_sequence,
@@ -15,7 +16,6 @@ from headvis_core.headvis_format.custom import (
 from headvis_core.headvis_format.export import export_headvis
 from headvis_core.headvis_format.links import parse_deep_link
 from headvis_core.headvis_format.validate import validate_tree
-from headvis_core.heads import HeadRef
 from headvis_core.hooks import capture, pattern_hook
 from tests.headvis_format.scans import tiny_scan
 

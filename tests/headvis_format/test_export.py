@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from headvis_core.errors import CorruptFileError, InputError
+from headvis_core.heads import HeadRef, all_heads
 from headvis_core.headvis_format import contract, export
 from headvis_core.headvis_format.export import ExportOptions, export_headvis
 from headvis_core.headvis_format.importer import import_headvis, open_any_scan
 from headvis_core.headvis_format.validate import validate_tree
-from headvis_core.heads import HeadRef, all_heads
 from headvis_core.scan.result import ScanResult
 from tests.headvis_format.scans import tiny_scan
 

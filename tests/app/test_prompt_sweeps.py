@@ -150,3 +150,17 @@ def test_year_preset_on_smollm2():
     assert not at.exception and not at.error
     assert at.selectbox(key="curve").value == "attn 2.3"
     assert texts(at)[0].startswith("attn 2.3 >= 0.5 for year")
+
+
+def test_the_form_survives_a_visit_to_another_page():
+    at = app_test("Home.py").run()
+    at.query_params.update(YEARS)
+    at.switch_page("pages/6_Prompt_sweeps.py").run()
+    assert not at.exception and at.title[0].value == "Prompt sweeps"
+    at.text_area(key="slots").set_value("year=1500..1509").run()
+    at.switch_page("pages/3_Dataset_examples.py").run()
+    assert not at.exception and at.title[0].value == "Dataset examples"
+    at.switch_page("pages/6_Prompt_sweeps.py").run()
+    assert not at.exception and not at.error
+    assert at.text_area(key="slots").value == "year=1500..1509"
+    assert at.text_area(key="template").value == YEARS["template"]

@@ -97,3 +97,28 @@ def test_every_page_opens_without_an_exception(app_url):
                 problems.append(f"{name}: page not found at {url}")
         browser.close()
     assert problems == []
+
+
+# Values no widget can hold, in the parameters the pages bind (see each page's bind="query-params"):
+# every page must fall back to defaults or show an error box, never a traceback.
+HOSTILE_QUERY = ("n=inf&len=-1e400&x=%3Cscript%3Ealert(1)%3C%2Fscript%3E&heads=9.9,0.0&kinds=q,zz&io=1&fold=2"
+                 "&top_k=1e400&threshold=nan&level=nan&curve=nope&budget=-inf&source=%00&min_count=abc"
+                 "&layer=99&head=-1&q=1e9&k=abc")
+
+
+def test_hostile_url_values_give_no_exception(app_url):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    problems = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        for name, url in _page_urls(app_url):
+            page.goto(f"{url}?{HOSTILE_QUERY}", timeout=120_000)
+            _wait_until_idle(page, timeout_ms=240_000)
+            page.screenshot(path=str(ARTIFACTS / f"{name}-hostile-url.png"), full_page=True)
+            if page.locator('[data-testid="stException"]').count():
+                problems.append(f"{name}: {page.locator('[data-testid=stException]').first.inner_text()[:500]}")
+        browser.close()
+    assert problems == []

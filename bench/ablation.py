@@ -19,18 +19,15 @@ is printed. OpenMP threads that spin while waiting make small passes many times 
 on a machine whose cores are busy, which would flatter the batched runner, so this
 script asks for passive waiting unless OMP_WAIT_POLICY is already set.
 
-    PYTHONPATH=. .venv/bin/python bench/ablation.py [--loop-every 5] [--batch-loop-every 15]
+    .venv/bin/python bench/ablation.py [--loop-every 5] [--batch-loop-every 15]
 """
 
 import argparse
 import os
 import resource
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 import numpy as np
 import torch
@@ -74,12 +71,14 @@ def compare(model, prompts, label, loop_every, forward_engine):
     slow = loop.table.set_index("label")["kl"]
     diff = float(np.max(np.abs(fast.loc[slow.index].values - slow.values)))
     print(f"\n[{label}] {len(prompts)} prompt(s) of {prompts.lengths[0]} tokens, {len(heads)} heads")
-    print(f"  batched (replay engine)      {batched_s:8.2f} s   ({batched.engine}{', ' + batched.engine_note if batched.engine_note else ''})")
+    note = f", {batched.engine_note}" if batched.engine_note else ""
+    print(f"  batched (replay engine)      {batched_s:8.2f} s   ({batched.engine}{note})")
     if forward_engine:
         started = time.perf_counter()
         rank_heads_by_ablation(model, prompts, engine="forward", top_n=0)
         forward_s = time.perf_counter() - started
-        print(f"  batched, full forward passes {forward_s:8.2f} s   (no layer skipping: x{forward_s / batched_s:.2f} the replay)")
+        print(f"  batched, full forward passes {forward_s:8.2f} s   "
+              f"(no layer skipping: x{forward_s / batched_s:.2f} the replay)")
     scaled = "" if len(sample) == len(heads) else f", measured on {len(sample)} heads and scaled"
     print(f"  one forward per head (loop)  {loop_s:8.2f} s   ({loop_sample_s / len(sample):.3f} s per head{scaled})")
     print(f"  speed-up over the loop       x{loop_s / batched_s:.1f}")
@@ -121,7 +120,8 @@ def main() -> None:
     search = targeted_search(model, one, " John", budget=args.budget)
     search_s = time.perf_counter() - started
     print(f"\n[targeted search] {search.summary}")
-    print(f"  {search_s:.2f} s, {search.passes} batched passes; greedy order {', '.join(map(str, search.greedy_heads))}")
+    order = ", ".join(map(str, search.greedy_heads))
+    print(f"  {search_s:.2f} s, {search.passes} batched passes; greedy order {order}")
     print(search.trajectory[["step", "action", "head", "alternative_prob", "original_prob", "margin", "top_token"]]
           .to_string(index=False, float_format=lambda x: f"{x:.4f}"))
 

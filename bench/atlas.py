@@ -30,8 +30,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import psutil
+import torch
+
+from headvis_core.atlas.run import build_probe_set, run_atlas
+from headvis_core.data.probes import induction_probe
+from headvis_core.models.loader import load_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 CORPUS = ROOT.parent / "shared" / "corpus" / "gutenberg"
 METHODS = ("atlas", "detect_head", "naive")
 
@@ -40,8 +47,6 @@ class PeakRSS:
     """Samples this process's resident memory in a thread; ``peak - baseline`` is the method's own memory."""
 
     def __init__(self, interval: float = 0.005):
-        import psutil
-
         self.process, self.interval = psutil.Process(), interval
         self.baseline = self.peak = self.process.memory_info().rss
         self._stop = threading.Event()
@@ -67,16 +72,12 @@ class PeakRSS:
 
 
 def probe_for(model, n_seqs: int, seq_len: int):
-    from headvis_core.atlas.run import build_probe_set
-
     folder = CORPUS if CORPUS.is_dir() else None
     return build_probe_set(model, folder, n_seqs=n_seqs, seq_len=seq_len)
 
 
 def naive_metrics(model, sequences, induction, chunk: int = 8):
     """Full run_with_cache per batch, then per-layer, per-head loops (the way a notebook would do it)."""
-    import torch
-
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     names = ("previous_token", "duplicate_token", "attention_sink", "self_attention", "entropy", "mean_distance",
              "max_attention_no_bos", "local_attention", "induction")
@@ -125,14 +126,8 @@ def naive_metrics(model, sequences, induction, chunk: int = 8):
 
 
 def worker(method: str, model_name: str, n_seqs: int, seq_len: int, n_induction: int, threads: int) -> dict:
-    import numpy as np
-    import torch
-
     if threads:
         torch.set_num_threads(threads)
-    from headvis_core.data.probes import induction_probe
-    from headvis_core.atlas.run import run_atlas
-    from headvis_core.models.loader import load_model
 
     loaded = load_model(model_name, device="cpu")
     model = loaded.model
@@ -176,8 +171,7 @@ def run_worker(method: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", method, "--models", args.models[0],
                "--n-seqs", str(args.n_seqs), "--seq-len", str(args.seq_len), "--n-induction", str(args.n_induction),
                "--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"{method} on {args.models[0]} failed:\n{done.stderr[-3000:]}")
@@ -200,7 +194,6 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.models[0], args.n_seqs, args.seq_len, args.n_induction,
                                 args.threads)))
         return
-    import torch
 
     print(f"torch threads: {args.threads or torch.get_num_threads()}; cpu count: {os.cpu_count()}; "
           f"load average at start: {os.getloadavg()[0]:.1f}")

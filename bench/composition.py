@@ -15,26 +15,22 @@ Then: building and rendering the circuit graph of the top 200 edges (networkx + 
 
 import argparse
 import os
-import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from headvis_core.circuits.composition import (  # noqa: E402
+from headvis_core.circuits.composition import (
     all_composition_scores,
     composition_scores_from_weights,
     compute_composition,
     head_weights,
     random_baseline,
 )
-from headvis_core.circuits.graph import GraphFilter, all_edges, build_graph, to_graphml, to_json  # noqa: E402
-from headvis_core.viz.circuit_graph import to_html  # noqa: E402
-from headvis_core.models.loader import load_model  # noqa: E402
+from headvis_core.circuits.graph import GraphFilter, all_edges, build_graph, to_graphml, to_json
+from headvis_core.models.loader import load_model
+from headvis_core.viz.circuit_graph import to_html
 
 
 class PeakMemory:
@@ -99,7 +95,7 @@ def bench_model(name: str, tl_kinds: list[str]) -> None:
     ours, seconds, extra = timed(lambda: all_composition_scores(weights, ("q", "k", "v")))
     print(f"ours, all three kinds in one call (writing Grams shared): {seconds:.2f} s, peak +{extra:.2f} GB")
     for kind in "qkv":
-        _, seconds, extra = timed(lambda: composition_scores_from_weights(weights, kind))
+        _, seconds, extra = timed(lambda kind=kind: composition_scores_from_weights(weights, kind))
         print(f"ours {kind.upper()} alone: {seconds:6.2f} s, peak +{extra:.2f} GB")
     _, seconds, _ = timed(lambda: random_baseline(info.d_model, info.d_head, "k"))
     print(f"random baseline (48 x 48 Gaussian pairs, shared by the kinds): {seconds:.2f} s")
@@ -112,9 +108,9 @@ def bench_model(name: str, tl_kinds: list[str]) -> None:
     print(f"TransformerLens: {how}")
     for kind in tl_kinds:
         # ours just before and just after TL: the machine's load drifts, so compare with their mean
-        before = timed(lambda: composition_scores_from_weights(weights, kind))[1]
-        theirs, seconds, extra = timed(lambda: tl_scores(model, kind, chunked))
-        after = timed(lambda: composition_scores_from_weights(weights, kind))[1]
+        before = timed(lambda kind=kind: composition_scores_from_weights(weights, kind))[1]
+        theirs, seconds, extra = timed(lambda kind=kind: tl_scores(model, kind, chunked))
+        after = timed(lambda kind=kind: composition_scores_from_weights(weights, kind))[1]
         ours_seconds = (before + after) / 2
         diff = (theirs.float() - ours[kind]).abs().max().item()
         print(f"TL {kind.upper()}: {seconds:7.2f} s, peak +{extra:.2f} GB; ours {before:.2f} s before and "

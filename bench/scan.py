@@ -14,7 +14,7 @@ windows. Each resets its peak resident set (``/proc/self/clear_refs``) after
 loading the model, so the figure is the scan's own peak (model included, load
 transient excluded), and prints the scan state's fixed size.
 
-    PYTHONPATH=. .venv/bin/python bench/scan.py [--windows 32] [--window-len 64] [--memory-windows 8]
+    .venv/bin/python bench/scan.py [--windows 32] [--window-len 64] [--memory-windows 8]
 
 Defaults fit about five minutes on two busy cores: 32 x 64 tokens for
 throughput, 8 and 80 windows of 32 tokens for memory. OpenMP threads that
@@ -34,6 +34,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import torch
+
+from headvis_core.data.corpus import iter_window_batches, open_corpus
+from headvis_core.hooks import forward
+from headvis_core.models.loader import load_model
+from headvis_core.scan import ScanParams, run_scan
+from headvis_core.scan.run import new_state, scan_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus" / "gutenberg"
@@ -63,8 +69,6 @@ def reset_peak() -> bool:
 
 def window_batches(loaded, corpus, params, batch_size: int) -> list[tuple[torch.Tensor, object]]:
     """The scan's batches ``[batch, 1 + window_len]`` (BOS first) and their window indices, tokenized once."""
-    from headvis_core.data.corpus import iter_window_batches
-
     model = loaded.model
     bos = model.tokenizer.bos_token_id
     batches = []
@@ -75,8 +79,6 @@ def window_batches(loaded, corpus, params, batch_size: int) -> list[tuple[torch.
 
 
 def forward_only(loaded, batches) -> float:
-    from headvis_core.hooks import forward
-
     started, cpu = time.perf_counter(), time.process_time()
     for seq, _ in batches:
         forward(loaded.model, seq)
@@ -85,8 +87,6 @@ def forward_only(loaded, batches) -> float:
 
 def scan_batches_only(loaded, batches, params) -> float:
     """The scan's per-batch work alone (hooked pass, reductions, merging) on the same tensors as forward_only."""
-    from headvis_core.scan.run import new_state, scan_batch
-
     state = new_state(loaded, params)
     started, cpu = time.perf_counter(), time.process_time()
     for seq, indices in batches:
@@ -95,8 +95,6 @@ def scan_batches_only(loaded, batches, params) -> float:
 
 
 def scan_once(loaded, corpus, params, batch_size: int) -> tuple[tuple[float, float], object]:
-    from headvis_core.scan import run_scan
-
     with tempfile.TemporaryDirectory() as out:
         started, cpu = time.perf_counter(), time.process_time()
         result = run_scan(loaded, corpus, params, out_dir=Path(out), batch_size=batch_size, checkpoint_seconds=1e9)
@@ -104,10 +102,6 @@ def scan_once(loaded, corpus, params, batch_size: int) -> tuple[tuple[float, flo
 
 
 def memory_child(windows: int, window_len: int, batch_size: int) -> None:
-    from headvis_core.data.corpus import open_corpus
-    from headvis_core.models.loader import load_model
-    from headvis_core.scan import ScanParams
-
     loaded = load_model("smollm2-135m", device="cpu")
     corpus = open_corpus(str(CORPUS))
     params = ScanParams(window_len=window_len, max_windows=windows)
@@ -135,9 +129,6 @@ def main() -> None:
     if not CORPUS.is_dir():
         sys.exit(f"{CORPUS} is not here")
 
-    from headvis_core.data.corpus import open_corpus
-    from headvis_core.models.loader import load_model
-    from headvis_core.scan import ScanParams
 
     print(f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     loaded = load_model("smollm2-135m", device="cpu")
@@ -159,8 +150,9 @@ def main() -> None:
                         ("scan, end to end", "scan")]:
         wall, cpu = min(t[0] for t in times[name]), min(t[1] for t in times[name])
         best[name] = (wall, cpu)
+        runs = ", ".join(f"{t[0]:.2f}" for t in times[name])
         print(f"  {label:<22}: wall {wall:6.2f} s {n_tokens / wall:6.0f} tokens/s | CPU {cpu:6.2f} s "
-              f"{n_tokens / cpu:6.0f} tokens/CPU-s   (wall runs: " + ", ".join(f"{t[0]:.2f}" for t in times[name]) + ")")
+              f"{n_tokens / cpu:6.0f} tokens/CPU-s   (wall runs: {runs})")
     for i, kind in enumerate(["wall", "CPU"]):
         print(f"  scan / forward throughput ({kind}): {best['forward'][i] / best['batches'][i]:.2f} per batch, "
               f"{best['forward'][i] / best['scan'][i]:.2f} end to end (goal >= 0.7)")
@@ -172,7 +164,7 @@ def main() -> None:
     for windows in (args.memory_windows, 10 * args.memory_windows):
         run = subprocess.run([sys.executable, __file__, "--memory-child", str(windows), "--memory-window-len",
                               str(args.memory_window_len), "--batch-size", str(args.batch_size)],
-                             capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                             capture_output=True, text=True, cwd=ROOT)
         if run.returncode != 0:
             sys.exit(run.stderr[-2000:])
         row = json.loads(run.stdout.strip().splitlines()[-1])

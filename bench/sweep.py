@@ -10,7 +10,7 @@ difference between their numbers is printed. The batched sweep without the
 shared prefix and the attention-only sweep (the pass stops after the last
 head's layer) are timed too.
 
-    PYTHONPATH=. .venv/bin/python bench/sweep.py [--values 1000] [--loop-values 1000]
+    .venv/bin/python bench/sweep.py [--values 1000] [--loop-values 1000]
 
 ``--loop-values N`` times the loop on the first N values and scales its time
 to all values (default 100, to stay within a few minutes on two busy cores);
@@ -25,12 +25,9 @@ this script asks for passive waiting unless OMP_WAIT_POLICY is already set.
 import argparse
 import os
 import resource
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 import numpy as np
 import torch

@@ -88,7 +88,8 @@ def table_to_json(df: pd.DataFrame) -> dict[str, Any]:
             v = v.item()
         return None if isinstance(v, float) and np.isnan(v) else v
 
-    return {"columns": [str(c) for c in df.columns], "data": [[plain(v) for v in row] for row in df.itertuples(index=False)]}
+    rows = [[plain(v) for v in row] for row in df.itertuples(index=False)]
+    return {"columns": [str(c) for c in df.columns], "data": rows}
 
 
 def table_from_json(data: Any) -> pd.DataFrame:

@@ -165,9 +165,9 @@ def targeted_search(model: Any, prompts: PromptPairs, alternative: Any = None,
         if not remaining:
             reason = "every candidate head is already ablated"
             break
-        fraction = len(chosen) / budget
+        step_progress = scaled(progress, 0.05 + 0.8 * len(chosen) / budget, 0.05 + 0.8 * (len(chosen) + 1) / budget)
         values = runner.evaluate([tuple(chosen) + (h,) for h in remaining], metrics, base=chosen,
-                                 progress=scaled(progress, 0.05 + 0.8 * fraction, 0.05 + 0.8 * (len(chosen) + 1) / budget))
+                                 progress=step_progress)
         passes += 1
         steps = _steps(values)
         best = _best(steps)

@@ -123,7 +123,9 @@ def builtin_probe_set(model: Any, n_seqs: int = 64, seq_len: int = 128) -> Probe
 
 
 def corpus_files(folder: str | Path) -> list[tuple[Path, str]]:
-    """``(file, encoding)`` of the readable text files of a corpus folder (via :func:`headvis_core.data.corpus.open_corpus`).
+    """``(file, encoding)`` of the readable text files of a corpus folder.
+
+    Read through :func:`headvis_core.data.corpus.open_corpus`.
 
     Raises :class:`InputError` where the folder is missing, is a file, or holds no text.
     """

@@ -49,7 +49,8 @@ def load_published_roles(path: Path) -> PublishedRoles:
         raise CorruptFileError(f"The published roles file {path.name} is malformed: {err}") from err
 
 
-def published_roles_for(model_name: str, source: str = "", folder: Path = PUBLISHED_ROLES_DIR) -> Optional[PublishedRoles]:
+def published_roles_for(model_name: str, source: str = "",
+                        folder: Path = PUBLISHED_ROLES_DIR) -> Optional[PublishedRoles]:
     """The published roles for a model, matched by its short name or hub id, or ``None``."""
     names = {(model_name or "").strip().lower(), (source or "").strip().lower()} - {""}
     for path in sorted(folder.glob("*.json")):

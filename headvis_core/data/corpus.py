@@ -338,7 +338,8 @@ def iter_window_batches(corpus: Corpus, tokenizer: Any, window_len: int, batch_s
                          "enough for one window. Give more text or use shorter windows.")
 
 
-def iter_windows(corpus: Corpus, tokenizer: Any, window_len: int, max_windows: Optional[int] = None) -> Iterator[Window]:
+def iter_windows(corpus: Corpus, tokenizer: Any, window_len: int,
+                 max_windows: Optional[int] = None) -> Iterator[Window]:
     """One :class:`Window` at a time (the slow, simple path used by tests and references)."""
     for batch in iter_window_batches(corpus, tokenizer, window_len, 1, max_windows):
         yield Window(int(batch.indices[0]), batch.tokens[0])

@@ -20,7 +20,8 @@ def importance_heatmap(ranking: HeadRanking, title: str = "") -> go.Figure:
         colorscale="RdBu_r" if diverging else "Reds", zmid=0 if diverging else None,
         zmin=-bound if diverging else 0, zmax=bound or 1.0, colorbar=dict(title=label),
         hovertemplate="head %{y}.%{x}<br>" + label + " %{z:.4f}<extra></extra>"))
-    fig.update_layout(title=title or f"{ABLATION_METRIC_LABELS[ranking.metric]} when each head is {ranking.kind}-ablated",
+    default_title = f"{ABLATION_METRIC_LABELS[ranking.metric]} when each head is {ranking.kind}-ablated"
+    fig.update_layout(title=title or default_title,
                       xaxis_title="head", yaxis_title="layer", height=min(900, 120 + 22 * n_layers),
                       yaxis_autorange="reversed", margin=dict(t=40, b=10, l=10, r=10))
     fig.update_xaxes(dtick=1)

@@ -22,7 +22,8 @@ from headvis_core.viz.atlas import BEHAVIOUR_COLOURS, behaviour_counts, head_sca
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
 h1 { margin-bottom: 0; } .meta { color: #555; } .note { background: #fff7e0; padding: 6px 10px; margin: 4px 0; }
-table { border-collapse: collapse; margin: 8px 0; } td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
+table { border-collapse: collapse; margin: 8px 0; }
+td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
 details.card { border: 1px solid #ccc; border-radius: 6px; margin: 6px 0; padding: 4px 10px; }
 details.card summary { cursor: pointer; font-weight: 600; }
 .badge { display: inline-block; color: white; border-radius: 4px; padding: 0 6px; margin-right: 4px; font-size: 90%; }

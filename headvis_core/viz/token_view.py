@@ -167,27 +167,40 @@ const DATA = {data};
   function line(cls, prefix, entries) {{
     const div = document.createElement("div");
     div.className = cls;
-    div.textContent = prefix + (entries.length ? entries.map(e => label(e[0]) + " " + e[1].toFixed(3)).join(",  ") : "none");
+    const shown = entries.map(e => label(e[0]) + " " + e[1].toFixed(3));
+    div.textContent = prefix + (entries.length ? shown.join(",  ") : "none");
     return div;
   }}
   function show(i) {{
     for (const s of spans) {{ s.style.background = "transparent"; s.classList.remove("focus"); }}
-    for (const [k, v] of DATA.keys[i]) {{ const s = byPos.get(k); if (s) s.style.background = "rgba(40, 100, 220, " + Math.min(1, 0.15 + v).toFixed(3) + ")"; }}
-    for (const [q, v] of DATA.queries[i]) {{ const s = byPos.get(q); if (s && q !== i) s.style.background = "rgba(240, 140, 40, " + Math.min(1, 0.15 + v).toFixed(3) + ")"; }}
+    const shade = v => Math.min(1, 0.15 + v).toFixed(3);
+    for (const [k, v] of DATA.keys[i]) {{
+      const s = byPos.get(k);
+      if (s) s.style.background = "rgba(40, 100, 220, " + shade(v) + ")";
+    }}
+    for (const [q, v] of DATA.queries[i]) {{
+      const s = byPos.get(q);
+      if (s && q !== i) s.style.background = "rgba(240, 140, 40, " + shade(v) + ")";
+    }}
     const own = byPos.get(i); if (own) own.classList.add("focus");
     panel.replaceChildren();
     const head = document.createElement("div");
-    head.textContent = "token " + label(i) + (DATA.first ? "  (attention to position 0: " + DATA.first[i].toFixed(3) + ")" : "");
+    const sink = DATA.first ? "  (attention to position 0: " + DATA.first[i].toFixed(3) + ")" : "";
+    head.textContent = "token " + label(i) + sink;
     panel.append(head, line("k", "attends to: ", DATA.keys[i]), line("q", "attended by: ", DATA.queries[i]));
   }}
-  function refresh() {{ if (pinned === null) {{ base(); panel.textContent = "Hover or click a token."; }} else show(pinned); }}
+  function refresh() {{
+    if (pinned === null) {{ base(); panel.textContent = "Hover or click a token."; }} else show(pinned);
+  }}
   for (const s of spans) {{
     const i = Number(s.dataset.i);
     s.addEventListener("mouseenter", () => show(i));
     s.addEventListener("mouseleave", refresh);
     s.addEventListener("click", () => {{ pinned = (pinned === i) ? null : i; refresh(); }});
   }}
-  for (const r of document.querySelectorAll("input[name=mode]")) r.addEventListener("change", e => {{ mode = e.target.value; pinned = null; refresh(); }});
+  for (const r of document.querySelectorAll("input[name=mode]")) {{
+    r.addEventListener("change", e => {{ mode = e.target.value; pinned = null; refresh(); }});
+  }}
   refresh();
   if (pinned !== null && byPos.get(pinned)) byPos.get(pinned).scrollIntoView({{block: "nearest"}});
 }})();

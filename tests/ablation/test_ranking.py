@@ -40,8 +40,8 @@ def test_batched_ranking_equals_the_one_forward_per_head_loop(name, request):
     loaded = request.getfixturevalue(name.replace("-", "_"))
     model = loaded.model
     one = prompts_from_texts(model, [IOI], targets=["M"], alternatives=["J"])
-    fast, slow = rank_heads_by_ablation(model, one, metric="logit_diff"), rank_heads_by_ablation(model, one, metric="logit_diff",
-                                                                          engine="loop")
+    fast = rank_heads_by_ablation(model, one, metric="logit_diff")
+    slow = rank_heads_by_ablation(model, one, metric="logit_diff", engine="loop")
     assert fast.engine == "replay" and slow.engine == "loop"
     _assert_same(fast, slow, ("importance", "kl", "logit_diff", "target_prob", "alternative_prob"))
     for head in (HeadRef(0, 1), HeadRef(1, 3)):
@@ -49,7 +49,8 @@ def test_batched_ranking_equals_the_one_forward_per_head_loop(name, request):
                                                                  rel=1e-4, abs=1e-7)
     # A prompt batch, two lengths: averaged over the prompts.
     batch = prompts_from_texts(model, PROMPTS)
-    fast, slow = rank_heads_by_ablation(model, batch, max_batch_tokens=64), rank_heads_by_ablation(model, batch, engine="loop")
+    fast = rank_heads_by_ablation(model, batch, max_batch_tokens=64)
+    slow = rank_heads_by_ablation(model, batch, engine="loop")
     _assert_same(fast, slow)
     per_prompt = [rank_heads_by_ablation(model, batch.subset([i]), engine="loop") for i in range(3)]
     np.testing.assert_allclose(_by_label(fast, "kl").values,
@@ -61,13 +62,15 @@ def test_batched_ranking_equals_the_loop_for_mean_and_resample(tiny_llama):
     prompts = prompts_from_texts(model, PROMPTS[:2], corrupted=["abcde world, hello", "jello wxrld, jello"])
     for kind in ("mean", "resample"):
         ablation = make_ablation(model, kind, prompts)
-        _assert_same(rank_heads_by_ablation(model, prompts, ablation), rank_heads_by_ablation(model, prompts, ablation, engine="loop"))
+        _assert_same(rank_heads_by_ablation(model, prompts, ablation),
+                     rank_heads_by_ablation(model, prompts, ablation, engine="loop"))
 
 
 def test_loss_metric_on_the_induction_preset(tiny_gpt2):
     model = tiny_gpt2.model
     prompts = induction_prompts(model, n_seqs=2, half_len=6)
-    fast, slow = rank_heads_by_ablation(model, prompts, metric="loss"), rank_heads_by_ablation(model, prompts, metric="loss", engine="loop")
+    fast = rank_heads_by_ablation(model, prompts, metric="loss")
+    slow = rank_heads_by_ablation(model, prompts, metric="loss", engine="loop")
     _assert_same(fast, slow, ("importance", "loss", "kl"))
     np.testing.assert_allclose(fast.table["importance"], fast.table["loss"] - fast.clean["loss"], atol=1e-6)
 
@@ -110,7 +113,8 @@ def test_metric_needs_its_tokens(tiny_gpt2):
 
 def test_progress_is_reported(tiny_gpt2):
     seen = []
-    rank_heads_by_ablation(tiny_gpt2.model, prompts_from_texts(tiny_gpt2.model, [IOI]), progress=lambda f, m: seen.append(f))
+    prompts = prompts_from_texts(tiny_gpt2.model, [IOI])
+    rank_heads_by_ablation(tiny_gpt2.model, prompts, progress=lambda f, m: seen.append(f))
     assert seen[-1] == 1.0 and seen == sorted(seen)
 
 

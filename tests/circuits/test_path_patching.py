@@ -75,7 +75,8 @@ def test_noising_is_denoising_with_the_prompt_sets_swapped(sharp_gpt2):
     edges = [Edge(HeadRef(0, 2), HeadRef(1, r), "v") for r in range(4)]
     ours = path_patch(model, pairs, edges, direction="noising")
     clean, corrupted = _caches(model, pairs)
-    theirs = get_act_patch_direct_path(model, pairs.padded().clean, corrupted, clean, _metric(pairs), 0, 2, component="v",
+    theirs = get_act_patch_direct_path(model, pairs.padded().clean, corrupted, clean, _metric(pairs), 0, 2,
+                                       component="v",
                                        verbose=False)[1]
     assert ours.table.patched.to_numpy() == pytest.approx(theirs.numpy(), abs=1e-5)
     assert ours.table.effect.abs().max() > 0.01

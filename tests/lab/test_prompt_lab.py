@@ -33,7 +33,7 @@ def test_pair_hook_keeps_one_value_per_head():
     store = {}
     hooks = _pair_hooks(3, 1, 2, store)
     big = torch.rand(1, 4, 50, 50)
-    for name, fn in hooks:
+    for _, fn in hooks:
         fn(big, None)
     assert [n for n, _ in hooks] == [pattern_hook(0), pattern_hook(1)]
     assert all(v.shape == (4,) for v in store.values())
@@ -75,7 +75,8 @@ def test_bad_pairs_are_refused(tiny_gpt2):
 
 def test_smollm2_induction_pair_and_prediction(smollm2):
     model = smollm2.model
-    prompt = tokenize_prompt(model, "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy")
+    text = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy"
+    prompt = tokenize_prompt(model, text)
     brown = [i for i, t in enumerate(prompt.str_tokens) if t == " brown"]
     fox = [i for i, t in enumerate(prompt.str_tokens) if t == " fox"]
     result = analyse_prompt(model, prompt.tokens, [HeadRef(18, 6)], query_pos=brown[1], key_pos=fox[0])

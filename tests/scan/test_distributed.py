@@ -1,0 +1,141 @@
+"""The scan sharded over a local Ray cluster: the one-process result exactly, after kills and resumes too."""
+
+import os
+import random
+import signal
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from headvis_core.data.corpus import open_corpus
+from headvis_core.errors import InputError
+from headvis_core.scan import ScanParams, list_scans, run_scan
+from headvis_core.scan.distributed import SHARDS_DIR, ray_available, run_sharded_scan
+from tests.scan.test_shards import assert_same_arrays
+
+pytestmark = pytest.mark.skipif(not ray_available(), reason="Ray is not installed (pip install ray==2.60.0)")
+
+PARAMS = ScanParams(window_len=10, max_windows=60, examples_per_decile=2, top_examples=5, top_k_keys=3,
+                    reservoir_size=12, histogram_bins=512, shard_windows=8, token_capacity=6)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(2)
+    root = tmp_path_factory.mktemp("ray_corpus")
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    (root / "a.txt").write_text(" ".join("".join(rng.choice(letters) for _ in range(rng.randint(1, 7)))
+                                         for _ in range(500)))
+    return open_corpus(str(root))
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_llama, corpus, tmp_path_factory):
+    return run_scan(tiny_llama, corpus, PARAMS, out_dir=tmp_path_factory.mktemp("whole"), batch_size=4)
+
+
+def test_two_workers_give_the_one_process_result(cluster, tiny_llama, corpus, one_process, tmp_path):
+    fractions = []
+    result = run_sharded_scan(tiny_llama, corpus, PARAMS, workers=2, out_dir=tmp_path, batch_size=4,
+                              progress=lambda f, m: fractions.append(f))
+    assert result.n_windows == 60
+    assert_same_arrays(result, one_process)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 3  # one bar
+    assert not (result.path / SHARDS_DIR).exists()
+    assert [s.status for s in list_scans(tmp_path)] == ["complete"]
+
+
+def kill_a_worker_mid_shard(killed: list, stop: threading.Event) -> None:
+    """SIGKILL the first actor process seen running a shard (Ray names it after the method it runs)."""
+    while not stop.is_set() and not killed:
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if "ray::ShardWorker.scan_shard" in " ".join(proc.info["cmdline"] or []):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed.append(proc.info["pid"])
+                return
+        time.sleep(0.005)
+
+
+def test_a_worker_killed_mid_shard_is_replaced_and_the_result_is_the_same(cluster, tiny_llama, corpus,
+                                                                          one_process, tmp_path):
+    killed, stop = [], threading.Event()
+    killer = threading.Thread(target=kill_a_worker_mid_shard, args=(killed, stop))
+    killer.start()
+    try:
+        result = run_sharded_scan(tiny_llama, corpus, PARAMS, workers=2, out_dir=tmp_path, batch_size=4)
+    finally:
+        stop.set()
+        killer.join()
+    assert len(killed) == 1
+    assert_same_arrays(result, one_process)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_without_redoing_finished_shards(cluster, tiny_llama, corpus, one_process, tmp_path):
+    reports = []
+
+    def stop_after_three(fraction, message):
+        reports.append(message)
+        if len(reports) == 3:
+            raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        run_sharded_scan(tiny_llama, corpus, PARAMS, workers=2, out_dir=tmp_path, batch_size=4,
+                         progress=stop_after_three, checkpoint_seconds=3600)
+    [stored] = list_scans(tmp_path)
+    assert stored.status == "partial" and stored.windows % PARAMS.shard_windows == 0 and stored.windows >= 8
+    messages = []
+    resumed = run_sharded_scan(tiny_llama, corpus, PARAMS, workers=2, out_dir=tmp_path, batch_size=4,
+                               progress=lambda f, m: messages.append(m))
+    assert resumed.meta["resumed_from"] == stored.windows
+    assert_same_arrays(resumed, one_process)
+
+
+def test_a_one_process_checkpoint_inside_a_shard_is_finished_and_resumed(cluster, tiny_llama, corpus,
+                                                                           one_process, tmp_path):
+    calls = []
+
+    def stop_after_three(fraction, message):
+        calls.append(message)
+        if len(calls) == 3:
+            raise Interrupted()
+
+    with pytest.raises(Interrupted):  # one process, stopped after 3 batches of 4: inside the second shard
+        run_scan(tiny_llama, corpus, PARAMS, out_dir=tmp_path, batch_size=4, progress=stop_after_three,
+                 checkpoint_seconds=3600)
+    assert [s.windows for s in list_scans(tmp_path)] == [12]
+    messages = []
+    result = run_sharded_scan(tiny_llama, corpus, PARAMS, workers=2, out_dir=tmp_path, batch_size=4,
+                              progress=lambda f, m: messages.append(m))
+    assert result.meta["resumed_from"] == 12
+    assert_same_arrays(result, one_process)
+
+
+def test_bad_worker_counts_and_addresses(tiny_llama, corpus, tmp_path):
+    with pytest.raises(InputError, match="workers"):
+        run_sharded_scan(tiny_llama, corpus, PARAMS, workers=0, out_dir=tmp_path)
+
+
+def test_smollm2_over_two_workers_equals_the_one_process_scan(cluster, smollm2, corpus_dir, tmp_path):
+    corpus = open_corpus(str(corpus_dir / "gutenberg"))
+    params = ScanParams(window_len=24, max_windows=8, examples_per_decile=1, reservoir_size=8, shard_windows=4,
+                        token_capacity=32)
+    whole = run_scan(smollm2, corpus, params, out_dir=tmp_path / "a", batch_size=4)
+    sharded = run_sharded_scan(smollm2, corpus, params, workers=2, out_dir=tmp_path / "b", batch_size=4)
+    assert_same_arrays(sharded, whole)
+    assert np.all(sharded.arrays["hh_slack"] >= 0)

@@ -26,6 +26,7 @@ PRESET = "greater_than"
 MIN_MEAN_SCORE = 0.1  # mean P(> YY) - P(<= YY) below this: no clear greater-than behaviour
 MIN_ATTENTION = 0.2  # mean attention to YY that counts as a head reading the year
 TOP_HEADS = 5
+MIN_NUMBER_MASS = 0.2  # probability on two-digit endings below this: the model is not answering with a year
 
 
 def year_sweep_result(model: Any, sample: int = 0) -> Any:
@@ -48,9 +49,11 @@ def answer_probabilities(model: Any, found: dict, model_name: str = "", sample: 
     sentence = (f"Over {len(table)} years 17YY, the model puts on average {above:.2f} of its probability on "
                 f"two-digit endings above YY and {below:.2f} on endings at or below it "
                 f"(the rest goes to other tokens).")
-    convincing = above > below
-    if not convincing:
-        sentence += " It does not favour the later years."
+    convincing = above + below >= MIN_NUMBER_MASS and above - below >= MIN_MEAN_SCORE
+    if above + below < MIN_NUMBER_MASS:
+        sentence += " It hardly predicts a two-digit ending at all here."
+    elif not convincing:
+        sentence += " It does not clearly favour the later years."
     figure = sweep_line_figure(result, ["p_above", "p_at_or_below"], title="P(ending > YY) and P(ending <= YY)")
     columns = [c for c in ("YY", "prompt", "top_token", "p_above", "p_at_or_below") if c in table.columns]
     return StepResult(sentence=sentence, figure=figure, table=table[columns], convincing=convincing,

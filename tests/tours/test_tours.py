@@ -49,6 +49,16 @@ def test_induction_tour_on_a_random_model_says_it_finds_nothing(tiny_llama):
     assert not fresh.from_store and "first_copy_loss" in found
 
 
+def test_greater_than_tour_on_a_random_model_finds_nothing(tiny_llama):
+    results = run_tour(tiny_llama.model, get_tour("greater-than"), model_name="tiny-llama")
+    assert len(results) == 3 and not any(r.convincing for r in results)
+    assert "hardly predicts a two-digit ending" in results[0].sentence
+    assert "no clear greater-than behaviour" in results[1].sentence
+    assert "nothing convincing reads the year" in results[2].sentence
+    assert len(results[2].table) == min(15, tiny_llama.model.cfg.n_layers * tiny_llama.model.cfg.n_heads)
+    assert results[2].link.startswith("Prompt_sweeps?model=tiny-llama")
+
+
 def test_ioi_tour_refuses_a_model_without_single_token_names(tiny_llama):
     with pytest.raises(InputError, match="single tokens"):
         run_step(tiny_llama.model, get_tour("ioi"), 0, {}, model_name="tiny-llama")

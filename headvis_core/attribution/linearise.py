@@ -85,9 +85,10 @@ def rope_convention(model: Any) -> None:
                 f"Edge attribution handles Llama-style RoPE only; this model rotates adjacent pairs ({flag}).")
 
 
-def apply_rope(rows: Float[torch.Tensor, "n d_head"], cos: Float[torch.Tensor, " rot"],
-               sin: Float[torch.Tensor, " rot"], full_rotation: bool = False) -> Float[torch.Tensor, "n d_head"]:
-    """RoPE at one position applied to each row; ``cos``/``sin`` as the bridge fires them.
+def apply_rope(rows: Float[torch.Tensor, "n d_head"], cos: Float[torch.Tensor, "*n rot"],
+               sin: Float[torch.Tensor, "*n rot"], full_rotation: bool = False) -> Float[torch.Tensor, "n d_head"]:
+    """RoPE applied to each row; ``cos``/``sin`` as the bridge fires them, of one position (shared by
+    the rows) or one per row.
 
     ``full_rotation``: the cos/sin halves are not duplicated (GPT-OSS), so they are concatenated
     first. When ``cos`` is shorter than the head (partial rotary, e.g. GPT-NeoX) only the leading
@@ -95,7 +96,7 @@ def apply_rope(rows: Float[torch.Tensor, "n d_head"], cos: Float[torch.Tensor, "
     """
     cos, sin = cos.double(), sin.double()
     if full_rotation:
-        cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
     rotary = cos.shape[-1]
     if rotary >= rows.shape[-1]:
         return rows * cos + rotate_half(rows) * sin

@@ -149,11 +149,13 @@ def offset_profile(model: Any, acts: EdgeActivations, query: Components, key: Co
     full = _full_rotation(model, cos_all[0], q[None])
     k0 = apply_rope(k[None], cos_all[0], sin_all[0], full_rotation=full)[0]
     scaling = score_scaling(model, layer)
-    offsets = list(range(query.position + 1))
-    scores = [float(apply_rope(q[None], cos_all[d], sin_all[d], full_rotation=full)[0] @ k0) * scaling
-              for d in offsets]
+    offsets = range(query.position + 1)
+    # row d: the query rotated as if d positions after the key (cos/sin of position d broadcast over rows)
+    rotated = apply_rope(q.expand(len(offsets), -1), cos_all[:len(offsets)], sin_all[:len(offsets)],
+                         full_rotation=full)
+    scores = (rotated @ k0 * scaling).tolist()
     actual = query.position - key.position
-    return pd.DataFrame({"offset": offsets, "score": scores, "actual": [d == actual for d in offsets]})
+    return pd.DataFrame({"offset": list(offsets), "score": scores, "actual": [d == actual for d in offsets]})
 
 
 @dataclass

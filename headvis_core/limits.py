@@ -174,3 +174,60 @@ def check_forward(model: Any, batch: int, tokens: int, what: str, logits: bool =
         hint = "Nothing of this size fits: free memory (close other models) or raise the cap."
     check_memory(estimate, cap_gb, hint=hint)
     return estimate
+
+
+# ---------------------------------------------------------------------------------------------
+# The workbench's requests, by shape (pages and CLI call these before running)
+
+
+def check_atlas_memory(model: Any, n_seqs: int, seq_len: int, n_induction_seqs: Optional[int] = None,
+                       batch_size: int = 16, cap_gb: Optional[float] = None) -> MemoryEstimate:
+    """The head atlas: batches of probe and induction sequences; the pass stops after the last pattern."""
+    tokens = min(int(seq_len), ModelDims.of(model).n_ctx)
+    n_induction = n_induction_seqs or max(4, int(n_seqs) // 4)
+    batch = min(int(batch_size), max(int(n_seqs), n_induction))
+    return check_forward(model, batch, tokens, f"the atlas ({batch} sequences of {tokens} tokens per pass)",
+                         logits=False, cap_gb=cap_gb)
+
+
+def check_scan_memory(model: Any, window_len: int, batch_size: int, max_windows: Optional[int] = None,
+                      cap_gb: Optional[float] = None) -> MemoryEstimate:
+    """A dataset scan: batches of BOS + window; patterns reduced in their hooks, no unembedding."""
+    batch = min(int(batch_size), int(max_windows)) if max_windows else int(batch_size)
+    tokens = int(window_len) + 1
+    return check_forward(model, batch, tokens, f"the scan ({batch} windows of {tokens} tokens per pass)",
+                         logits=False, cap_gb=cap_gb)
+
+
+def check_ablation_memory(model: Any, prompts: Any, mode: str = "kl", batch_tokens: int = 8192,
+                          cap_gb: Optional[float] = None) -> MemoryEstimate:
+    """Ablation of ``prompts`` (a ``PromptPairs``): ``mode`` ``kl``/``targeted`` (exact) or ``estimate``.
+
+    Exact ablation runs up to ``batch_tokens`` tokens per pass and keeps the residual stream entering
+    every block for its replay; the estimate (attribution patching) runs each group of same-length
+    prompts as one batch and keeps every layer's activations, patterns included, for the backward pass.
+    """
+    dims = ModelDims.of(model)
+    longest = max(int(t.shape[-1]) for t in prompts.tokens)
+    if mode == "estimate":
+        batch = max(len(group) for group in prompts.length_groups())
+        kept = dims.n_layers * batch * longest * (dims.n_heads * longest + 4 * dims.d_model) * dims.bytes_per_value
+    else:
+        batch = max(1, min(len(prompts.tokens), int(batch_tokens) // longest))
+        kept = 2 * dims.n_layers * batch * longest * dims.d_model * dims.bytes_per_value
+    return check_forward(model, batch, longest, f"the ablation ({batch} prompt(s) of {longest} tokens per pass)",
+                         extra_bytes=kept, cap_gb=cap_gb)
+
+
+def check_sweep_memory(model: Any, plan: Any, batch_tokens: int, predictions: bool = True, max_batch: int = 256,
+                       cap_gb: Optional[float] = None) -> MemoryEstimate:
+    """A prompt sweep (a ``SweepPlan``): batches of ``batch_tokens`` tokens (two more steps for greater-than)."""
+    longest = max(len(ids) for ids in plan.token_ids) + 2
+    batch = max(1, min(int(max_batch), int(batch_tokens) // longest, len(plan.token_ids)))
+    return check_forward(model, batch, longest, f"the sweep ({batch} prompts of up to {longest} tokens per pass)",
+                         logits=predictions, cap_gb=cap_gb)
+
+
+def check_prompt_memory(model: Any, n_tokens: int, cap_gb: Optional[float] = None) -> MemoryEstimate:
+    """One prompt through the model with every pattern visible (the Prompt lab)."""
+    return check_forward(model, 1, int(n_tokens), f"this prompt ({int(n_tokens)} tokens)", cap_gb=cap_gb)

@@ -53,7 +53,7 @@ def int_at_least(minimum: int, what: str = "") -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             needed = "a positive whole number" if minimum == 1 else f"at least {minimum}"
-            raise argparse.ArgumentTypeError(f"{value} is too small: {what or 'this'} must be {needed}")
+            raise argparse.ArgumentTypeError(f"{value} is too small: {what or 'it'} must be {needed}")
         return value
 
     parse.__name__ = f"int>={minimum}"

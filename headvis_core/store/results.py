@@ -86,6 +86,7 @@ class StoredEntry:
     computed_at: float  # unix time
     compute_seconds: float
     size_bytes: int
+    link: Optional[dict[str, Any]] = None  # {"page": "pages/1_Head_atlas.py", "query": {...}} that reopens it
 
     @property
     def computed_at_text(self) -> str:
@@ -236,6 +237,13 @@ class ResultStore:
         self._evict(keep=key)
         return len(blob)
 
+    def set_link(self, key: str, link: dict[str, Any]) -> None:
+        """Record where the result under ``key`` is shown (listing only; the stored value is unchanged)."""
+        _, index = self._open()
+        entry = index.get(key, default=None, retry=True)
+        if isinstance(entry, dict):
+            index.set(key, dict(entry, link=link), retry=True)
+
     def _evict(self, keep: str) -> None:
         """Delete least-recently-used results (never ``keep``) until the store is under its cap."""
         results, index = self._open()
@@ -273,7 +281,7 @@ class ResultStore:
             entry = StoredEntry(key=key, kind=header["kind"], model=header["model"],
                                 fingerprint=header["fingerprint"], inputs=header["inputs"],
                                 computed_at=header["computed_at"], compute_seconds=header["compute_seconds"],
-                                size_bytes=header.get("size_bytes", 0))
+                                size_bytes=header.get("size_bytes", 0), link=header.get("link"))
             if ((fingerprint is None or entry.fingerprint == fingerprint) and (kind is None or entry.kind == kind)
                     and (model is None or entry.model == model)):
                 found.append(entry)
@@ -313,7 +321,8 @@ def default_store() -> ResultStore:
 
 
 def cached(kind: str, model: Any, inputs: Mapping[str, Any], compute: Callable[[], T], *,
-           refresh: bool = False, store: Optional[ResultStore] = None) -> Stored[T]:
+           refresh: bool = False, store: Optional[ResultStore] = None,
+           link: Optional[Mapping[str, Any]] = None) -> Stored[T]:
     """``compute()``'s result for ``kind`` on ``model`` with ``inputs``, from the store where it is there.
 
     Args:
@@ -322,6 +331,9 @@ def cached(kind: str, model: Any, inputs: Mapping[str, Any], compute: Callable[[
         inputs: everything that defines the result (plain values, tensors, tables, dataclasses).
         compute: makes the result where it is not stored (or ``refresh`` is set).
         refresh: recompute and replace the stored result ("Recompute", ``--no-cache``).
+        link: where the result is shown, ``{"page": "pages/1_Head_atlas.py", "query": {"n": 64}}``
+            (JSON-able); kept with the entry so that a listing can link to it. A hit keeps the stored
+            link unless a new one is given.
 
     A damaged stored value is deleted and recomputed, with a note in ``notes``;
     an unusable store is worked around, with a note. Errors of ``compute``
@@ -334,6 +346,11 @@ def cached(kind: str, model: Any, inputs: Mapping[str, Any], compute: Callable[[
     if not refresh:
         try:
             header, value = store.load(key)
+            if link is not None and header.get("link") != dict(link):
+                try:
+                    store.set_link(key, dict(link))
+                except STORE_ERRORS:
+                    pass  # the link only helps listings
             notes.extend(filter(None, [store.take_open_note()]))
             return Stored(value=value, key=key, kind=kind, computed_at=header["computed_at"],
                           compute_seconds=header["compute_seconds"], from_store=True, notes=notes)
@@ -347,7 +364,8 @@ def cached(kind: str, model: Any, inputs: Mapping[str, Any], compute: Callable[[
     value = compute()
     finished = time.time()
     header = {"key": key, "kind": kind, "model": fingerprint.label, "fingerprint": fingerprint.digest,
-              "inputs": describe_inputs(inputs), "computed_at": finished, "compute_seconds": finished - started}
+              "inputs": describe_inputs(inputs), "computed_at": finished, "compute_seconds": finished - started,
+              "link": dict(link) if link is not None else None}
     try:
         if store.save(key, header, value) == 0:
             notes.append(f"This {kind} result is larger than the whole result store "

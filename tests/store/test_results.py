@@ -180,3 +180,12 @@ def test_threads_sharing_a_store_all_get_the_value(tiny_gpt2, store):
     for t in threads:
         t.join()
     assert got == ["v"] * 4
+
+
+def test_a_link_is_kept_for_listings_and_updated_by_a_hit(tiny_gpt2, store):
+    page = {"page": "pages/1_Head_atlas.py", "query": {"n": 4}}
+    cached("atlas", tiny_gpt2, {"n": 4}, lambda: 1, store=store, link=page)
+    assert store.entries()[0].link == page
+    moved = {"page": "pages/1_Head_atlas.py", "query": {"n": 4, "len": 128}}
+    assert cached("atlas", tiny_gpt2, {"n": 4}, lambda: 2, store=store, link=moved).from_store
+    assert store.entries()[0].link == moved

@@ -100,28 +100,6 @@ def build_prompts(model, args: argparse.Namespace):
                               corrupted=[args.corrupted] if args.corrupted else None)
 
 
-def check_ablation_memory(model, prompts, mode: str) -> None:
-    """Refuse an ablation whose largest pass would pass the memory cap, before it runs.
-
-    Exact ablation runs up to ``DEFAULT_BATCH_TOKENS`` tokens per pass and keeps the residual stream
-    entering every block for its replay; the estimate runs each group of same-length prompts as one
-    batch and keeps every layer's activations for the backward pass.
-    """
-    from headvis_core.ablation.runner import DEFAULT_BATCH_TOKENS
-    from headvis_core.limits import ModelDims, check_forward
-
-    dims = ModelDims.of(model)
-    longest = max(prompts.lengths)
-    if mode == "estimate":
-        batch = max(len(group) for group in prompts.length_groups())
-        kept = dims.n_layers * batch * longest * (dims.n_heads * longest + 4 * dims.d_model) * dims.bytes_per_value
-    else:
-        batch = max(1, min(len(prompts), DEFAULT_BATCH_TOKENS // longest))
-        kept = 2 * dims.n_layers * batch * longest * dims.d_model * dims.bytes_per_value
-    check_forward(model, batch, longest, f"the ablation ({batch} prompt(s) of {longest} tokens per pass)",
-                  extra_bytes=kept)
-
-
 def _estimate_record(loaded, args, metric: str, prompts, refined) -> dict:
     table = refined.table
     return {"format": "headvis-ablation-estimate", "version": 1, "model": loaded.info.name, "mode": "estimate",
@@ -139,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     from headvis_core.ablation.ranking import rank_heads_by_ablation as rank_heads
     from headvis_core.ablation.targeted import targeted_search
     from headvis_core.ablation.values import make_ablation
+    from headvis_core.limits import check_ablation_memory
     from headvis_core.progress import tqdm_progress
     from headvis_core.storage import atomic_write_json
     from headvis_core.store import kinds

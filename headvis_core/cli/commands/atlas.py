@@ -17,20 +17,10 @@ from headvis_core.cli.main import (
 )
 
 
-def check_atlas_memory(model, n_seqs: int, seq_len: int, n_induction_seqs: int | None, batch_size: int) -> None:
-    """Refuse an atlas whose largest forward pass would pass the memory cap (before it runs)."""
-    from headvis_core.limits import check_forward
-
-    tokens = min(seq_len, int(model.cfg.n_ctx))
-    n_induction = n_induction_seqs or max(4, n_seqs // 4)
-    batch = min(batch_size, max(n_seqs, n_induction))
-    # the pass stops after the last layer's pattern: no logits
-    check_forward(model, batch, tokens, f"the atlas ({batch} sequences of {tokens} tokens per pass)", logits=False)
-
-
 def _atlas(args: argparse.Namespace) -> int:
     from headvis_core.atlas.run import MIN_SEQ_LEN, compute_atlas, corpus_files, top_heads
     from headvis_core.errors import InputError
+    from headvis_core.limits import check_atlas_memory
     from headvis_core.progress import tqdm_progress
     from headvis_core.storage import atomic_write_text
     from headvis_core.store.kinds import ATLAS, atlas_inputs

@@ -27,7 +27,7 @@ OUTPUT_FILES = ("report.html", "heads.csv", "pairs.csv", "unmatched.csv", "depth
 def _atlas_of(name: str, args: argparse.Namespace):
     """Load ``name`` and read or compute its atlas; the model goes when this returns."""
     from headvis_core.atlas.run import compute_atlas
-    from headvis_core.cli.commands.atlas import check_atlas_memory
+    from headvis_core.limits import check_atlas_memory
     from headvis_core.models.loader import load_model
     from headvis_core.progress import tqdm_progress
     from headvis_core.store.kinds import ATLAS, atlas_inputs

@@ -32,7 +32,6 @@ def _run(args: argparse.Namespace) -> int:
         parse_kinds,
     )
     from headvis_core.circuits.graph import GraphFilter, all_edges, build_graph, edges_frame
-    from headvis_core.viz.circuit_graph import save_graph
     from headvis_core.circuits.published_roles import published_roles_for
     from headvis_core.heads import parse_heads
     from headvis_core.progress import tqdm_progress
@@ -45,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
         path_patching_inputs,
     )
     from headvis_core.store.results import cached
+    from headvis_core.viz.circuit_graph import save_graph
 
     kinds = parse_kinds(args.kinds)
     out = check_output_file(args.out, "--out", suffixes=GRAPH_SUFFIXES) if args.out else None

@@ -33,34 +33,37 @@ def _show_head(result, spec: str, n_examples: int) -> None:
                                                   zip(table["token"], table["mean_attention"])))
 
 
-def check_scan_memory(model, window_len: int, batch_size: int, max_windows: int) -> None:
-    """Refuse a scan whose batches would pass the memory cap, before any window is read."""
-    from headvis_core.limits import check_forward
-
-    batch = min(batch_size, max_windows) if max_windows else batch_size
-    tokens = window_len + 1  # BOS
-    # every layer's pattern is reduced inside its hook, and the pass stops before the unembedding: no logits
-    check_forward(model, batch, tokens, f"the scan ({batch} windows of {tokens} tokens per pass)", logits=False)
-
-
 def _run(args: argparse.Namespace) -> int:
     from headvis_core.data.corpus import open_corpus
+    from headvis_core.limits import check_scan_memory
     from headvis_core.progress import tqdm_progress
     from headvis_core.scan import ScanParams, run_scan
 
     out_dir = check_output_dir(args.out, "--out")
+    if args.ray is not None:
+        from headvis_core.errors import InputError
+        from headvis_core.scan.distributed import ray_available
+
+        if not ray_available():
+            raise InputError("--ray needs Ray: pip install ray==2.60.0")
     corpus = open_corpus(args.corpus, text_field=args.text_field)  # before loading the model: fail fast
     for skipped in corpus.skipped:
         print(f"skipped {skipped.path}: {skipped.reason}")
     params = ScanParams(window_len=args.window, max_windows=args.max_windows or None,
                         examples_per_decile=args.examples, top_examples=args.top_examples,
-                        top_k_keys=args.top_k, seed=args.seed)
+                        top_k_keys=args.top_k, seed=args.seed, shard_windows=args.shard_windows)
     loaded = load_model_from_args(args)
     params.check(loaded.info.n_ctx)
     check_scan_memory(loaded.model, params.window_len, args.batch_size, args.max_windows)
     started = time.time()
-    result = run_scan(loaded, corpus, params, out_dir=out_dir,
-                      batch_size=args.batch_size, progress=tqdm_progress("scanning"), force=args.force)
+    if args.ray is not None:
+        from headvis_core.scan.distributed import run_sharded_scan
+
+        result = run_sharded_scan(loaded, corpus, params, workers=args.workers, address=args.ray, out_dir=out_dir,
+                                  batch_size=args.batch_size, progress=tqdm_progress("scanning"), force=args.force)
+    else:
+        result = run_scan(loaded, corpus, params, out_dir=out_dir,
+                          batch_size=args.batch_size, progress=tqdm_progress("scanning"), force=args.force)
     seconds = time.time() - started
     n_tokens = result.n_windows * params.window_len
     print(f"{result.n_windows} windows ({n_tokens} tokens) of {corpus.description}")
@@ -96,6 +99,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the example sample")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
     parser.add_argument("--force", action="store_true", help="recompute even if a result is stored")
+    parser.add_argument("--ray", metavar="auto|ADDRESS", default=None,
+                        help="scan the shards on a Ray cluster: 'auto' (a running one, else a local one) or its "
+                             "address; the result equals the one-process scan's (needs pip install ray==2.60.0)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="Ray workers with --ray (default 2)")
+    parser.add_argument("--shard-windows", type=positive_int, default=256,
+                        help="windows per shard, the unit of work and of resuming (default 256)")
     parser.add_argument("--show", action="append", metavar="LAYER.HEAD",
                         help="print this head's deciles (repeatable)")
     parser.add_argument("--show-examples", type=non_negative_int, default=2,

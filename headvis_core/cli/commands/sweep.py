@@ -112,14 +112,14 @@ def _run(args: argparse.Namespace) -> int:
         return _list_presets()
     from headvis_core.cli.main import load_model_from_args
     from headvis_core.heads import parse_heads
-    from headvis_core.limits import check_forward
+    from headvis_core.limits import check_sweep_memory
     from headvis_core.progress import tqdm_progress
     from headvis_core.storage import atomic_write_text
     from headvis_core.store.kinds import SWEEP, sweep_inputs
     from headvis_core.store.results import cached
+    from headvis_core.sweeps.plan import build_plan, expand_values, tokenization_report
     from headvis_core.sweeps.ranges import curve_range_reports
     from headvis_core.sweeps.run import MAX_BATCH, curve_ranges, run_sweep, usable_heads
-    from headvis_core.sweeps.plan import build_plan, expand_values, tokenization_report
 
     out = check_output_file(args.out, "--out")
     figure_path = check_output_file(args.figure, "--figure")
@@ -142,10 +142,8 @@ def _run(args: argparse.Namespace) -> int:
     print(tokenization_report(loaded.model, plan).to_string(index=False))
     for warning in plan.warnings:
         print(f"note: {warning}")
-    longest = int(plan.lengths.max()) + 2  # the greater-than score reads two more steps
-    batch = max(1, min(MAX_BATCH, args.batch_tokens // longest, plan.n_values))
-    check_forward(loaded.model, batch, longest, f"the sweep ({batch} prompts of up to {longest} tokens per pass)",
-                  logits=not args.no_predictions)
+    check_sweep_memory(loaded.model, plan, args.batch_tokens, predictions=not args.no_predictions,
+                       max_batch=MAX_BATCH)
     predictions = not args.no_predictions
     stored = cached(SWEEP, loaded, sweep_inputs(plan, heads, predictions),
                     lambda: run_sweep(loaded.model, plan, heads, predictions=predictions,

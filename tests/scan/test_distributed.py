@@ -139,3 +139,17 @@ def test_smollm2_over_two_workers_equals_the_one_process_scan(cluster, smollm2, 
     sharded = run_sharded_scan(smollm2, corpus, params, workers=2, out_dir=tmp_path / "b", batch_size=4)
     assert_same_arrays(sharded, whole)
     assert np.all(sharded.arrays["hh_slack"] >= 0)
+
+
+def test_cli_scan_over_ray_and_its_bad_inputs(cluster, corpus, tmp_path, capsys):
+    from headvis_core.cli.main import main
+
+    args = ["scan", "--model", "tiny-gpt2", "--corpus", corpus.spec, "--out", str(tmp_path), "--window", "8",
+            "--max-windows", "16", "--shard-windows", "8", "--batch-size", "4"]
+    assert main(args + ["--ray", "auto", "--workers", "2", "--show", "1.2"]) == 0
+    out = capsys.readouterr().out
+    assert "16 windows (128 tokens)" in out and "head 1.2" in out
+    for bad in (["--ray", "auto", "--workers", "0"], ["--shard-windows", "0"]):
+        with pytest.raises(SystemExit) as exited:
+            main(args + bad)
+        assert exited.value.code == 2 and bad[-2] in capsys.readouterr().err

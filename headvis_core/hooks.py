@@ -7,12 +7,15 @@ through the helpers here, which hold a per-model lock for the duration of the
 pass, add the hooks, and remove them before the lock is released.
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
+
 import threading
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
+from jaxtyping import Int
 from transformer_lens.utilities import get_act_name
 
 HookFn = Callable[[torch.Tensor, Any], Optional[torch.Tensor]]
@@ -53,7 +56,7 @@ def exclusive(model: Any) -> Iterator[Any]:
         yield model
 
 
-def run_with_hooks(model: Any, tokens: torch.Tensor, fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+def run_with_hooks(model: Any, tokens: Int[torch.Tensor, "batch pos"], fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
                    **kwargs: Any) -> Any:
     """``model.run_with_hooks`` under the model's lock and ``no_grad``; hooks are removed on return."""
     with exclusive(model):
@@ -63,7 +66,7 @@ def run_with_hooks(model: Any, tokens: torch.Tensor, fwd_hooks: Sequence[tuple[A
             model.reset_hooks(including_permanent=False)
 
 
-def capture(model: Any, tokens: torch.Tensor, hook_names: Iterable[str],
+def capture(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook_names: Iterable[str],
             fwd_hooks: Sequence[tuple[Any, HookFn]] = (), stop_at_layer: Optional[int] = None,
             **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """Run once and return ``(output, {hook_name: activation})`` for just the named hooks.
@@ -93,7 +96,7 @@ def capture(model: Any, tokens: torch.Tensor, hook_names: Iterable[str],
     return (None if stop_at_layer is not None else output), captured
 
 
-def forward(model: Any, tokens: torch.Tensor, **kwargs: Any) -> Any:
+def forward(model: Any, tokens: Int[torch.Tensor, "batch pos"], **kwargs: Any) -> Any:
     """A plain forward pass under the model's lock (no other session's hooks can fire)."""
     with exclusive(model):
         return model(tokens, **kwargs)

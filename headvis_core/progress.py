@@ -6,6 +6,8 @@ it with a fraction in [0, 1] and a short description of the current step.
 
 from typing import Callable, Optional
 
+from tqdm.auto import tqdm
+
 ProgressCallback = Callable[[float, str], None]
 
 
@@ -16,8 +18,6 @@ def report(progress: Optional[ProgressCallback], fraction: float, message: str =
 
 def tqdm_progress(desc: str = "") -> ProgressCallback:
     """A callback that drives a tqdm bar on stderr, for the command line."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=1000, desc=desc, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
 
     def update(fraction: float, message: str) -> None:

@@ -7,6 +7,7 @@ or a :class:`~headvis_core.ablation.targeted.TargetedResult`. Files live in
 valid JSON or lacks the expected fields raises :class:`CorruptFileError`.
 """
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -83,8 +84,6 @@ def load_experiment(path: Union[str, Path]) -> AblationExperiment:
 
 def experiment_from_json_bytes(data: bytes, source: str = "the uploaded file") -> AblationExperiment:
     """Reopen an experiment from file contents (an upload)."""
-    import json
-
     try:
         parsed = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -17,10 +17,13 @@ token) and are computed per prompt, then averaged over a prompt set:
   the true next tokens (the induction preset's metric on the second copy).
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
+
 from typing import Any, Optional, Sequence
 
 import pandas as pd
 import torch
+from jaxtyping import Float, Int
 
 ABLATION_METRIC_LABELS = {
     "kl": "KL(clean || ablated)",
@@ -29,36 +32,40 @@ ABLATION_METRIC_LABELS = {
 }
 
 
-def kl_divergence(clean_logits: torch.Tensor, ablated_logits: torch.Tensor) -> torch.Tensor:
+def kl_divergence(clean_logits: Float[torch.Tensor, "... vocab"],
+                  ablated_logits: Float[torch.Tensor, "... vocab"]) -> Float[torch.Tensor, "..."]:
     """KL(clean || ablated) over the last (vocabulary) axis, in nats: ``[...]``."""
     clean = clean_logits.float().log_softmax(-1)
     ablated = ablated_logits.float().log_softmax(-1)
     return (clean.exp() * (clean - ablated)).sum(-1).clamp_min(0.0)
 
 
-def gather_last(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def gather_last(values: Float[torch.Tensor, "... vocab"], ids: Int[torch.Tensor, "..."]) -> Float[torch.Tensor, "..."]:
     """``values[..., ids]`` with ``ids`` broadcast over the leading axes: ``[...]``."""
     ids = ids.to(values.device).long()
     ids = ids.expand(values.shape[:-1])
     return values.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
-def logit_difference(logits: torch.Tensor, target_ids: torch.Tensor, alternative_ids: torch.Tensor) -> torch.Tensor:
+def logit_difference(logits: Float[torch.Tensor, "... vocab"], target_ids: Int[torch.Tensor, "..."],
+                     alternative_ids: Int[torch.Tensor, "..."]) -> Float[torch.Tensor, "..."]:
     """``logit[target] - logit[alternative]``: ``[...]`` from ``logits [..., vocab]``."""
     return gather_last(logits.float(), target_ids) - gather_last(logits.float(), alternative_ids)
 
 
-def token_probability(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def token_probability(logits: Float[torch.Tensor, "... vocab"],
+                      ids: Int[torch.Tensor, "..."]) -> Float[torch.Tensor, "..."]:
     return gather_last(logits.float().softmax(-1), ids)
 
 
-def token_rank(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def token_rank(logits: Float[torch.Tensor, "... vocab"], ids: Int[torch.Tensor, "..."]) -> Int[torch.Tensor, "..."]:
     """How many tokens have a strictly larger logit (0 = the top prediction)."""
     own = gather_last(logits, ids)
     return (logits > own.unsqueeze(-1)).sum(-1)
 
 
-def margin_over_rest(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def margin_over_rest(logits: Float[torch.Tensor, "... vocab"],
+                     ids: Int[torch.Tensor, "..."]) -> Float[torch.Tensor, "..."]:
     """``logit[id] - max_{t != id} logit[t]``: positive exactly when ``id`` is the unique top token."""
     logits = logits.float()
     own = gather_last(logits, ids)
@@ -67,7 +74,8 @@ def margin_over_rest(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return own - others.max(-1).values
 
 
-def next_token_loss(logits: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+def next_token_loss(logits: Float[torch.Tensor, "... n_ans vocab"],
+                    label_ids: Int[torch.Tensor, "... n_ans"]) -> Float[torch.Tensor, "..."]:
     """Mean cross-entropy of ``label_ids [..., n_ans]`` under ``logits [..., n_ans, vocab]``: ``[...]``."""
     logprobs = logits.float().log_softmax(-1)
     return -gather_last(logprobs, label_ids).mean(-1)

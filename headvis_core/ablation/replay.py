@@ -7,9 +7,12 @@ the exact arguments each block received in a clean pass. The runner checks
 the replay against the full forward before relying on it.
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
+
 from typing import Any, Callable, Sequence
 
 import torch
+from jaxtyping import Float
 from transformers.cache_utils import Cache
 
 from headvis_core import hooks
@@ -52,11 +55,13 @@ class BlockReplay:
         if len(self.calls) != len(model.blocks):
             raise RuntimeError("not every block was called with (hidden_states, ...)")
 
-    def block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    def block(self, index: int,
+              hidden: Float[torch.Tensor, "rows pos d_model"]) -> Float[torch.Tensor, "rows pos d_model"]:
         args, kwargs = self.calls[index]
         out = self.model.blocks[index](hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def logits(self, hidden: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    def logits(self, hidden: Float[torch.Tensor, "rows pos d_model"],
+               positions: Sequence[int]) -> Float[torch.Tensor, "rows n_ans vocab"]:
         """``[rows, len(positions), vocab]`` from the final residual ``[rows, pos, d_model]``."""
         return self.model.unembed(self.model.ln_final(hidden[:, list(positions)]))

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from headvis_core.ablation.metrics import AnswerMetrics, clean_metrics, prediction_shift, top_k_table
+from headvis_core.ablation.ranking import table_from_json, table_to_json
 from headvis_core.ablation.runner import DEFAULT_BATCH_TOKENS, AblationRunner
 from headvis_core.ablation.values import Ablation, zero_ablation
 from headvis_core.data.prompt_pairs import PromptPairs
@@ -58,8 +59,6 @@ class TargetedResult:
         return f"No set of at most {self.budget} heads makes {self.alternative!r} the top prediction: {self.reason}."
 
     def to_dict(self) -> dict[str, Any]:
-        from headvis_core.ablation.ranking import table_to_json
-
         return {"alternative": self.alternative, "alternative_ids": self.alternative_ids,
                 "heads": [str(h) for h in self.heads], "greedy_heads": [str(h) for h in self.greedy_heads],
                 "found": self.found, "reason": self.reason, "trajectory": table_to_json(self.trajectory),
@@ -69,8 +68,6 @@ class TargetedResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TargetedResult":
-        from headvis_core.ablation.ranking import table_from_json
-
         def heads(values):
             return [HeadRef.from_label(str(v)) for v in values]
 

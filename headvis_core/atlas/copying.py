@@ -39,11 +39,14 @@ the attended token first among 3,000 sampled tokens about half the time, and
 heads scoring about -1 rank it last (copy suppression).
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
+
 from functools import partial
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from jaxtyping import Complex, Float
 
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.weights import (
@@ -79,7 +82,8 @@ def _matches_formula(model: Any, layer: int, token_ids: torch.Tensor) -> bool:
     return torch.allclose(real, effective_embedding(model, layer, token_ids[:8]), rtol=tolerance, atol=tolerance / 10)
 
 
-def ov_weights(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def ov_weights(model: Any) -> tuple[Float[torch.Tensor, "layer head d_model d_head"],
+                                   Float[torch.Tensor, "layer head d_head d_model"]]:
     """``(W_V [layer, head, d_model, d_head], W_O [layer, head, d_head, d_model])`` per query head (GQA expanded).
 
     In the model's dtype, on the CPU (callers convert one layer at a time, to keep memory down).
@@ -88,7 +92,7 @@ def ov_weights(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return expand_kv_heads(model.W_V.detach().cpu(), W_O.shape[1]), W_O
 
 
-def eigenvalue_ratio(eigenvalues: torch.Tensor) -> torch.Tensor:
+def eigenvalue_ratio(eigenvalues: Complex[torch.Tensor, "... n"]) -> Float[torch.Tensor, "..."]:
     """``sum(lambda) / sum(|lambda|)`` over the last axis (0 where all eigenvalues vanish)."""
     total = eigenvalues.real.sum(-1)
     magnitude = eigenvalues.abs().sum(-1)

@@ -39,12 +39,15 @@ activation cache of all layers is ever held. The pass stops right after the
 last layer's pattern (skipping the last MLP and the unembedding).
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
+
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 
 from headvis_core.data.probes import InductionProbe
 from headvis_core.hooks import pattern_hook, run_with_hooks
@@ -60,14 +63,15 @@ LOCAL_WINDOW = 4  # current token and the three before it
 # Per-layer reductions: patterns [batch, head, query, key] -> sums [head]
 # ---------------------------------------------------------------------------
 
-def earlier_occurrences(tokens: torch.Tensor) -> torch.Tensor:
+def earlier_occurrences(tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch query key"]:
     """``[batch, query, key]`` float mask: 1 where key < query holds the same token as the query."""
     pos = torch.arange(tokens.shape[-1], device=tokens.device)
     return ((tokens[:, :, None] == tokens[:, None, :]) & (pos[:, None] > pos[None, :])).float()
 
 
-def text_metric_sums(pattern: torch.Tensor, tokens: torch.Tensor,
-                     earlier_same: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def text_metric_sums(pattern: Float[torch.Tensor, "batch head query key"], tokens: Int[torch.Tensor, "batch pos"],
+                     earlier_same: Optional[Float[torch.Tensor, "batch query key"]] = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Sums over (batch, query >= 1) of each text metric, ``{name: [head]}``, and how many queries each summed.
 
     Args:
@@ -116,7 +120,8 @@ def text_metric_sums(pattern: torch.Tensor, tokens: torch.Tensor,
     return sums, counts
 
 
-def induction_sums(pattern: torch.Tensor, half_len: int, prefix_len: int) -> tuple[torch.Tensor, float]:
+def induction_sums(pattern: Float[torch.Tensor, "batch head query key"], half_len: int,
+                   prefix_len: int) -> tuple[Float[torch.Tensor, " head"], float]:
     """Sum over the second copy of the induction stripe ``A[q, q - L + 1]``, ``[head]``, and the query count.
 
     Args:
@@ -128,7 +133,8 @@ def induction_sums(pattern: torch.Tensor, half_len: int, prefix_len: int) -> tup
     return second_copy.sum((0, 2)), float(second_copy.shape[0] * second_copy.shape[2])
 
 
-def received_attention(pattern: torch.Tensor, token_index: torch.Tensor, n_ids: int) -> torch.Tensor:
+def received_attention(pattern: Float[torch.Tensor, "batch head query key"],
+                       token_index: Int[torch.Tensor, "batch pos"], n_ids: int) -> Float[torch.Tensor, "head n_ids"]:
     """``[head, n_ids]``: attention each token id received as a key (positions >= 1), summed over queries.
 
     Args:
@@ -152,7 +158,7 @@ class _AllPatternsSeen(Exception):
     """Raised in the last layer's pattern hook: nothing after it is needed."""
 
 
-def for_each_layer_pattern(model: Any, tokens: torch.Tensor, on_pattern,
+def for_each_layer_pattern(model: Any, tokens: Int[torch.Tensor, "batch pos"], on_pattern: Callable,
                            layers: Optional[Iterable[int]] = None) -> None:
     """Run ``tokens`` and call ``on_pattern(layer, pattern [batch, head, q, k])`` for each layer, then stop.
 
@@ -265,7 +271,7 @@ def attention_metrics(model: Any, text_sequences: Sequence[torch.Tensor], induct
                             top_token_ids=seen_ids[index].numpy(), top_token_shares=shares.numpy(), notes=notes)
 
 
-def layer_patterns(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+def layer_patterns(model: Any, tokens: Int[torch.Tensor, "1 pos"]) -> Float[torch.Tensor, "layer head query key"]:
     """``[layer, head, query, key]`` patterns of every head on one short sequence ``tokens [1, pos]``."""
     patterns: dict[int, torch.Tensor] = {}
     for_each_layer_pattern(model, tokens, lambda layer, p: patterns.__setitem__(layer, p[0].float().cpu()))

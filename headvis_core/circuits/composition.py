@@ -32,6 +32,8 @@ GQA: key/value heads are repeated to the query heads that share them (query head
 head ``h // (n_heads / n_kv_heads)``), as ``TransformerBridge._expand_kv_heads`` does.
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
+
 import functools
 import math
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
@@ -313,10 +316,10 @@ class CompositionResult:
     def kinds(self) -> tuple[str, ...]:
         return tuple(k for k in KINDS if k in self.scores)
 
-    def z_scores(self, kind: str) -> torch.Tensor:
+    def z_scores(self, kind: str) -> Float[torch.Tensor, "layer head layer2 head2"]:
         return self.baselines[kind].z(self.scores[kind])
 
-    def ratios(self, kind: str) -> torch.Tensor:
+    def ratios(self, kind: str) -> Float[torch.Tensor, "layer head layer2 head2"]:
         return self.baselines[kind].ratio(self.scores[kind])
 
     def edges_table(self, kinds: Optional[Sequence[str]] = None) -> pd.DataFrame:
@@ -373,7 +376,7 @@ def compute_composition(model: Any, kinds: Sequence[str] = KINDS, fold_ln: bool 
                              d_model=weights.d_model, d_head=weights.d_head)
 
 
-def transformer_lens_scores(model: Any, kind: str) -> torch.Tensor:
+def transformer_lens_scores(model: Any, kind: str) -> Float[torch.Tensor, "layer head layer2 head2"]:
     """TransformerLens's own ``all_composition_scores`` (raw weights), ``[L, H, L, H]``, for comparison."""
     return model.all_composition_scores(kind.upper()).scores.detach()
 

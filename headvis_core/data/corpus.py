@@ -30,6 +30,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from headvis_core.errors import InputError
+from headvis_core.models.loader import hub_reachable
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
@@ -197,8 +198,6 @@ def _open_file(spec: str, path: Path, text_field: str) -> Corpus:
 
 
 def _open_hf(spec: str, text_field: str, hf_split: str) -> Corpus:
-    from headvis_core.models.loader import hub_reachable
-
     parts = spec.split(":")
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
@@ -276,7 +275,7 @@ def iter_documents(corpus: Corpus, block_chars: int = BLOCK_CHARS) -> Iterator[t
 
 def _iter_hf(corpus: Corpus) -> Iterator[tuple[str, bool, int]]:
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # heavy (pyarrow, fsspec): only for hub corpora
 
         dataset = load_dataset(corpus.hf_name, corpus.hf_config, split=corpus.hf_split, streaming=True)
     except Exception as err:  # datasets raises many kinds; the user needs the message

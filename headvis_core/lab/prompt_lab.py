@@ -10,12 +10,15 @@ their top keys per query (for the token view) and a window of the dense
 pattern (for the heatmap), also cut inside the hook.
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
+
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Int
 
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
@@ -91,7 +94,8 @@ def _selected_hooks(heads: Sequence[HeadRef], start: int, stop: int, top_k: int,
     return [(pattern_hook(layer), make(layer_heads)) for layer, layer_heads in by_layer.items()]
 
 
-def analyse_prompt(model: Any, tokens: torch.Tensor, heads: Sequence[HeadRef], query_pos: Optional[int] = None,
+def analyse_prompt(model: Any, tokens: Int[torch.Tensor, "1 pos"], heads: Sequence[HeadRef],
+                   query_pos: Optional[int] = None,
                    key_pos: Optional[int] = None, n_predictions: int = 10, top_k: int = 8,
                    window: Optional[tuple[int, int]] = None) -> PromptAnalysis:
     """Everything the prompt lab shows for ``tokens [1, pos]``, from one forward pass.
@@ -124,7 +128,8 @@ def analyse_prompt(model: Any, tokens: torch.Tensor, heads: Sequence[HeadRef], q
                           predictions=_predictions_table(model, logits, n_predictions))
 
 
-def rank_heads_by_attention(model: Any, tokens: torch.Tensor, query_pos: int, key_pos: int) -> pd.DataFrame:
+def rank_heads_by_attention(model: Any, tokens: Int[torch.Tensor, "1 pos"], query_pos: int,
+                            key_pos: int) -> pd.DataFrame:
     """All heads ranked by the attention ``pattern[query_pos, key_pos]`` they pay on ``tokens [1, pos]``.
 
     One pass; every layer's hook keeps only the ``[head]`` entries of the pair.
@@ -139,7 +144,7 @@ def rank_heads_by_attention(model: Any, tokens: torch.Tensor, query_pos: int, ke
     return _ranking_table(store, n_layers)
 
 
-def top_predictions(model: Any, tokens: torch.Tensor, k: int = 10) -> pd.DataFrame:
+def top_predictions(model: Any, tokens: Int[torch.Tensor, "1 pos"], k: int = 10) -> pd.DataFrame:
     """The model's ``k`` most likely next tokens after ``tokens [1, pos]``, with probabilities."""
     logits, _ = capture(model, tokens, [])
     return _predictions_table(model, logits, k)

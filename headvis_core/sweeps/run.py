@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from headvis_core.errors import InputError
-from headvis_core.heads import HeadRef
+from headvis_core.heads import HeadRef, parse_heads
 from headvis_core.hooks import capture, exclusive, pattern_hook
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.sweeps.plan import SweepPlan
@@ -499,8 +499,6 @@ def curve_ranges(result: SweepResult, curve: str, level: float, above: bool = Tr
 
 def usable_heads(spec: str, n_layers: int, n_heads: int) -> tuple[list[HeadRef], list[str]]:
     """The heads of ``spec`` (a preset's ``"5.1,6.9"``) that exist in the model, and those that do not."""
-    from headvis_core.heads import parse_heads
-
     kept, skipped = [], []
     for part in [p for p in (spec or "").replace(" ", ",").split(",") if p]:
         try:

@@ -16,8 +16,9 @@ The estimate of one forward pass is deliberately on the high side (it adds
 up peaks that do not all coincide):
 
 * attention: ``batch x heads x tokens^2`` per copy, one layer at a time
-  (eager attention holds the scores, the pattern and a temporary of the
-  pattern's size while a hook reduces it: :data:`PATTERN_COPIES`);
+  (eager attention holds the scores and the pattern, and a hook reducing
+  the pattern makes temporaries of its size: :data:`PATTERN_COPIES`,
+  measured on the atlas, the request with the most such temporaries);
 * the MLP's hidden activations, ``batch x tokens x d_mlp`` (3 copies for a
   gated MLP), and a few residual-stream tensors ``batch x tokens x d_model``;
 * logits, ``batch x positions x vocab`` (2 copies: logits and a log-softmax),
@@ -34,7 +35,7 @@ from typing import Any, Optional
 from headvis_core.errors import InputError
 
 DEFAULT_CAP_GB = 4.0
-PATTERN_COPIES = 3
+PATTERN_COPIES = 4
 MLP_COPIES = 3
 RESIDUAL_COPIES = 6
 LOGIT_COPIES = 2
@@ -89,6 +90,14 @@ class ModelDims:
                    d_vocab=int(cfg.d_vocab), n_ctx=int(cfg.n_ctx), bytes_per_value=max(4, int(size)))
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes of the model's parameters (a ``TransformerBridge`` or a ``LoadedModel``)."""
+    if hasattr(model, "info") and hasattr(model, "model"):
+        model = model.model
+    module = getattr(model, "original_model", None) or model
+    return int(sum(p.numel() * p.element_size() for p in module.parameters()))
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes a request needs, by part."""
@@ -110,7 +119,8 @@ def gib(n_bytes: float) -> str:
 
 
 def forward_estimate(dims: ModelDims, batch: int, tokens: int, logit_positions: Optional[int] = None,
-                     extra_bytes: int = 0, what: str = "this request") -> MemoryEstimate:
+                     extra_bytes: int = 0, what: str = "this request",
+                     extra_label: str = "kept activations") -> MemoryEstimate:
     """What one forward pass of ``batch`` sequences of ``tokens`` tokens needs (see the module docstring).
 
     ``logit_positions``: positions per sequence whose logits are computed (default every
@@ -125,7 +135,7 @@ def forward_estimate(dims: ModelDims, batch: int, tokens: int, logit_positions: 
         "logits": b * positions * dims.d_vocab * size * LOGIT_COPIES,
     }
     if extra_bytes:
-        parts["kept activations"] = int(extra_bytes)
+        parts[extra_label] = int(extra_bytes)
     return MemoryEstimate(what=what, parts=parts)
 
 
@@ -156,14 +166,14 @@ def largest_tokens(dims: ModelDims, batch: int, budget: int, logits: bool = True
 
 def check_forward(model: Any, batch: int, tokens: int, what: str, logits: bool = True,
                   logit_positions: Optional[int] = None, extra_bytes: int = 0,
-                  cap_gb: Optional[float] = None) -> MemoryEstimate:
+                  cap_gb: Optional[float] = None, extra_label: str = "kept activations") -> MemoryEstimate:
     """Refuse a forward pass of ``batch x tokens`` on ``model`` that would pass the memory cap.
 
     The message says how long a sequence fits at this batch size. Returns the estimate where it fits.
     """
     dims = ModelDims.of(model)
     positions = (logit_positions if logit_positions is not None else None) if logits else 0
-    estimate = forward_estimate(dims, batch, tokens, positions, extra_bytes, what)
+    estimate = forward_estimate(dims, batch, tokens, positions, extra_bytes, what, extra_label)
     budget = memory_cap_bytes(cap_gb) - process_bytes()
     per_token = extra_bytes // max(1, batch * tokens)
     fits = largest_tokens(dims, batch, budget, logits=logits, extra_per_token=per_token) if budget > 0 else 0
@@ -182,12 +192,16 @@ def check_forward(model: Any, batch: int, tokens: int, what: str, logits: bool =
 
 def check_atlas_memory(model: Any, n_seqs: int, seq_len: int, n_induction_seqs: Optional[int] = None,
                        batch_size: int = 16, cap_gb: Optional[float] = None) -> MemoryEstimate:
-    """The head atlas: batches of probe and induction sequences; the pass stops after the last pattern."""
+    """The head atlas: batches of probe and induction sequences; the pass stops after the last pattern.
+
+    The copying score reads the weights through TransformerLens's stacked weight views (``W_V``,
+    ``W_O``, ``W_U``...), which are copies: counted as one more copy of the weights.
+    """
     tokens = min(int(seq_len), ModelDims.of(model).n_ctx)
     n_induction = n_induction_seqs or max(4, int(n_seqs) // 4)
     batch = min(int(batch_size), max(int(n_seqs), n_induction))
     return check_forward(model, batch, tokens, f"the atlas ({batch} sequences of {tokens} tokens per pass)",
-                         logits=False, cap_gb=cap_gb)
+                         logits=False, extra_bytes=weight_bytes(model), extra_label="weight copies", cap_gb=cap_gb)
 
 
 def check_scan_memory(model: Any, window_len: int, batch_size: int, max_windows: Optional[int] = None,

@@ -55,7 +55,7 @@ def score_scaling(model: Any, layer: int) -> float:
 def check_linear_scores(model: Any, layer: int) -> None:
     """Refuse attention whose score is not bilinear in the query and key (exactness would be lost)."""
     hf_attn = model.blocks[layer].attn.original_component
-    if getattr(hf_attn, "attn_logit_softcapping", None) or getattr(model.cfg, "attn_scores_soft_cap", -1) > 0:
+    if getattr(hf_attn, "attn_logit_softcapping", None) or (getattr(model.cfg, "attn_scores_soft_cap", None) or -1) > 0:
         raise UnsupportedArchitectureError("This model soft-caps its attention scores (tanh), so a score is not "
                                            "a sum of query/key terms; edge attribution does not support it.")
     if getattr(hf_attn, "key_multiplier", None) is not None or getattr(getattr(hf_attn, "config", None),

@@ -93,6 +93,26 @@ def check_corpus_path(spec: str, roots: Optional[Sequence[Path]] = None) -> Path
     raise InputError(f"There is no corpus {text!r} under the allowed corpus roots ({_roots_text(roots)}).")
 
 
+def resolve_app_corpus(spec: str, roots: Optional[Sequence[Path]] = None, allow_datasets: bool = True) -> str:
+    """What a page passes to ``open_corpus``: a path under the allowed roots, or a Hugging Face dataset name.
+
+    A dataset name (``wikitext:wikitext-2-raw-v1``) is let through only where it cannot be read as a
+    path: it names nothing under the roots, has no path separator or leading ``.``, ``/`` or ``~``,
+    and is not a file or folder relative to the server's working directory (which ``open_corpus``
+    would otherwise read).
+    """
+    text = (spec or "").strip()
+    try:
+        return str(check_corpus_path(text, roots))
+    except DisallowedPathError:
+        raise
+    except InputError:
+        looks_like_path = text.startswith((".", "/", "~")) or os.sep in text or bool(os.altsep and os.altsep in text)
+        if not text or not allow_datasets or looks_like_path or Path(text).exists():
+            raise
+    return text
+
+
 def is_allowed(spec: str, roots: Optional[Sequence[Path]] = None) -> bool:
     try:
         check_corpus_path(spec, roots)

@@ -2,7 +2,13 @@ import os
 
 import pytest
 
-from headvis_core.data.roots import DisallowedPathError, allowed_roots, check_corpus_path, list_corpora
+from headvis_core.data.roots import (
+    DisallowedPathError,
+    allowed_roots,
+    check_corpus_path,
+    list_corpora,
+    resolve_app_corpus,
+)
 from headvis_core.errors import InputError
 
 
@@ -67,3 +73,18 @@ def test_roots_come_from_the_environment_then_the_setting_then_the_defaults(layo
 def test_list_corpora_offers_the_roots_and_their_folders(layout):
     root, _ = layout
     assert list_corpora([root.resolve(), root.resolve() / "missing"]) == [root.resolve(), (root / "books").resolve()]
+
+
+def test_pages_may_name_a_dataset_but_never_a_server_path(layout, monkeypatch, tmp_path):
+    root, outside = layout
+    roots = [root.resolve()]
+    assert resolve_app_corpus("books", roots) == str((root / "books").resolve())
+    assert resolve_app_corpus("wikitext:wikitext-2-raw-v1", roots) == "wikitext:wikitext-2-raw-v1"
+    monkeypatch.chdir(outside)  # a bare name that open_corpus would read from the working directory
+    with pytest.raises(InputError):
+        resolve_app_corpus("key.txt", roots)
+    with pytest.raises(InputError):
+        resolve_app_corpus("wikitext", roots, allow_datasets=False)
+    for spec in ("/etc", str(outside), "../secret", "~/x"):
+        with pytest.raises(InputError):
+            resolve_app_corpus(spec, roots)

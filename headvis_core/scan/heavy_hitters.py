@@ -128,12 +128,23 @@ class HeavyHitters:
         self.slack = self.slack + subtracted
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}_ids": self.ids.numpy(), f"{prefix}_totals": self.totals.numpy(),
+        """The counters as arrays, cut after the last column any row uses (counters are packed left)."""
+        used = int((self.ids >= 0).sum(1).max()) if self.ids.numel() else 0
+        return {f"{prefix}_ids": self.ids[:, :used].numpy(), f"{prefix}_totals": self.totals[:, :used].numpy(),
                 f"{prefix}_slack": self.slack.numpy()}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> "HeavyHitters":
-        return cls(*(torch.from_numpy(np.array(arrays[f"{prefix}_{name}"])) for name in ("ids", "totals", "slack")))
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str, capacity: int) -> "HeavyHitters":
+        """The inverse of :meth:`to_arrays` for a summary of ``capacity`` counters per row."""
+        ids, totals, slack = (torch.from_numpy(np.array(arrays[f"{prefix}_{name}"]))
+                              for name in ("ids", "totals", "slack"))
+        if ids.dim() != 2 or ids.shape != totals.shape or ids.shape[1] > capacity or slack.shape != ids.shape[:1]:
+            raise ValueError(f"the {prefix} summary's arrays have the wrong shape")
+        summary = cls.empty(ids.shape[0], capacity)
+        summary.ids[:, :ids.shape[1]] = ids.to(torch.int32)
+        summary.totals[:, :ids.shape[1]] = totals.to(torch.int64)
+        summary.slack = slack.to(torch.int64)
+        return summary
 
     def estimates(self, row: int, token_ids: np.ndarray) -> np.ndarray:
         """Estimated totals (float) of ``token_ids`` in ``row``; 0 for tokens not kept."""

@@ -283,27 +283,47 @@ class ScanState:
     # -- saving ---------------------------------------------------------------------------------
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        arrays = {name: getattr(self, name).numpy() for name in self.ARRAYS}
+        """The state as arrays; the reservoir's filled slots only, the token summaries' used counters only."""
+        arrays = {name: getattr(self, name).numpy() for name in self.ARRAYS if name not in RESERVOIR}
+        slots = torch.nonzero(self.res_window >= 0).flatten()
+        arrays["res_slots"] = slots.numpy()
+        for name, axis in RESERVOIR.items():
+            arrays[name] = getattr(self, name).index_select(axis, slots).numpy()
         seen = torch.nonzero(self.token_count).flatten()
         arrays.update(seen_ids=seen.numpy(), seen_count=self.token_count[seen].numpy(),
                       **self.tokens.to_arrays("tokens"), **self.shard_tokens.to_arrays("shard_tokens"))
         return arrays
 
     def load_arrays(self, arrays: dict[str, np.ndarray], n_windows: int) -> None:
+        slots = torch.from_numpy(np.array(arrays["res_slots"])).long()
         for name in self.ARRAYS:
             current = getattr(self, name)
             value = torch.from_numpy(np.array(arrays[name]))
-            if value.shape != current.shape or value.dtype != current.dtype:
+            if name in RESERVOIR:  # filled slots only: put them back in place
+                axis = RESERVOIR[name]
+                expected = current.shape[:axis] + (len(slots),) + current.shape[axis + 1:]
+                if value.shape != expected or value.dtype != current.dtype:
+                    raise CorruptFileError(f"The scan checkpoint's {name} has the wrong shape; it will be recomputed.")
+                value = current.index_copy(axis, slots, value)
+            elif value.shape != current.shape or value.dtype != current.dtype:
                 raise CorruptFileError(f"The scan checkpoint's {name} has the wrong shape; it will be recomputed.")
             setattr(self, name, value)
         seen = torch.from_numpy(np.array(arrays["seen_ids"])).long()
         self.token_count[seen] = torch.from_numpy(np.array(arrays["seen_count"]))
         for name in ("tokens", "shard_tokens"):
-            summary = HeavyHitters.from_arrays(arrays, name)
+            try:
+                summary = HeavyHitters.from_arrays(arrays, name, self.tokens.capacity)
+            except ValueError as err:
+                raise CorruptFileError(f"The scan checkpoint's {name} summary is unusable ({err}).") from err
             if summary.ids.shape != self.tokens.ids.shape:
                 raise CorruptFileError(f"The scan checkpoint's {name} summary has the wrong shape.")
             setattr(self, name, summary)
         self.n_windows = n_windows
+
+
+# The reservoir's arrays and their slot axis: saved for filled slots only.
+RESERVOIR = {"res_priority": 0, "res_window": 0, "res_tokens": 0, "res_scores": 1, "res_keys": 1, "res_values": 1,
+             "res_first": 1}
 
 
 def _by_priority(priority: torch.Tensor, window: torch.Tensor) -> torch.Tensor:

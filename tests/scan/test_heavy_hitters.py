@@ -102,7 +102,7 @@ def test_fixed_point_round_trip_and_arrays():
     values = torch.tensor([0.0, 1.0, 0.25, 1e-3])
     assert from_fixed(to_fixed(values)).tolist() == [0.0, 1.0, 0.25, round(1e-3 * FIXED_POINT) / FIXED_POINT]
     summary = summarise(zipf_stream(4, n_batches=2), capacity=16)
-    again = HeavyHitters.from_arrays(summary.to_arrays("hh"), "hh")
+    again = HeavyHitters.from_arrays(summary.to_arrays("hh"), "hh", 16)
     assert torch.equal(again.ids, summary.ids) and torch.equal(again.totals, summary.totals)
     assert torch.equal(again.slack, summary.slack)
     assert HeavyHitters.empty(2, 4).is_empty() and not summary.is_empty()

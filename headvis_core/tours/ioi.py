@@ -103,16 +103,19 @@ def direct_effects(model: Any, prompts: Any) -> np.ndarray:
         raise InputError("This model's logits are not the unembedding of its final residual stream (a logit "
                          "soft-cap or similar), so the direct effect cannot be read this way.")
     base = logit_difference(reference, padded.answer, padded.alternative).mean()
+    # Only logit(IO) - logit(S) is read, so the unembedding reduces to one direction per prompt.
+    W_U, b_U = model.W_U.detach().float(), model.b_U.detach().float()
+    direction = (W_U[:, padded.answer] - W_U[:, padded.alternative]).T  # [batch, d_model]
+    offset = b_U[padded.answer] - b_U[padded.alternative]  # [batch]
     effects = np.zeros((n_layers, n_heads))
     for layer in range(n_layers):
         W_O = model.blocks[layer].attn.W_O.detach().float()  # [head, d_head, d_model]
         dz = (corrupted[names[layer]] - clean[names[layer]])[rows, padded.last].float()  # [batch, head, d_head]
         writes = torch.einsum("bhd,hdm->hbm", dz, W_O)  # [head, batch, d_model]
-        patched = final[None].float() + writes
+        patched = (final[None].float() + writes).to(final.dtype)
         with hooks.exclusive(model):
-            logits = model.unembed(model.ln_final(patched.reshape(-1, 1, patched.shape[-1]).to(final.dtype)))
-        logits = logits[:, 0].float().cpu().view(n_heads, padded.n_prompts, -1)
-        ld = logit_difference(logits, padded.answer.expand(n_heads, -1), padded.alternative.expand(n_heads, -1))
+            normed = model.ln_final(patched.reshape(-1, 1, patched.shape[-1]))[:, 0].float().cpu()
+        ld = (normed.view(n_heads, padded.n_prompts, -1) * direction).sum(-1) + offset  # [head, batch]
         effects[layer] = (ld.mean(1) - base).numpy()
     return effects
 

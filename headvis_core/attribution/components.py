@@ -19,7 +19,7 @@ ONE forward pass (:func:`capture_edge_activations`) with just the hooks listed b
 # ruff: noqa: F722  (jaxtyping shape strings such as "head d_model" are not Python expressions;
 # one-axis shapes are written " vocab" so that ruff reads them as strings, not names)
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
@@ -77,11 +77,47 @@ def edge_hook_names(model: Any, edge_layers: Iterable[int]) -> list[str]:
 
 @dataclass
 class EdgeActivations:
-    """What one forward pass captured, batch dimension dropped: ``acts[hook_name]``."""
+    """What one forward pass captured, batch dimension dropped: ``acts[hook_name]``.
+
+    It also keeps the float64 copies of the attention weights the algebra uses
+    (:meth:`attention_parameter`), made once per batch of edges rather than once per edge.
+    """
 
     token_ids: list[int]
     str_tokens: list[str]
     acts: dict[str, torch.Tensor]
+    _parameters: dict[tuple[int, str], Optional[torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def attention_parameter(self, model: Any, layer: int, name: str) -> Optional[torch.Tensor]:
+        """``W_Q``, ``b_Q``, ``W_O``... of ``layer``'s attention in float64 (``None`` where absent)."""
+        key = (layer, name)
+        if key not in self._parameters:
+            self._parameters[key] = optional_parameter(model.blocks[layer].attn, name)
+        return self._parameters[key]
+
+    def stacked_parameter(self, model: Any, name: str) -> torch.Tensor:
+        """``name`` (a weight every layer has, e.g. ``W_O``) of all layers stacked: ``[layer, ...]``."""
+        key = (-2, name)
+        if key not in self._parameters:
+            self._parameters[key] = torch.stack([self.attention_parameter(model, layer, name)
+                                                 for layer in range(int(model.cfg.n_layers))])
+        return self._parameters[key]
+
+    def stacked_reader(self, model: Any, name: str) -> torch.Tensor:
+        """``W_Q``/``W_K``/``W_V`` of all layers as ``[layer, d_model, head * d_head]`` (one batched
+        matmul reads a residual vector into every head of every layer)."""
+        key = (-3, name)
+        if key not in self._parameters:
+            stacked = self.stacked_parameter(model, name)  # [layer, head, d_model, d_head]
+            self._parameters[key] = stacked.permute(0, 2, 1, 3).reshape(stacked.shape[0], stacked.shape[2], -1)
+        return self._parameters[key]
+
+    def unembedding(self, model: Any) -> torch.Tensor:
+        """``W_U`` in float32 (kept once: the bridge builds it on each access)."""
+        key = (-1, "W_U")
+        if key not in self._parameters:
+            self._parameters[key] = model.W_U.detach().float()
+        return self._parameters[key]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.acts[name]
@@ -131,20 +167,32 @@ def post_attention_norm(model: Any, acts: EdgeActivations, layer: int, position:
     return frozen_norm(block.ln1_post, acts[f"blocks.{layer}.ln1_post.hook_scale"][position])
 
 
-def head_writes(model: Any, acts: EdgeActivations, layer: int,
-                position: int) -> tuple[Float[torch.Tensor, "head d_model"], Optional[torch.Tensor]]:
-    """Each head of ``layer``'s write into the stream at ``position`` and the layer's output bias
-    (post-attention norm frozen and applied where the model has one)."""
-    attn = model.blocks[layer].attn
-    z = acts[f"blocks.{layer}.attn.hook_z"][position].double()  # [head, d_head]
-    writes = torch.einsum("hd,hdm->hm", z, attn.W_O.detach().double())
-    bias = optional_parameter(attn, "b_O")
-    post = post_attention_norm(model, acts, layer, position)
-    if post is not None:
-        writes = post.apply(writes)
-        bias = post.apply(bias) if bias is not None else None
-        if post.bias is not None:
-            bias = post.bias if bias is None else bias + post.bias
+def head_writes(model: Any, acts: EdgeActivations, layers: int,
+                position: int) -> tuple[Float[torch.Tensor, "layer head d_model"], torch.Tensor]:
+    """Each head of layers ``0..layers-1``: its write into the stream at ``position``, and the sum of
+    those layers' output biases (post-attention norm frozen and applied where the model has one)."""
+    d_model = int(model.cfg.d_model)
+    bias = torch.zeros(d_model, dtype=torch.float64)
+    if layers == 0:
+        return torch.zeros(0, int(model.cfg.n_heads), d_model, dtype=torch.float64), bias
+    z = torch.stack([acts[f"blocks.{layer}.attn.hook_z"][position] for layer in range(layers)]).double()
+    W_O = acts.stacked_parameter(model, "W_O")[:layers]  # [layer, head, d_head, d_model]
+    n_heads, d_head = W_O.shape[1], W_O.shape[2]
+    # per layer and head z_h @ W_O[h], as one batched matmul over layers of [head, head*d_head] blocks
+    block = torch.zeros(layers, n_heads, n_heads * d_head, dtype=torch.float64)
+    for head in range(n_heads):
+        block[:, head, head * d_head:(head + 1) * d_head] = z[:, head]
+    writes = torch.bmm(block, W_O.reshape(layers, n_heads * d_head, d_model))
+    for layer in range(layers):
+        layer_bias = acts.attention_parameter(model, layer, "b_O")
+        post = post_attention_norm(model, acts, layer, position)
+        if post is not None:
+            writes[layer] = post.apply(writes[layer])
+            layer_bias = post.apply(layer_bias) if layer_bias is not None else None
+            if post.bias is not None:
+                layer_bias = post.bias if layer_bias is None else layer_bias + post.bias
+        if layer_bias is not None:
+            bias = bias + layer_bias
     return writes, bias
 
 
@@ -159,17 +207,14 @@ def residual_components(model: Any, acts: EdgeActivations, layer: int, position:
         names.append("pos_embed")
         labels.append(f"pos_embed {position}")
         rows.append(acts["hook_pos_embed"][position].double())
-    bias = torch.zeros_like(rows[0])
+    writes, bias = head_writes(model, acts, layer, position)
     for earlier in range(layer):
-        writes, layer_bias = head_writes(model, acts, earlier, position)
         pattern = acts[f"blocks.{earlier}.attn.hook_pattern"][:, position, :position + 1]  # [head, key]
         attended = pattern.argmax(dim=-1).tolist()
         for head, key in enumerate(attended):
             names.append(f"L{earlier}H{head}")
             labels.append(f"L{earlier}H{head} \u2192 {visible(tokens[key])!r}@{key}")
-        rows.extend(writes)
-        if layer_bias is not None:
-            bias = bias + layer_bias
+        rows.extend(writes[earlier])
         names.append(f"L{earlier}MLP")
         labels.append(f"L{earlier}MLP")
         rows.append(acts[f"blocks.{earlier}.hook_mlp_out"][position].double())

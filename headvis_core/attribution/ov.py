@@ -32,7 +32,6 @@ from jaxtyping import Float
 from headvis_core.attribution.components import (
     Components,
     EdgeActivations,
-    optional_parameter,
     post_attention_norm,
 )
 from headvis_core.attribution.linearise import frozen_norm
@@ -49,8 +48,8 @@ def value_vectors(model: Any, acts: EdgeActivations, key: Components, layer: int
     if ln.bias is not None:
         rows[key.bias_index] += ln.bias
     index = kv_head(model, head)
-    out = rows @ block.attn.W_V.detach().double()[index]
-    bias = optional_parameter(block.attn, "b_V")
+    out = rows @ acts.attention_parameter(model, layer, "W_V")[index]
+    bias = acts.attention_parameter(model, layer, "b_V")
     if bias is not None:
         out[key.bias_index] += bias[index]
     return out
@@ -60,7 +59,7 @@ def edge_writes(model: Any, acts: EdgeActivations, key: Components, layer: int, 
                 query_position: int) -> Float[torch.Tensor, "component d_model"]:
     """``A[q, k] v_k W_O`` per key-side component, as written to the residual stream at the query."""
     pattern = float(acts[f"blocks.{layer}.attn.hook_pattern"][head, query_position, key.position])
-    W_O = model.blocks[layer].attn.W_O.detach().double()[head]
+    W_O = acts.attention_parameter(model, layer, "W_O")[head]
     writes = pattern * value_vectors(model, acts, key, layer, head) @ W_O
     post = post_attention_norm(model, acts, layer, query_position)
     return post.apply(writes) if post is not None else writes
@@ -99,26 +98,35 @@ def direct_logits(model: Any, acts: EdgeActivations, write: Float[torch.Tensor, 
                   query_position: int) -> Float[torch.Tensor, " vocab"]:
     """The write's direct effect on the logits at the query position (final norm frozen, no bias)."""
     ln = frozen_norm(model.ln_final, acts["ln_final.hook_scale"][query_position])
-    return (ln.apply(write).float() @ model.W_U.detach().float()).cpu()
+    return (ln.apply(write).float() @ acts.unembedding(model)).cpu()
 
 
 def later_readers(model: Any, acts: EdgeActivations, write: Float[torch.Tensor, " d_model"], layer: int,
                   query_position: int) -> pd.DataFrame:
     """How much of each later head's Q, K and V input at the query position is this write."""
-    rows = []
-    n_heads = int(model.cfg.n_heads)
-    for later in range(layer + 1, int(model.cfg.n_layers)):
-        block = model.blocks[later]
-        ln = frozen_norm(block.ln1, acts[f"blocks.{later}.ln1.hook_scale"][query_position])
-        normed = ln.apply(write)
-        for kind, weight in (("q", block.attn.W_Q), ("k", block.attn.W_K), ("v", block.attn.W_V)):
-            part = torch.einsum("m,hmd->hd", normed, weight.detach().double()).norm(dim=-1)
-            whole = acts[f"blocks.{later}.attn.hook_{kind}"][query_position].double().norm(dim=-1)
-            share = part / whole.clamp_min(1e-30)
-            for head in range(n_heads):
-                index = head if kind == "q" else kv_head(model, head)
-                rows.append((f"{later}.{head}", later, head, kind, float(share[index])))
-    frame = pd.DataFrame(rows, columns=["reader", "layer", "head", "kind", "share"])
+    n_layers, n_heads, d_head = int(model.cfg.n_layers), int(model.cfg.n_heads), int(model.cfg.d_head)
+    later = list(range(layer + 1, n_layers))
+    columns = ["reader", "layer", "head", "kind", "share"]
+    if not later:
+        return pd.DataFrame(columns=columns)
+    # every later layer's ln1, frozen at the query position, applied to the write at once: [later, d_model]
+    norms = [frozen_norm(model.blocks[b].ln1, acts[f"blocks.{b}.ln1.hook_scale"][query_position]) for b in later]
+    normed = torch.stack([norm.apply(write) for norm in norms])
+    kv_index = [kv_head(model, head) for head in range(n_heads)]
+    frames = []
+    for kind in ("q", "k", "v"):
+        weight = acts.stacked_reader(model, f"W_{kind.upper()}")[layer + 1:]  # [later, d_model, head * d_head]
+        part = torch.bmm(normed[:, None, :], weight)[:, 0].unflatten(-1, (-1, d_head)).norm(dim=-1)
+        whole = torch.stack([acts[f"blocks.{b}.attn.hook_{kind}"][query_position] for b in later]).double()
+        share = part / whole.norm(dim=-1).clamp_min(1e-30)
+        if kind != "q":  # a query head reads the key/value head of its group
+            share = share[:, kv_index]
+        layers = torch.tensor(later).repeat_interleave(n_heads)
+        heads = torch.arange(n_heads).repeat(len(later))
+        frames.append(pd.DataFrame({"reader": [f"{b}.{h}" for b, h in zip(layers.tolist(), heads.tolist())],
+                                    "layer": layers.numpy(), "head": heads.numpy(), "kind": kind,
+                                    "share": share.flatten().numpy()}))
+    frame = pd.concat(frames, ignore_index=True)
     return frame.sort_values("share", ascending=False, kind="stable").reset_index(drop=True)
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
-from headvis_core.attribution.components import Components, EdgeActivations, optional_parameter
+from headvis_core.attribution.components import Components, EdgeActivations
 from headvis_core.attribution.linearise import FrozenNorm, apply_rope, frozen_norm, rope_convention
 from headvis_core.errors import UnsupportedArchitectureError
 
@@ -98,7 +98,6 @@ def side_vectors(model: Any, acts: EdgeActivations, components: Components, laye
     after ``ln1`` (frozen), the projection, QK-norm (frozen) and RoPE (unless ``rotate=False``);
     biases in the ``bias`` row."""
     block = model.blocks[layer]
-    attn = block.attn
     position = components.position
     ln = frozen_norm(block.ln1, acts[f"blocks.{layer}.ln1.hook_scale"][position])
     vectors = ln.apply(components.vectors)
@@ -106,9 +105,9 @@ def side_vectors(model: Any, acts: EdgeActivations, components: Components, laye
     if ln.bias is not None:
         vectors[bias_row] += ln.bias
     index = head if side == "q" else kv_head(model, head)
-    weight = (attn.W_Q if side == "q" else attn.W_K).detach().double()[index]
+    weight = acts.attention_parameter(model, layer, "W_Q" if side == "q" else "W_K")[index]
     out = vectors @ weight
-    bias = optional_parameter(attn, "b_Q" if side == "q" else "b_K")
+    bias = acts.attention_parameter(model, layer, "b_Q" if side == "q" else "b_K")
     if bias is not None:
         out[bias_row] += bias[index]
     qk_norm = _qk_norm(model, acts, layer, side, index, position)

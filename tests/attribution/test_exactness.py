@@ -89,9 +89,9 @@ def test_ov_terms_sum_to_the_edge_write_and_edges_to_the_attention_output(fixtur
             total += writes.sum(0)
     from headvis_core.attribution.components import head_writes
 
-    _, bias = head_writes(model, acts, layer, query)
-    if bias is not None:
-        total += bias
+    _, biases = head_writes(model, acts, layer + 1, query)
+    _, earlier_biases = head_writes(model, acts, layer, query)
+    total += biases - earlier_biases  # this layer's output bias alone
     expected = acts[f"blocks.{layer}.hook_attn_out"][query].double()
     torch.testing.assert_close(total, expected, rtol=1e-4, atol=1e-5)
 

@@ -164,6 +164,28 @@ def check_output_dir(raw: Optional[str], option: str = "--out") -> Optional[Path
     return path
 
 
+def open_corpus_arg(spec: str, text_field: str = "text"):
+    """``open_corpus`` for a corpus the user named: any folder of theirs, but not the whole filesystem.
+
+    ``/`` and the system folders (``/proc``, ``/sys``, ``/dev``) would be walked file by file for a
+    very long time; a folder that cannot be read is an error message, not a traceback.
+    """
+    from headvis_core.data.corpus import open_corpus
+
+    text = (spec or "").strip()
+    if text:
+        resolved = Path(text).expanduser().resolve()
+        if resolved == Path(resolved.anchor) or any(resolved == Path(f) or resolved.is_relative_to(f)
+                                                    for f in SYSTEM_FOLDERS):
+            raise InputError(f"--corpus {spec!r} is the whole filesystem or a system folder: give the folder "
+                             "that holds your text files.")
+    try:
+        return open_corpus(spec, text_field=text_field)
+    except OSError as err:
+        raise InputError(f"Cannot read the corpus {spec!r}: {err.strerror or err}"
+                         + (f" ({err.filename})" if err.filename else "") + ".") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared options
 

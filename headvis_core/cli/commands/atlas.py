@@ -12,6 +12,7 @@ from headvis_core.cli.main import (
     check_output_file,
     load_model_from_args,
     non_negative_int,
+    open_corpus_arg,
     positive_int,
     report_stored,
 )
@@ -31,7 +32,8 @@ def _atlas(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, "--out")
     report_path = check_output_file(args.report, "--report")
     if args.corpus is not None:
-        corpus_files(args.corpus)  # a bad folder fails before the model loads
+        open_corpus_arg(args.corpus)  # the whole filesystem or an unreadable folder fails before the model loads
+        corpus_files(args.corpus)
     loaded = load_model_from_args(args)
     check_atlas_memory(loaded.model, args.n_seqs, args.seq_len, args.n_induction_seqs, args.batch_size)
 

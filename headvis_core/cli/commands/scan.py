@@ -9,6 +9,7 @@ from headvis_core.cli.main import (
     int_at_least,
     load_model_from_args,
     non_negative_int,
+    open_corpus_arg,
     positive_int,
 )
 
@@ -34,7 +35,6 @@ def _show_head(result, spec: str, n_examples: int) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from headvis_core.data.corpus import open_corpus
     from headvis_core.limits import check_scan_memory
     from headvis_core.progress import tqdm_progress
     from headvis_core.scan import ScanParams, run_scan
@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 
         if not ray_available():
             raise InputError("--ray needs Ray: pip install ray==2.60.0")
-    corpus = open_corpus(args.corpus, text_field=args.text_field)  # before loading the model: fail fast
+    corpus = open_corpus_arg(args.corpus, text_field=args.text_field)  # before loading the model: fail fast
     for skipped in corpus.skipped:
         print(f"skipped {skipped.path}: {skipped.reason}")
     params = ScanParams(window_len=args.window, max_windows=args.max_windows or None,

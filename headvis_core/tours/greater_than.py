@@ -17,7 +17,9 @@ from headvis_core.store import kinds as store_kinds
 from headvis_core.store.results import cached
 from headvis_core.sweeps.plan import build_plan
 from headvis_core.sweeps.presets import preset
-from headvis_core.sweeps.run import attention_column, curve_ranges, describe_ranges, run_sweep
+from headvis_core.sweeps.result import attention_column
+from headvis_core.sweeps.run import run_sweep
+from headvis_core.sweeps.thresholds import curve_ranges, describe_ranges
 from headvis_core.tours.base import StepResult, heads_text, page_link
 from headvis_core.viz.sweeps import sweep_line_figure
 from headvis_core.viz.tours import bar_figure

@@ -20,7 +20,6 @@ from headvis_core.ablation.metrics import AnswerMetrics, logit_difference, promp
 from headvis_core.ablation.ranking import rank_heads_by_ablation as rank_heads
 from headvis_core.ablation.runner import AblationRunner
 from headvis_core.ablation.values import make_ablation
-from headvis_core.atlas.copying import copying_scores
 from headvis_core.circuits.path_patching import Edge, path_patch
 from headvis_core.circuits.published_roles import published_roles_for
 from headvis_core.data.ioi import load_templates
@@ -33,6 +32,7 @@ from headvis_core.viz.tours import bar_figure, depth_figure, grouped_bars, head_
 
 MIN_SHARE = 0.05  # path patching: share of the clean - corrupted gap an edge must carry to count
 MAX_ROLE_HEADS = 3
+MIN_IO_ATTENTION = 0.1  # attention from the last token to the indirect object that counts as attending to it
 PUBLISHED_MODEL = "gpt2"
 
 
@@ -142,7 +142,7 @@ def _name_attention(model: Any, prompts: Any, heads: list[HeadRef]) -> pd.DataFr
 
 
 def name_movers(model: Any, found: dict, model_name: str = "", n_prompts: int = 8, seed: int = 0,
-                candidates: int = 10, refine: int = 10) -> StepResult:
+                candidates: int = 10, refine: int = 10, atlas_seqs: int = 16, atlas_len: int = 64) -> StepResult:
     prompts = tour_prompts(model, n_prompts, seed)
     ablation = abc_mean_ablation(model, prompts)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -151,15 +151,18 @@ def name_movers(model: Any, found: dict, model_name: str = "", n_prompts: int = 
     heads = [HeadRef(*divmod(int(i), n_heads)) for i in order]
     table = _name_attention(model, prompts, heads)
     table.insert(1, "direct_effect", [float(direct[h.layer, h.head]) for h in heads])
-    copying = copying_scores(model)
-    table["copying"] = [float(copying[h.layer, h.head]) for h in heads]
+    # The atlas's copying score (shared with step 4's atlas through the store).
+    copying = atlas_table(model, atlas_seqs, atlas_len).set_index(["layer", "head"])["copying"]
+    table["copying"] = [float(copying[(h.layer, h.head)]) for h in heads]
     # Attribution patching ranks all heads by their total effect; the top ones are ablated exactly.
     estimate = estimate_heads(model, prompts, ablation, metric="logit_diff")
     exact = rank_heads(model, prompts, ablation, metric="logit_diff", heads=estimate.top_heads(refine), top_n=0)
     fit = agreement(estimate.importance, exact.importance, top_k=min(5, refine))
     table["estimated_drop"] = [float(estimate.importance[h.layer, h.head]) for h in heads]
     table["ablation_drop"] = [float(exact.importance[h.layer, h.head]) for h in heads]
-    movers = table[(table.direct_effect < 0) & (table.attention_to_IO > table.attention_to_S) & (table.copying > 0)]
+    attends = (table.direct_effect < 0) & (table.attention_to_IO >= MIN_IO_ATTENTION) & \
+        (table.attention_to_IO > table.attention_to_S)
+    movers = table[attends & (table.copying > 0)]
     chosen = list(movers["head"].head(MAX_ROLE_HEADS))
     convincing = bool(chosen)
     top = exact.table.iloc[0]
@@ -167,14 +170,21 @@ def name_movers(model: Any, found: dict, model_name: str = "", n_prompts: int = 
                 f"({direct.ravel()[order[0]]:+.2f}). ")
     if convincing:
         best = movers.iloc[0]
-        sentence += (f"Name-mover candidates (direct effect < 0, attend to IO more than S, copying > 0): "
-                     f"{heads_text(chosen)}; {best['head']} attends {best.attention_to_IO:.2f} to IO vs "
-                     f"{best.attention_to_S:.2f} to S. ")
+        sentence += (f"Name-mover candidates (direct effect < 0, attend to IO at least {MIN_IO_ATTENTION} and more "
+                     f"than to S, copying > 0): {heads_text(chosen)}; {best['head']} attends "
+                     f"{best.attention_to_IO:.2f} to IO vs {best.attention_to_S:.2f} to S. ")
+    elif attends.any():
+        readers = table[attends]
+        chosen = list(readers["head"].head(MAX_ROLE_HEADS))
+        best = readers.iloc[0]
+        sentence += (f"No head meets all three tests: {heads_text(chosen)} attend to IO ({best['head']}: "
+                     f"{best.attention_to_IO:.2f} vs {best.attention_to_S:.2f} to S) and lower the logit difference, "
+                     f"but their copying score is not positive ({best.copying:+.2f}), so they are name movers "
+                     "only in part; the next steps use them. ")
     else:
         chosen = [str(h) for h in heads[:2]]
-        sentence += ("No head with a negative direct effect attends to IO more than S with a positive copying "
-                     f"score: no convincing name mover. The next steps use the two strongest direct heads: "
-                     f"{heads_text(chosen)}. ")
+        sentence += ("No head with a negative direct effect attends to IO more than to S: no convincing name mover. "
+                     f"The next steps use the two strongest direct heads: {heads_text(chosen)}. ")
     sentence += (f"Attribution patching ranked all {n_layers * n_heads} heads in {estimate.seconds:.1f} s; mean-"
                  f"ablating its top {refine} exactly, {top.label} lowers the logit difference most, by "
                  f"{top.importance:.2f} (of {exact.clean['logit_diff']:.2f}); estimate vs exact: {fit.summary}.")
@@ -225,7 +235,7 @@ def s_inhibition(model: Any, found: dict, model_name: str = "", n_prompts: int =
 
 
 def induction_duplicate_feeders(model: Any, found: dict, model_name: str = "", n_prompts: int = 8, seed: int = 0,
-                                per_role: int = 3, atlas_seqs: int = 32, atlas_len: int = 64) -> StepResult:
+                                per_role: int = 3, atlas_seqs: int = 16, atlas_len: int = 64) -> StepResult:
     receivers = [HeadRef.from_label(h) for h in found.get("s_inhibition", [])] or \
         [HeadRef.from_label(h) for h in found.get("name_movers", [])]
     link = page_link("Circuit_graph", model_name, kinds="v", measure="z", heads=",".join(map(str, receivers)))

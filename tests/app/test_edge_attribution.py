@@ -58,3 +58,14 @@ def test_script_in_the_prompt_is_escaped_in_the_diagram():
     assert not at.exception and not at.error
     diagram = at.get("iframe")[0].proto.srcdoc
     assert "<script" not in diagram and "&lt;" in diagram
+
+
+def test_induction_edge_on_smollm2(smollm2):
+    """The default prompt repeats "Mr and Mrs Dursley": head 18.6 from the second " D" (24) to the token
+    after the first " D", "urs" (5)."""
+    at = app_test(PAGE, model="smollm2-135m", layer=18, head=6, q=24, k=5, timeout=300).run()
+    assert not at.exception and not at.error
+    score, total, attention = (float(m.value) for m in at.metric)
+    assert abs(score - total) <= 1e-3 * abs(score) and attention > 0.9
+    key_side = at.dataframe[1].value
+    assert key_side.component.iloc[0].startswith("L16H")  # previous-token heads of layer 16 lead the key side

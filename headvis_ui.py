@@ -108,8 +108,9 @@ def _query_param(key: str) -> Optional[str]:
 
 def _model_picker() -> tuple[str, str, str]:
     state = st.session_state
-    # Widget state is dropped when the user changes page; copying it from
-    # these plain keys before drawing keeps the choice across pages.
+    # A page's widgets start afresh on each visit (their old values linger in session state
+    # but the new page's widgets ignore them); copying the choice from these plain keys at the
+    # start of each visit keeps it across pages.
     if "model_name" not in state:
         state.model_name = _query_param("model") or default_model_name()
         state.model_device = _query_param("device") or "auto"
@@ -120,8 +121,9 @@ def _model_picker() -> tuple[str, str, str]:
                 "model_typed": "" if is_known else state.model_name,
                 "model_device_choice": state.model_device if state.model_device in DEVICES else "auto",
                 "model_dtype_choice": state.model_dtype if state.model_dtype in DTYPES else "float32"}
-    for key, value in defaults.items():
-        if key not in state:
+    if state.get("model_picker_visit") != state.get("visit_number") or "model_choice" not in state:
+        state.model_picker_visit = state.get("visit_number")
+        for key, value in defaults.items():
             state[key] = value
     choice = st.sidebar.selectbox(
         "Model", known + [OTHER_MODEL], key="model_choice",
@@ -166,6 +168,7 @@ def load_sidebar_model() -> Optional[LoadedModel]:
 def page_setup(title: str, icon: str = ":material/visibility:") -> LoadedModel:
     """Configure the page, draw the shared sidebar and return the model (or stop the run)."""
     st.set_page_config(page_title=f"{title} - HeadVis Workbench", page_icon=icon, layout="wide")
+    _note_visit(title)
     st.title(title)
     loaded = load_sidebar_model()
     if loaded is None:
@@ -226,6 +229,40 @@ def repair_url(lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), integer
             continue
     if changed:
         st.rerun()
+
+
+def claim_shared_keys(defaults: dict[str, Any]) -> None:
+    """Take back widget keys that several pages bind to the same URL parameter.
+
+    ``?heads=`` is a list of heads on the Prompt lab and a text on the Circuit graph and Prompt
+    sweeps; a value one page set in code stays in the session and would reach another page's
+    widget of the same key. Call this before drawing the widgets: on the first run of each visit
+    to the page, every key gets back the value this page left (see :func:`mark_shared_keys`),
+    or ``defaults[key]`` on a first visit. A URL's own value still wins on a page's first run.
+    """
+    state = st.session_state
+    page, visit = state.get("visit_page"), state.get("visit_number")
+    claimed = state.setdefault(f"shared_keys_visit@{page}", {})
+    left = state.get(f"shared_keys@{page}", {})
+    for key, default in defaults.items():
+        if claimed.get(key) != visit:
+            claimed[key] = visit
+            state[key] = left.get(key, default)
+
+
+def mark_shared_keys(keys: tuple[str, ...]) -> None:
+    """Record what this page's widgets hold under shared keys (call it after drawing them)."""
+    state = st.session_state
+    left = state.setdefault(f"shared_keys@{state.get('visit_page')}", {})
+    left.update({key: state.get(key) for key in keys})
+
+
+def _note_visit(page: str) -> None:
+    """Count visits to pages: a run of another page than the last one starts a new visit."""
+    state = st.session_state
+    if state.get("visit_page") != page:
+        state["visit_page"] = page
+        state["visit_number"] = state.get("visit_number", 0) + 1
 
 
 def _finite_number(text: str) -> bool:

@@ -37,6 +37,8 @@ def analyse(model_key: str, tokens: tuple, heads: tuple, query: int, key: int, w
 
 # -- prompt --------------------------------------------------------------------------------------------
 # Keys of widgets bound with bind="query-params" are the URL's parameter names (?prompt=, ?heads=).
+# The Ablation page binds ?prompt= too: each page keeps its own prompt across visits.
+ui.claim_shared_keys({"prompt": DEFAULT_PROMPT})
 prompts = library()
 
 
@@ -49,6 +51,7 @@ def use_library_prompt() -> None:
 st.selectbox("Prompt library", [OWN_PROMPT] + list(prompts), key="lab_library", on_change=use_library_prompt,
              help="Curated prompts from prompts/ (IOI, induction, years, lists, multilingual, code).")
 text = st.text_area("Prompt", DEFAULT_PROMPT, key="prompt", height=100, bind="query-params")
+ui.mark_shared_keys(("prompt",))
 cut = st.checkbox(f"Cut a prompt longer than the context ({info.n_ctx} tokens) instead of refusing it",
                   key="lab_cut")
 with ui.user_errors():
@@ -61,8 +64,8 @@ n = prompt.n_tokens
 # -- heads -------------------------------------------------------------------------------------------------
 names = [str(h) for h in all_heads(info.n_layers, info.n_heads)]
 atlas = ui.selected_head(loaded)
-if "heads" not in state:  # a URL's heads (valid ones; the bound widget drops the rest) win over this
-    state.heads = [str(atlas)] if atlas else names[:1]
+# ?heads= is also a text on other pages; a URL's own heads (the valid ones) win over this default.
+ui.claim_shared_keys({"heads": [str(atlas)] if atlas else names[:1]})
 grid_state = state.get("lab_grid")
 clicked = [p.get("customdata") for p in (grid_state or {}).get("selection", {}).get("points", [])]
 if clicked and clicked != state.get("lab_grid_seen"):
@@ -77,6 +80,7 @@ def add_atlas_head() -> None:
 left, right = st.columns([3, 1])
 chosen = left.multiselect("Heads (layer.head)", names, key="heads", bind="query-params",
                           help="Several heads at once; or click cells in the grid below.")
+ui.mark_shared_keys(("heads",))
 if atlas is not None:
     right.button(f"Add atlas head {atlas}", disabled=str(atlas) in chosen, on_click=add_atlas_head)
 heads = [HeadRef.from_label(c) for c in chosen]

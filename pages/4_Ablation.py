@@ -49,6 +49,7 @@ st.caption("Ablate attention heads at hook_z (each head's own output, before W_O
 # Widgets drawn only for some choices are read with state.get, since a hidden widget has no state.
 URL = "query-params"
 ui.repair_url(integers=("n", "budget"))
+ui.claim_shared_keys({"prompt": DEFAULT_PROMPT})  # the Prompt lab binds ?prompt= too
 left, right = st.columns([3, 2])
 with left:
     source = st.radio("Prompts", list(SOURCES), captions=list(SOURCES.values()), key="source", bind=URL,
@@ -91,6 +92,7 @@ with right:
                        "(induction: the second copy).")
     else:
         st.number_input("Budget (most heads)", min_value=0, max_value=200, value=10, key="budget", bind=URL)
+ui.mark_shared_keys(("prompt",))
 prompt_text = state.get("prompt", DEFAULT_PROMPT)
 metric = state.get("metric", "kl")
 budget = int(state.get("budget", 10))

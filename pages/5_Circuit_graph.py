@@ -43,6 +43,7 @@ st.caption("Composition scores (Elhage et al. 2021) measure how much of what an 
 URL = "query-params"
 # Old links: ?kinds=q,k&io=1&fold=0.
 ui.repair_url(lists=("kinds",), flags=("io", "fold"), integers=("top_k", "max_edges"))
+ui.claim_shared_keys({"heads": ""})  # ?heads= is also a list of heads on the Prompt lab
 sent = ui.recall(ui.GRAPH_HEADS, loaded)
 if sent and sent != st.session_state.get("graph_sent"):  # heads just sent from the Ablation page
     st.session_state.graph_sent = sent
@@ -63,6 +64,7 @@ with st.container(border=True):
     row = st.columns([3, 1.2, 1.2, 1.6])
     heads_text = row[0].text_input("Only these heads and their neighbours (empty: all)", key="heads", bind=URL,
                                    placeholder="e.g. 5.1, 6.9")
+    ui.mark_shared_keys(("heads",))
     with_io = row[1].checkbox("Embedding and logits nodes", key="io", bind=URL,
                               help="Edges from the token embedding into heads' Q/K/V, and from heads' outputs "
                                    "straight to the logits, by the same score.")

@@ -7,9 +7,9 @@ import headvis_ui as ui
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, parse_heads
 from headvis_core.sweeps.plan import SweepSpec, build_plan, tokenization_report
-from headvis_core.sweeps.presets import load_presets
+from headvis_core.sweeps.presets import load_presets, usable_heads
 from headvis_core.sweeps.ranges import curve_range_reports, level_bounds, ranges_table
-from headvis_core.sweeps.run import run_sweep, usable_heads
+from headvis_core.sweeps.run import run_sweep
 from headvis_core.viz.sweeps import sweep_figure
 
 loaded = ui.page_setup("Prompt sweeps", icon=":material/ssid_chart:")
@@ -65,6 +65,8 @@ if "template" not in state:
         for field, value in fields.items():
             state[field] = value
 
+# ?heads= is also a list of heads on the Prompt lab: take this page's own back after a visit there.
+ui.claim_shared_keys({"heads": state["heads"] if isinstance(state.get("heads"), str) else ""})
 chosen = by_id[state.preset]
 
 # ----------------------------------------------------------------------------- the form
@@ -81,6 +83,7 @@ with left:
 with right:
     st.text_input("Heads (layer.head, comma separated)", key="heads", bind=URL,
                   help="The heads whose attention from the query to the key is read for every value.")
+    ui.mark_shared_keys(("heads",))
     picked = ui.selected_head(loaded)
     atlas = ui.recall(ui.ATLAS_METRICS, loaded)
     add_cols = st.columns(2)

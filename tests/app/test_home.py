@@ -38,3 +38,46 @@ def test_a_missing_local_directory_is_an_error():
     at = app_test("Home.py", model="/no/such/model/dir").run()
     assert not at.exception
     assert any("not a directory" in e.value for e in at.error)
+
+
+def test_the_model_chosen_in_the_sidebar_stays_across_pages():
+    at = app_test("Home.py", model="tiny-llama").run()
+    at.sidebar.selectbox(key="model_choice").set_value("tiny-gpt2").run()
+    assert "tiny-gpt2" in at.sidebar.caption[0].value
+    at.switch_page("pages/3_Dataset_examples.py").run()
+    assert not at.exception and at.title[0].value == "Dataset examples"
+    assert "tiny-gpt2" in at.sidebar.caption[0].value and at.query_params["model"] == "tiny-gpt2"
+    at.switch_page("Home.py").run()
+    assert "tiny-gpt2" in at.sidebar.caption[0].value
+
+
+def test_heads_bound_on_three_pages_keep_their_own_kind_of_value():
+    """?heads= is a list on the Prompt lab and a text on the sweeps and graph pages."""
+    at = app_test("Home.py", model="tiny-llama").run()
+    at.query_params.update(template="{a} and", slots="a=1..3", heads="0.1,1.2")
+    at.switch_page("pages/6_Prompt_sweeps.py").run()
+    assert not at.exception and at.text_input(key="heads").value == "0.1,1.2"
+    at.query_params.clear()
+    at.query_params["model"] = "tiny-llama"
+    at.switch_page("pages/2_Prompt_lab.py").run()
+    assert not at.exception and at.multiselect(key="heads").value == ["0.0"]
+    at.multiselect(key="heads").set_value(["1.3"]).run()
+    at.switch_page("pages/5_Circuit_graph.py").run()
+    assert not at.exception and not at.error and at.text_input(key="heads").value == ""
+    at.switch_page("pages/6_Prompt_sweeps.py").run()
+    assert not at.exception and at.text_input(key="heads").value == "0.1,1.2"
+    at.switch_page("pages/2_Prompt_lab.py").run()
+    assert not at.exception and at.multiselect(key="heads").value == ["1.3"]
+
+
+def test_the_prompt_lab_and_the_ablation_page_keep_their_own_prompts():
+    at = app_test("Home.py", model="tiny-llama").run()
+    at.switch_page("pages/2_Prompt_lab.py").run()
+    at.text_area(key="prompt").set_value("abcabc").run()
+    at.switch_page("pages/4_Ablation.py").run()
+    assert not at.exception and at.text_area(key="prompt").value.startswith("When Mary and John")
+    at.text_area(key="prompt").set_value("xyz").run()
+    at.switch_page("pages/2_Prompt_lab.py").run()
+    assert not at.exception and at.text_area(key="prompt").value == "abcabc"
+    at.switch_page("pages/4_Ablation.py").run()
+    assert not at.exception and at.text_area(key="prompt").value == "xyz"

@@ -151,6 +151,7 @@ class _Driver:
         self.in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (shard, actor)
         self.attempts: dict[int, int] = {}
         self.merge_seconds: list[float] = []
+        self.consistent = True
 
     def _submit(self, index: int) -> None:
         load = [0] * len(self.actors)
@@ -191,14 +192,17 @@ class _Driver:
 
     def _merge_ready(self) -> None:
         while self.merged in self.pending:
-            self.scan.state.merge_state(self.pending.pop(self.merged))
+            self.consistent = False  # an interruption inside a merge must not save a half-merged state
+            self.scan.state.merge_state(self.pending[self.merged])
+            del self.pending[self.merged]
             self.merged += 1
+            self.consistent = True
         if time.time() - self.scan.last_checkpoint >= self.scan.checkpoint_seconds:
             self.checkpoint()
 
     def checkpoint(self) -> None:
         """Save the merged state, then delete the stored shards it covers."""
-        if self.scan.state.n_windows > self.scan.saved_at:
+        if self.consistent and self.scan.state.n_windows > self.scan.saved_at:
             self.scan.checkpoint()
             for index in range(self.merged):
                 shutil.rmtree(_shard_folder(self.scan.folder, index), ignore_errors=True)
@@ -280,17 +284,23 @@ def run_sharded_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = S
                       for _ in range(workers)]
             driver = _Driver(scan, actors, batch_size, stored, progress)
             try:
-                identity = ray_module.get(actors[0].identity.remote())
-                if identity != model_identity(loaded):
-                    raise InputError(f"The workers loaded {identity}, not the driver's {model_identity(loaded)}.")
+                loading = time.perf_counter()
+                for identity in ray_module.get([actor.identity.remote() for actor in actors]):
+                    if identity != model_identity(loaded):
+                        raise InputError(f"A worker loaded {identity}, not the driver's {model_identity(loaded)}.")
+                scan.meta["worker_start_seconds"] = round(time.perf_counter() - loading, 3)
+                scanning = time.perf_counter()
                 driver.run()
+                scan.meta["sharded_scan_seconds"] = round(time.perf_counter() - scanning, 3)
+            except BaseException:  # interrupted or failed: keep what is merged (the stored shards stay too)
+                driver.checkpoint()
+                raise
             finally:
-                if scan.state.n_windows > scan.saved_at:
-                    driver.checkpoint()
                 for actor in actors:
                     ray_module.kill(actor)
+        scan.meta.update(workers=workers, shards_received=len(driver.merge_seconds),
+                         merge_seconds_per_shard=float(np.mean(driver.merge_seconds)) if driver.merge_seconds else 0.0)
         result = scan.finish()
-        result.meta["merge_seconds_per_shard"] = float(np.mean(driver.merge_seconds)) if driver.merge_seconds else 0.0
         shutil.rmtree(folder / SHARDS_DIR, ignore_errors=True)
         report(progress, 1.0, f"{scan.state.n_windows} windows scanned by {workers} workers")
         return result

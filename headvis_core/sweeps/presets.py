@@ -7,6 +7,7 @@ from typing import Optional
 
 from headvis_core.data.prompt_library import PROMPTS_DIR
 from headvis_core.errors import CorruptFileError, InputError
+from headvis_core.heads import HeadRef, parse_heads
 from headvis_core.sweeps.plan import SweepSpec
 
 PRESETS_FILE = PROMPTS_DIR / "sweeps.json"
@@ -52,3 +53,14 @@ def preset(preset_id: str, path: Path = PRESETS_FILE) -> SweepPreset:
         if candidate.id == preset_id:
             return candidate
     raise InputError(f"No sweep preset called {preset_id!r}; there are: {', '.join(p.id for p in presets)}.")
+
+
+def usable_heads(spec: str, n_layers: int, n_heads: int) -> tuple[list[HeadRef], list[str]]:
+    """The heads of ``spec`` (a preset's ``"5.1,6.9"``) that exist in the model, and those that do not."""
+    kept, skipped = [], []
+    for part in [p for p in (spec or "").replace(" ", ",").split(",") if p]:
+        try:
+            kept += parse_heads(part, n_layers, n_heads)
+        except InputError:
+            skipped.append(part)
+    return list(dict.fromkeys(kept)), skipped

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from headvis_core.errors import InputError
-from headvis_core.sweeps.run import DetectedRange, SweepResult, curve_ranges, describe_ranges
+from headvis_core.sweeps.result import SweepResult
+from headvis_core.sweeps.thresholds import DetectedRange, curve_ranges, describe_ranges
 
 RANGE_COLUMNS = ["from", "to", "n_values", "peak", "mean"]
 

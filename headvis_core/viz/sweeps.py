@@ -8,7 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from headvis_core.errors import InputError
-from headvis_core.sweeps.run import DetectedRange, SweepResult
+from headvis_core.sweeps.result import SweepResult
+from headvis_core.sweeps.thresholds import DetectedRange
 
 RANGE_FILL = "rgba(255, 165, 0, 0.18)"
 RANGE_LINE = "rgba(230, 120, 0, 0.9)"

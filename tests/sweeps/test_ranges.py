@@ -8,7 +8,7 @@ import pytest
 
 from headvis_core.errors import InputError
 from headvis_core.sweeps.ranges import curve_range_reports, level_bounds, ranges_table
-from headvis_core.sweeps.run import SweepResult
+from headvis_core.sweeps.result import SweepResult
 
 
 def sweep(table: pd.DataFrame, swept: list[str], numeric: dict[str, bool]) -> SweepResult:

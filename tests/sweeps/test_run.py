@@ -8,19 +8,11 @@ import torch
 from headvis_core.cli.main import main as cli_main
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
+from headvis_core.sweeps.greater_than import NumberTokens, greater_than_score, number_tokens
 from headvis_core.sweeps.plan import SweepSpec, build_plan
-from headvis_core.sweeps.run import (
-    NumberTokens,
-    curve_ranges,
-    describe_ranges,
-    detect_ranges,
-    greater_than_score,
-    number_tokens,
-    run_sweep,
-    run_sweep_loop,
-    shared_prefix_length,
-    usable_heads,
-)
+from headvis_core.sweeps.presets import usable_heads
+from headvis_core.sweeps.run import run_sweep, run_sweep_loop, shared_prefix_length
+from headvis_core.sweeps.thresholds import curve_ranges, describe_ranges, detect_ranges
 from headvis_core.viz.sweeps import sweep_figure, sweep_heatmap_figure, sweep_line_figure
 
 GREATER_THAN = ("The {noun} lasted from the year {XX}{YY} to the year {XX}",

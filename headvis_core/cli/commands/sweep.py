@@ -118,8 +118,10 @@ def _run(args: argparse.Namespace) -> int:
     from headvis_core.store.kinds import SWEEP, sweep_inputs
     from headvis_core.store.results import cached
     from headvis_core.sweeps.plan import build_plan, expand_values, tokenization_report
+    from headvis_core.sweeps.presets import usable_heads
     from headvis_core.sweeps.ranges import curve_range_reports
-    from headvis_core.sweeps.run import MAX_BATCH, curve_ranges, run_sweep, usable_heads
+    from headvis_core.sweeps.run import MAX_BATCH, run_sweep
+    from headvis_core.sweeps.thresholds import curve_ranges
 
     out = check_output_file(args.out, "--out")
     figure_path = check_output_file(args.figure, "--figure")

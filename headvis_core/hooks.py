@@ -31,6 +31,15 @@ def z_hook(layer: int) -> str:
     return get_act_name("z", layer)
 
 
+def qkv_input_hook(layer: int, kind: str) -> str:
+    """``blocks.{layer}.attn.hook_{q,k,v}_input``: the per-head copy of the residual stream feeding ``kind``.
+
+    Exists while ``use_split_qkv_input`` is on. ``get_act_name`` names the HookedTransformer location
+    (``blocks.{layer}.hook_q_input``); the bridge keeps these forks on its attention component.
+    """
+    return f"blocks.{layer}.attn.hook_{kind}_input"
+
+
 def resid_pre_hook(layer: int) -> str:
     """``blocks.{layer}.hook_resid_pre``: the residual stream entering block ``layer``."""
     return get_act_name("resid_pre", layer)

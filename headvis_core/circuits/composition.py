@@ -15,7 +15,7 @@ scale for unrelated random matrices, so scores are read against a random baselin
 (:func:`random_baseline`): "times above chance" and a z-score.
 
 Fast path (equal to TransformerLens's ``TransformerBridge.all_composition_scores``, see
-``tests/test_composition.py`` and ``bench/composition.py``): ``||M N||_F^2 = <M^T M, N N^T>_F``,
+``tests/circuits/test_composition.py`` and ``bench/composition.py``): ``||M N||_F^2 = <M^T M, N N^T>_F``,
 so every head gets one ``[d_model, d_model]`` Gram matrix per role (writer, Q/K/V reader) and all
 scores of one kind are a single matrix product of the flattened Grams. Per pair that costs
 ``d_model^2 / 2`` multiply-adds instead of ``d_head^2 d_model`` for the factored products, and

@@ -22,7 +22,7 @@ edges at once: (1) patch the shared Q/K/V fork of B's layer (TransformerLens's
 ``use_split_qkv_input`` fork) and read B's own output ``z_B``, stopping after B's layer; (2) put
 that ``z_B`` into the base run at head B only. Step 2 confines the change to B even when its key
 and value inputs are shared with other query heads, and for ordinary multi-head attention the
-result equals ``get_act_patch_direct_path`` (``tests/test_path_patching.py``).
+result equals ``get_act_patch_direct_path`` (``tests/circuits/test_path_patching.py``).
 """
 
 # ruff: noqa: F722  (jaxtyping shape strings such as "rows pos vocab" are not Python expressions)
@@ -38,7 +38,7 @@ from headvis_core.ablation.metrics import logit_difference
 from headvis_core.data.prompt_pairs import PaddedPairs, PromptPairs
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
-from headvis_core.hooks import capture, exclusive, run_with_hooks, z_hook
+from headvis_core.hooks import capture, exclusive, qkv_input_hook, run_with_hooks, z_hook
 from headvis_core.progress import ProgressCallback, report
 
 DIRECTIONS = ("noising", "denoising")
@@ -157,7 +157,7 @@ def _patch_chunk(model: Any, chunk: Sequence[Edge], deltas: list[torch.Tensor], 
     fork_hooks = []
     for layer in receiver_layers:
         for kind in sorted({e.kind for e in chunk if e.receiver.layer == layer}):
-            fork_hooks.append((f"blocks.{layer}.attn.hook_{kind}_input",
+            fork_hooks.append((qkv_input_hook(layer, kind),
                                _fork_hook(chunk, deltas, layer, kind, batch, group)))
     with _SplitQKVInput(model):
         _, patched_z = capture(model, tokens, [z_hook(l) for l in receiver_layers], fwd_hooks=fork_hooks,

@@ -122,7 +122,7 @@ with ov_tab:
 
 with diagram_tab:
     diagram = path_diagram_html(result)
-    ui.show_html(diagram, height=360)
+    ui.show_html(diagram, height=400)
     st.download_button("Download diagram (HTML)", diagram.encode("utf-8"), file_name="edge_path.html",
                        mime="text/html", key="download-edge_path.html")
 

@@ -77,29 +77,31 @@ def path_diagram_html(result: Any, n: int = 3) -> str:
     query = result.query_side().head(n)
     key = result.key_side().head(n)
     tokens = result.top_tokens.head(n)
-    width, height = 900, 70 + 70 * n
+    step = 46
+    key_top = 50 + step * (len(query) + 1)  # the key group sits below the query group
+    width, height = 900, key_top + step * len(key) + 10
     head_x, head_y = 450, height / 2
     biggest = max([abs(v) for v in list(query.value) + list(key.value)] or [1.0])
     parts = ['<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
              'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#555"/></marker></defs>']
     q_token = visible(result.tokens[result.edge.query])
     k_token = visible(result.tokens[result.edge.key])
-    parts.append(f'<text x="120" y="22" text-anchor="middle" font-weight="bold">query side: {html.escape(q_token)}'
-                 f" @{result.edge.query}</text>")
-    parts.append(f'<text x="120" y="{height - 8}" text-anchor="middle" font-weight="bold">key side: '
-                 f"{html.escape(k_token)} @{result.edge.key}</text>")
+    parts.append(f'<text x="120" y="20" text-anchor="middle" font-weight="bold">query side: '
+                 f"{html.escape(repr(q_token))} @{result.edge.query}</text>")
+    parts.append(f'<text x="120" y="{key_top - 30}" text-anchor="middle" font-weight="bold">key side: '
+                 f"{html.escape(repr(k_token))} @{result.edge.key}</text>")
     for i, row in enumerate(query.itertuples()):
-        y = 50 + 60 * i
-        parts.append(_arrow(215, y, head_x - 80, head_y - 10, row.value, biggest))
+        y = 50 + step * i
+        parts.append(_arrow(215, y, head_x - 85, head_y - 8, row.value, biggest))
         parts.append(_node(120, y, row.label, "#e8f0fb"))
     for i, row in enumerate(key.itertuples()):
-        y = height - 40 - 60 * i
-        parts.append(_arrow(215, y, head_x - 80, head_y + 10, row.value, biggest))
+        y = key_top + step * i
+        parts.append(_arrow(215, y, head_x - 85, head_y + 8, row.value, biggest))
         parts.append(_node(120, y, row.label, "#fdf0e6"))
     parts.append(_node(head_x, head_y, f"head {result.edge.head}  score {result.score:.2f}", "#eeeeee", 170))
     out_x = 770
     for i, row in enumerate(tokens.itertuples()):
-        y = head_y + (i - (len(tokens) - 1) / 2) * 50
+        y = head_y + (i - (len(tokens) - 1) / 2) * step
         parts.append(f'<line x1="{head_x + 85}" y1="{head_y}" x2="{out_x - 80}" y2="{y}" stroke="#2ca02c" '
                      f'stroke-width="2" marker-end="url(#arrow)"/>')
         parts.append(_node(out_x, y, f"says {row.token!r} {row.logit:+.2f}", "#eaf7ea", 160))

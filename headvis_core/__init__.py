@@ -3,4 +3,6 @@
 Plain functions and dataclasses on tensors and DataFrames; no Streamlit.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("headvis-workbench")  # one source of truth: pyproject.toml

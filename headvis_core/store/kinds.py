@@ -41,6 +41,12 @@ def atlas_inputs(folder: Optional[str | Path], n_seqs: int, seq_len: int, n_indu
             "seed": seed}
 
 
+def atlas_link(folder: Optional[str | Path], n_seqs: int, seq_len: int) -> dict[str, Any]:
+    """The Head atlas page's URL for this atlas (its widgets are bound to ``?corpus=&n=&len=``)."""
+    return {"page": "pages/1_Head_atlas.py", "query": {"corpus": str(folder or ""), "n": int(n_seqs),
+                                                       "len": int(seq_len)}}
+
+
 def composition_inputs(kinds: Sequence[str], fold_ln: bool) -> dict[str, Any]:
     """Composition scores between all heads (:func:`headvis_core.circuits.composition.compute_composition`)."""
     return {"kinds": list(kinds), "fold_ln": fold_ln}

@@ -24,7 +24,7 @@ def _atlas(args: argparse.Namespace) -> int:
     from headvis_core.limits import check_atlas_memory
     from headvis_core.progress import tqdm_progress
     from headvis_core.storage import atomic_write_text
-    from headvis_core.store.kinds import ATLAS, atlas_inputs
+    from headvis_core.store.kinds import ATLAS, atlas_inputs, atlas_link
     from headvis_core.store.results import cached
 
     if args.seq_len < MIN_SEQ_LEN:
@@ -43,7 +43,10 @@ def _atlas(args: argparse.Namespace) -> int:
                              model_name=loaded.info.name, progress=tqdm_progress("head atlas"))
 
     inputs = atlas_inputs(args.corpus, args.n_seqs, args.seq_len, args.n_induction_seqs, args.seed)
-    stored = cached(ATLAS, loaded, inputs, compute, refresh=args.no_cache)
+    # the page computes with the default induction set and seed: only then does its URL reopen this atlas
+    page_settings = args.n_induction_seqs is None and args.seed == 0
+    link = atlas_link(args.corpus, args.n_seqs, args.seq_len) if page_settings else None
+    stored = cached(ATLAS, loaded, inputs, compute, refresh=args.no_cache, link=link)
     report_stored(stored, "atlas")
     result = stored.value
     for note in result.notes:

@@ -126,6 +126,7 @@ def test_malformed_numbers_in_the_url_fall_back_to_defaults():
 @pytest.mark.parametrize("query", [
     {"threshold": "nan", "top_k": "-1", "max_edges": "0", "measure": "<script>", "kinds": "x,y", "io": "maybe"},
     {"threshold": "inf", "top_k": "1e400", "max_edges": "-inf", "fold": "2"},
+    {"threshold": "9" * 400, "top_k": "9" * 400, "max_edges": "-" + "9" * 400},
 ])
 def test_hostile_url_values_give_defaults(query):
     at = app_test(PAGE, model="tiny-gpt2", **query).run()

@@ -7,16 +7,11 @@ while keeping every token position, which resample ablation and path
 patching need. The metric is ``logit(IO) - logit(S)`` at the last position.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
-
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
-from jaxtyping import Int
 
 from headvis_core.data.prompt_library import PROMPTS_DIR
 from headvis_core.errors import InputError
@@ -90,10 +85,3 @@ def generate_ioi(model: Any, n_prompts: int, seed: int = 0, templates: list[str]
                                  corrupted=_fill(template, io, s, c, place, obj),
                                  io=" " + io, s=" " + s, c=" " + c, template=template))
     return IOIDataset(prompts=prompts, skipped_names=skipped)
-
-
-def ioi_token_ids(model: Any, dataset: IOIDataset) -> tuple[Int[torch.Tensor, " batch"], Int[torch.Tensor, " batch"]]:
-    """``(io_ids, s_ids)``, each ``[batch]``, for the logit difference."""
-    io = [model.to_single_token(p.io) for p in dataset.prompts]
-    s = [model.to_single_token(p.s) for p in dataset.prompts]
-    return torch.tensor(io), torch.tensor(s)

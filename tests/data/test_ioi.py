@@ -1,6 +1,7 @@
 import pytest
 
-from headvis_core.data.ioi import generate_ioi, ioi_token_ids
+from headvis_core.data.ioi import generate_ioi
+from headvis_core.data.prompt_pairs import ioi_prompts
 from headvis_core.errors import InputError
 
 
@@ -13,8 +14,10 @@ def test_ioi_prompts_align_and_corrupt_only_the_second_subject(smollm2):
         assert prompt.clean.count(prompt.s.strip()) == 2 and prompt.clean.count(prompt.io.strip()) == 1
         assert prompt.corrupted.count(prompt.s.strip()) == 1 and prompt.corrupted.count(prompt.c.strip()) == 1
         assert model.to_tokens(prompt.clean).shape == model.to_tokens(prompt.corrupted).shape
-    io, s = ioi_token_ids(model, dataset)
-    assert io.shape == s.shape == (12,) and not (io == s).any()
+    prompts = ioi_prompts(model, 12, seed=1)  # the same prompts, tokenized with their answer ids
+    assert prompts.texts == dataset.clean_texts
+    assert [model.to_single_str_token(i) for i in prompts.target_ids] == [p.io for p in dataset.prompts]
+    assert [model.to_single_str_token(i) for i in prompts.alternative_ids] == [p.s for p in dataset.prompts]
 
 
 def test_ioi_is_reproducible(smollm2):

@@ -10,12 +10,17 @@ from headvis_core.models.card import model_facts
 from headvis_core.viz.model_card import head_grid_figure
 
 PAGES = [
-    ("pages/1_Head_atlas.py", "Head atlas", "every head in one scatter of per-head metrics, classified, with a passport card"),
+    ("pages/1_Head_atlas.py", "Head atlas",
+     "every head in one scatter of per-head metrics, classified, with a passport card"),
     ("pages/2_Prompt_lab.py", "Prompt lab", "attention patterns of chosen heads on any prompt, with hover"),
     ("pages/3_Dataset_examples.py", "Dataset examples", "a head's top-activating windows across a corpus, by decile"),
     ("pages/4_Ablation.py", "Ablation", "zero, mean and resample ablation; KL ranking; heads that flip a prediction"),
     ("pages/5_Circuit_graph.py", "Circuit graph", "Q/K/V composition between heads, with ablation laid over it"),
     ("pages/6_Prompt_sweeps.py", "Prompt sweeps", "a template with a slot swept in one batch; thresholds found"),
+    ("pages/7_Edge_attribution.py", "Edge attribution",
+     "why a head attends from a query to a key (QK), and what it moves (OV)"),
+    ("pages/8_Compare.py", "Compare", "two models' heads side by side, matched by metric profile"),
+    ("pages/9_Tours.py", "Tours", "the induction, IOI and greater-than circuits found live, step by step"),
 ]
 
 loaded = ui.page_setup("HeadVis Workbench", icon=":material/hub:")

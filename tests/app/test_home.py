@@ -8,6 +8,9 @@ def test_home_shows_the_model_card():
     card = at.table[0].value
     assert "2 x 4 = 8 heads" in card.to_string() and "grouped-query" in card.to_string()
     assert "tiny-llama" in at.sidebar.caption[0].value
+    links = [link.proto.label.split(":")[0] for link in at.get("page_link")]
+    assert links == ["Head atlas", "Prompt lab", "Dataset examples", "Ablation", "Circuit graph", "Prompt sweeps",
+                     "Edge attribution", "Compare", "Tours"]
 
 
 def test_a_hub_model_offline_shows_an_error_not_an_exception(monkeypatch):

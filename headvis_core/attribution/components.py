@@ -96,20 +96,21 @@ class EdgeActivations:
         return self._parameters[key]
 
     def stacked_parameter(self, model: Any, name: str) -> torch.Tensor:
-        """``name`` (a weight every layer has, e.g. ``W_O``) of all layers stacked: ``[layer, ...]``."""
+        """``name`` (a weight every layer has, e.g. ``W_O``) of all layers stacked, float64: ``[layer, ...]``."""
         key = (-2, name)
         if key not in self._parameters:
-            self._parameters[key] = torch.stack([self.attention_parameter(model, layer, name)
-                                                 for layer in range(int(model.cfg.n_layers))])
+            self._parameters[key] = torch.stack([getattr(block.attn, name).detach().double()
+                                                 for block in model.blocks])
         return self._parameters[key]
 
     def stacked_reader(self, model: Any, name: str) -> torch.Tensor:
-        """``W_Q``/``W_K``/``W_V`` of all layers as ``[layer, d_model, head * d_head]`` (one batched
-        matmul reads a residual vector into every head of every layer)."""
+        """``W_Q``/``W_K``/``W_V`` of all layers as float32 ``[layer, d_model, head * d_head]``, so that one
+        batched matmul reads a residual vector into every head of every layer (float32: the shares
+        it feeds are ratios shown to 2-3 digits, and it halves the memory)."""
         key = (-3, name)
         if key not in self._parameters:
-            stacked = self.stacked_parameter(model, name)  # [layer, head, d_model, d_head]
-            self._parameters[key] = stacked.permute(0, 2, 1, 3).reshape(stacked.shape[0], stacked.shape[2], -1)
+            self._parameters[key] = torch.stack([getattr(block.attn, name).detach().float().permute(1, 0, 2)
+                                                 .reshape(int(model.cfg.d_model), -1) for block in model.blocks])
         return self._parameters[key]
 
     def unembedding(self, model: Any) -> torch.Tensor:

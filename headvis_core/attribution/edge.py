@@ -198,8 +198,10 @@ def attribute_edges(model: Any, tokens: torch.Tensor, edges: Sequence[EdgeSpec],
         ov = ov_attribution(model, acts, key_model, layer, head, edge.query)
         notes = []
         if terms.relative_error > 1e-3 and abs(terms.score) > 1e-3:
-            notes.append(f"The terms sum to {terms.reconstructed:.6g}, not the model's {terms.score:.6g}: this "
-                         "architecture computes its score in a way the attribution does not model exactly.")
+            dtype = str(getattr(model.cfg, "dtype", "float32")).replace("torch.", "")
+            why = (f"the model runs in {dtype}, so its own score is rounded" if dtype in ("bfloat16", "float16")
+                   else "this architecture computes its score in a way the attribution does not model exactly")
+            notes.append(f"The terms sum to {terms.reconstructed:.6g}, not the model's {terms.score:.6g}: {why}.")
         offsets = offset_profile(model, acts, query, key, layer, head)
         results.append(EdgeAttribution(edge=edge, token_ids=acts.token_ids, tokens=acts.str_tokens, qk=terms, ov=ov,
                                        top_tokens=ov.top_tokens(model, TOP_TOKENS), offsets=offsets,

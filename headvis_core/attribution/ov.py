@@ -116,8 +116,8 @@ def later_readers(model: Any, acts: EdgeActivations, write: Float[torch.Tensor, 
     frames = []
     for kind in ("q", "k", "v"):
         weight = acts.stacked_reader(model, f"W_{kind.upper()}")[layer + 1:]  # [later, d_model, head * d_head]
-        part = torch.bmm(normed[:, None, :], weight)[:, 0].unflatten(-1, (-1, d_head)).norm(dim=-1)
-        whole = torch.stack([acts[f"blocks.{b}.attn.hook_{kind}"][query_position] for b in later]).double()
+        part = torch.bmm(normed[:, None, :].float(), weight)[:, 0].unflatten(-1, (-1, d_head)).norm(dim=-1)
+        whole = torch.stack([acts[f"blocks.{b}.attn.hook_{kind}"][query_position] for b in later]).float()
         share = part / whole.norm(dim=-1).clamp_min(1e-30)
         if kind != "q":  # a query head reads the key/value head of its group
             share = share[:, kv_index]
@@ -125,7 +125,7 @@ def later_readers(model: Any, acts: EdgeActivations, write: Float[torch.Tensor, 
         heads = torch.arange(n_heads).repeat(len(later))
         frames.append(pd.DataFrame({"reader": [f"{b}.{h}" for b, h in zip(layers.tolist(), heads.tolist())],
                                     "layer": layers.numpy(), "head": heads.numpy(), "kind": kind,
-                                    "share": share.flatten().numpy()}))
+                                    "share": share.flatten().double().numpy()}))
     frame = pd.concat(frames, ignore_index=True)
     return frame.sort_values("share", ascending=False, kind="stable").reset_index(drop=True)
 

@@ -6,8 +6,12 @@ of every weight* (xxHash XXH3-128, which runs at memory bandwidth: about
 hash is as cheap as a strided sample here and, unlike a sample, it also
 catches a change to a single weight (a bit flip in a file, a one-row edit),
 so a result computed with other weights can never be taken for current.
-Weights on an accelerator are hashed on a strided sample instead of being
-copied back whole (see :data:`SAMPLE_ELEMENTS`).
+Weights on an accelerator are copied to the host one tensor at a time to be
+hashed, so the same weights have the same fingerprint on any device.
+
+The fingerprint is computed once per model object and remembered: the
+workbench never edits a loaded model's weights in place (ablations and
+patches are hooks), and a model loaded again is a new object, hashed anew.
 """
 
 import dataclasses
@@ -25,7 +29,6 @@ import xxhash
 
 # Config fields that say where or how a model was loaded, not what it computes.
 CONFIG_FIELDS_IGNORED = frozenset({"device", "n_devices", "model_name", "tokenizer_name", "n_params"})
-SAMPLE_ELEMENTS = 1 << 16  # elements hashed per tensor that is not in host memory
 
 _fingerprints: "weakref.WeakKeyDictionary[Any, ModelFingerprint]" = weakref.WeakKeyDictionary()
 
@@ -71,11 +74,8 @@ def _weights(bridge: Any) -> dict[str, torch.Tensor]:
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
-    flat = tensor.detach().reshape(-1)
-    if flat.device.type != "cpu":
-        step = max(1, flat.numel() // SAMPLE_ELEMENTS)
-        flat = flat[::step].cpu()
-    return flat.contiguous().view(torch.uint8).numpy()
+    """The tensor's bytes (bfloat16 included, which numpy cannot hold as numbers), on the host."""
+    return tensor.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy()
 
 
 def model_fingerprint(model: Any) -> ModelFingerprint:

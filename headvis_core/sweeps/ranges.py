@@ -4,7 +4,7 @@ The HeadVis year test asks for which values of a slot a head's attention (or the
 model's answer) reaches a level: "attn 4.4 >= 0.5 for year 1000-1986". The
 Prompt sweeps page and ``headvis sweep`` both report ranges through
 :func:`curve_range_reports`; the detection itself is
-:func:`headvis_core.sweeps.run.detect_ranges`.
+:func:`headvis_core.sweeps.thresholds.detect_ranges`.
 """
 
 from dataclasses import dataclass
@@ -40,7 +40,7 @@ def curve_range_reports(result: SweepResult, curve: str, level: float, above: bo
 
     Ranges are maximal runs of consecutive first-slot values (numeric slots in numeric order),
     merged across gaps of at most ``max_gap`` values and dropped when shorter than
-    ``min_length`` (:func:`headvis_core.sweeps.run.detect_ranges`). ``limit`` caps the ranges
+    ``min_length`` (:func:`headvis_core.sweeps.thresholds.detect_ranges`). ``limit`` caps the ranges
     named in each description. A non-finite ``level`` is an :class:`InputError`.
     """
     if not np.isfinite(level):

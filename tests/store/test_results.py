@@ -189,3 +189,10 @@ def test_a_link_is_kept_for_listings_and_updated_by_a_hit(tiny_gpt2, store):
     moved = {"page": "pages/1_Head_atlas.py", "query": {"n": 4, "len": 128}}
     assert cached("atlas", tiny_gpt2, {"n": 4}, lambda: 2, store=store, link=moved).from_store
     assert store.entries()[0].link == moved
+
+
+def test_bfloat16_weights_are_fingerprinted_and_differ_from_float32(tiny_gpt2):
+    from headvis_core.models.loader import load_model
+
+    half = load_model("tiny-gpt2", device="cpu", dtype="bfloat16")
+    assert model_fingerprint(half).digest != model_fingerprint(tiny_gpt2).digest

@@ -79,7 +79,7 @@ def state_sizes() -> list[tuple[str, float, float]]:
     for name, layers, heads, vocab in MODELS:
         state = ScanState(layers, heads, 65, vocab, ScanParams())
         after = state.nbytes()
-        summaries = state.tokens.nbytes() + state.shard_tokens.nbytes()
+        summaries = state.tokens.nbytes() + state.shard_tokens.nbytes(with_buffer=True)
         before = after - summaries + 2 * layers * heads * vocab * 8  # paid and received, float64 per vocabulary
         rows.append((name, before / 2**20, after / 2**20))
         del state

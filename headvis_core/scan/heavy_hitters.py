@@ -33,8 +33,6 @@ many tokens' attention.
 
 # ruff: noqa: F722  (jaxtyping shape strings such as "batch head" are not Python expressions)
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from jaxtyping import Float, Int
@@ -87,13 +85,21 @@ def _merge_rows(ids: Int[torch.Tensor, "rows n"], totals: Int[torch.Tensor, "row
     return out_ids, out_totals, subtracted
 
 
-@dataclass
 class HeavyHitters:
-    """``rows`` Misra-Gries summaries of ``capacity`` counters each (see the module docstring)."""
+    """``rows`` Misra-Gries summaries of ``capacity`` counters each (see the module docstring).
 
-    ids: Int[torch.Tensor, "rows capacity"]  # int32, -1 where empty
-    totals: Int[torch.Tensor, "rows capacity"]  # int64 fixed point, largest first
-    slack: Int[torch.Tensor, " rows"]  # int64 fixed point: the error bound of every estimate in the row
+    :meth:`add` sums items exactly in a buffer of ``2 * capacity`` token columns and folds the buffer
+    into the counters (one Misra-Gries merge) when a new token would not fit, or on :meth:`flush`:
+    a batch costs an ``index_add``, not a sort of every counter.
+    """
+
+    def __init__(self, ids: Int[torch.Tensor, "rows capacity"], totals: Int[torch.Tensor, "rows capacity"],
+                 slack: Int[torch.Tensor, " rows"]):
+        self.ids = ids  # int32, -1 where empty
+        self.totals = totals  # int64 fixed point, largest first
+        self.slack = slack  # int64 fixed point: the error bound of every estimate in the row
+        self._columns: dict[int, int] = {}  # token id -> buffer column
+        self._buffer: torch.Tensor | None = None  # [rows, 2 * capacity] int64 fixed point, exact sums
 
     @classmethod
     def empty(cls, rows: int, capacity: int) -> "HeavyHitters":
@@ -104,21 +110,49 @@ class HeavyHitters:
     def capacity(self) -> int:
         return int(self.ids.shape[1])
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ids, self.totals, self.slack))
+    @property
+    def buffer_columns(self) -> int:
+        return 2 * self.capacity
+
+    def nbytes(self, with_buffer: bool = False) -> int:
+        """Bytes of the counters (and of the add buffer, allocated by the first :meth:`add`)."""
+        counters = sum(t.numel() * t.element_size() for t in (self.ids, self.totals, self.slack))
+        return counters + (self.ids.shape[0] * self.buffer_columns * 8 if with_buffer else 0)
 
     def is_empty(self) -> bool:
-        return not bool((self.ids >= 0).any()) and not bool(self.slack.any())
+        return not bool((self.ids >= 0).any()) and not bool(self.slack.any()) and not self._columns
 
     def add(self, ids: Int[torch.Tensor, " n"], weights: Float[torch.Tensor, "rows n"]) -> None:
-        """Fold a stream segment: item ``i`` is token ``ids[i]`` with weight ``weights[row, i]`` in every row."""
+        """Add a stream segment: item ``i`` is token ``ids[i]`` with weight ``weights[row, i]`` in every row."""
         unique, inverse = torch.unique(ids.long(), return_inverse=True)
-        batch = torch.zeros(weights.shape[0], len(unique), dtype=torch.int64)
-        batch.index_add_(1, inverse, to_fixed(weights))
-        self._fold(unique.to(torch.int32)[None, :].expand(weights.shape[0], -1), batch)
+        tokens = unique.tolist()
+        if len(tokens) > self.buffer_columns:  # more distinct tokens than the buffer holds: fold them at once
+            self.flush()
+            batch = torch.zeros(weights.shape[0], len(tokens), dtype=torch.int64).index_add_(1, inverse,
+                                                                                             to_fixed(weights))
+            self._fold(unique.to(torch.int32)[None, :].expand(weights.shape[0], -1), batch)
+            return
+        if len(self._columns) + sum(t not in self._columns for t in tokens) > self.buffer_columns:
+            self.flush()
+        if self._buffer is None:
+            self._buffer = torch.zeros(self.ids.shape[0], self.buffer_columns, dtype=torch.int64)
+        columns = torch.tensor([self._columns.setdefault(t, len(self._columns)) for t in tokens], dtype=torch.int64)
+        self._buffer.index_add_(1, columns[inverse], to_fixed(weights))
+
+    def flush(self) -> None:
+        """Fold the buffered exact sums into the counters."""
+        if not self._columns:
+            return
+        n = len(self._columns)
+        ids = torch.tensor(list(self._columns), dtype=torch.int32)  # in column order
+        self._fold(ids[None, :].expand(self.ids.shape[0], -1), self._buffer[:, :n].clone())
+        self._buffer[:, :n] = 0
+        self._columns.clear()
 
     def merge(self, other: "HeavyHitters") -> None:
-        """Fold another summary of the same rows into this one (Agarwal et al.'s merge)."""
+        """Fold another summary of the same rows into this one (Agarwal et al.'s merge); both are flushed first."""
+        self.flush()
+        other.flush()
         self._fold(other.ids, other.totals)
         self.slack = self.slack + other.slack
 
@@ -128,26 +162,37 @@ class HeavyHitters:
         self.slack = self.slack + subtracted
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        """The counters as arrays, cut after the last column any row uses (counters are packed left)."""
+        """The counters, cut after the last column any row uses (counters are packed left), and the buffer."""
         used = int((self.ids >= 0).sum(1).max()) if self.ids.numel() else 0
+        n = len(self._columns)
+        buffer = self._buffer[:, :n] if n else torch.zeros(self.ids.shape[0], 0, dtype=torch.int64)
         return {f"{prefix}_ids": self.ids[:, :used].numpy(), f"{prefix}_totals": self.totals[:, :used].numpy(),
-                f"{prefix}_slack": self.slack.numpy()}
+                f"{prefix}_slack": self.slack.numpy(), f"{prefix}_buffer_ids": np.array(list(self._columns)),
+                f"{prefix}_buffer": buffer.numpy()}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str, capacity: int) -> "HeavyHitters":
         """The inverse of :meth:`to_arrays` for a summary of ``capacity`` counters per row."""
-        ids, totals, slack = (torch.from_numpy(np.array(arrays[f"{prefix}_{name}"]))
-                              for name in ("ids", "totals", "slack"))
-        if ids.dim() != 2 or ids.shape != totals.shape or ids.shape[1] > capacity or slack.shape != ids.shape[:1]:
+        ids, totals, slack, buffer = (torch.from_numpy(np.array(arrays[f"{prefix}_{name}"]))
+                                      for name in ("ids", "totals", "slack", "buffer"))
+        buffer_ids = np.array(arrays[f"{prefix}_buffer_ids"]).astype(np.int64).tolist()
+        rows = ids.shape[0] if ids.dim() == 2 else -1
+        if (ids.dim() != 2 or ids.shape != totals.shape or ids.shape[1] > capacity or slack.shape != (rows,)
+                or buffer.shape != (rows, len(buffer_ids)) or len(buffer_ids) > 2 * capacity):
             raise ValueError(f"the {prefix} summary's arrays have the wrong shape")
-        summary = cls.empty(ids.shape[0], capacity)
+        summary = cls.empty(rows, capacity)
         summary.ids[:, :ids.shape[1]] = ids.to(torch.int32)
         summary.totals[:, :ids.shape[1]] = totals.to(torch.int64)
         summary.slack = slack.to(torch.int64)
+        if buffer_ids:
+            summary._buffer = torch.zeros(rows, summary.buffer_columns, dtype=torch.int64)
+            summary._buffer[:, :len(buffer_ids)] = buffer.to(torch.int64)
+            summary._columns = {token: column for column, token in enumerate(buffer_ids)}
         return summary
 
     def estimates(self, row: int, token_ids: np.ndarray) -> np.ndarray:
-        """Estimated totals (float) of ``token_ids`` in ``row``; 0 for tokens not kept."""
+        """Estimated totals (float) of ``token_ids`` in ``row``; 0 for tokens not kept (flushes first)."""
+        self.flush()
         return estimates_of(self.ids[row].numpy(), self.totals[row].numpy(), token_ids)
 
 

@@ -134,7 +134,8 @@ class ScanState:
 
     def nbytes(self) -> int:
         tensors = [getattr(self, name) for name in self.ARRAYS] + [self.token_count]
-        return sum(t.numel() * t.element_size() for t in tensors) + self.tokens.nbytes() + self.shard_tokens.nbytes()
+        arrays = sum(t.numel() * t.element_size() for t in tensors)
+        return arrays + self.tokens.nbytes() + self.shard_tokens.nbytes(with_buffer=True)
 
     # -- planning and merging -----------------------------------------------------------------
 

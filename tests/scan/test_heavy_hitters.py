@@ -31,6 +31,7 @@ def summarise(stream, capacity):
     summary = HeavyHitters.empty(ROWS, capacity)
     for ids, weights in stream:
         summary.add(ids, weights)
+    summary.flush()
     return summary
 
 
@@ -96,6 +97,24 @@ def test_merged_partial_summaries_keep_the_bound_and_merge_order_does_not_matter
         backward.merge(part)
     assert torch.equal(forward.ids, backward.ids) and torch.equal(forward.totals, backward.totals)
     assert torch.equal(forward.totals[forward.ids >= 0], summarise(small, 512).totals[forward.ids >= 0])
+
+
+def test_buffered_adds_fold_like_one_merge_per_buffer_and_a_saved_buffer_resumes():
+    stream = zipf_stream(5, n_batches=12, batch=64)
+    truth = exact_totals(stream)
+    summary = HeavyHitters.empty(ROWS, 48)  # a buffer of 96 token columns: flushed several times
+    for ids, weights in stream[:6]:
+        summary.add(ids, weights)
+    saved = summary.to_arrays("hh")
+    assert len(saved["hh_buffer_ids"]) > 0  # some sums still in the buffer
+    resumed = HeavyHitters.from_arrays(saved, "hh", 48)
+    for part in (summary, resumed):
+        for ids, weights in stream[6:]:
+            part.add(ids, weights)
+        part.flush()
+    assert torch.equal(summary.ids, resumed.ids) and torch.equal(summary.totals, resumed.totals)
+    assert torch.equal(summary.slack, resumed.slack) and (summary.slack > 0).all()
+    check_bound(summary, truth)
 
 
 def test_fixed_point_round_trip_and_arrays():

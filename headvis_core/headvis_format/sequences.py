@@ -46,7 +46,7 @@ def coo_entries(attention: SparseAttention, keys_per_query: int = DEFAULT_KEYS_P
     order_flat = np.argsort(flat, kind="stable")
     flat, vals = flat[order_flat], vals[order_flat]
     unique = np.concatenate([[True], flat[1:] != flat[:-1]]) if len(flat) else np.zeros(0, bool)
-    return [int(i) for i in flat[unique]], [float(v) for v in vals[unique]]
+    return flat[unique].tolist(), vals[unique].tolist()
 
 
 def _row_order(values: np.ndarray, keys: np.ndarray) -> np.ndarray:

@@ -69,6 +69,19 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _finite_numbers(values: Any) -> bool:
+    """A list of JSON numbers (no booleans), all finite; checked in C for lists of millions."""
+    if not isinstance(values, list):
+        return False
+    if not set(map(type, values)) <= {int, float}:
+        return False
+    return bool(np.isfinite(np.asarray(values, dtype=np.float64)).all()) if values else True
+
+
+def _whole_numbers(values: Any) -> bool:
+    return isinstance(values, list) and set(map(type, values)) <= {int}
+
+
 class _Checker:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -212,10 +225,10 @@ class _Checker:
         if not isinstance(indices, list) or not isinstance(values, list) or len(indices) != len(values):
             self.add(file, f"{where}.attention_indices", "must be a list as long as attention_values")
             return
-        if not all(_is_int(i) for i in indices):
+        if not _whole_numbers(indices):
             self.add(file, f"{where}.attention_indices", "must hold whole numbers (q * seq_len + k)")
             return
-        if not all(_is_number(v) for v in values):
+        if not _finite_numbers(values):
             self.add(file, f"{where}.attention_values", "must hold finite numbers")
             return
         flat = np.asarray(indices, dtype=np.int64)
@@ -249,7 +262,7 @@ class _Checker:
             if not (isinstance(plot, dict) and isinstance(plot.get("bin_edges"), list)
                     and isinstance(plot.get("bin_values"), list)
                     and len(plot["bin_edges"]) == len(plot["bin_values"]) + 1
-                    and all(_is_number(v) for v in plot["bin_edges"] + plot["bin_values"])):
+                    and _finite_numbers(plot["bin_edges"]) and _finite_numbers(plot["bin_values"])):
                 self.add(relative, entry["key"], "must be {bin_edges, bin_values} of finite numbers with one edge "
                          "more than values")
 
@@ -299,14 +312,15 @@ class _Checker:
                 self.add(relative, "seq_idx/top_q/top_k/norms", f"must be lists of one length ({lengths})")
                 continue
             n = lengths["seq_idx"]
-            if n_sequences is not None and any(not _is_int(i) or not 0 <= i < n_sequences for i in data["seq_idx"]):
+            idx = data["seq_idx"]
+            if n_sequences is not None and not (_whole_numbers(idx) and (not idx or 0 <= min(idx)
+                                                                         and max(idx) < n_sequences)):
                 self.add(relative, "seq_idx", f"must index {contract.UMAP_SEQUENCES} (0..{n_sequences - 1})")
             pca = data.get("pca")
             for kind in PCA_KINDS:
                 coords = pca.get(kind) if isinstance(pca, dict) else None
                 if not isinstance(coords, dict) or any(
-                        not isinstance(coords.get(d), list) or len(coords[d]) != n
-                        or not all(_is_number(v) for v in coords[d]) for d in ("d0", "d1", "d2")):
+                        not _finite_numbers(coords.get(d)) or len(coords[d]) != n for d in ("d0", "d1", "d2")):
                     self.add(relative, f"pca.{kind}", f"must hold d0, d1, d2: {n} finite numbers each")
             if not isinstance(data.get("clusters"), list):
                 self.add(relative, "clusters", "must be a list")

@@ -19,7 +19,7 @@ from headvis_core.projections.store import ProjectionSet
 def _coords(values: np.ndarray) -> dict[str, list[float]]:
     padded = np.zeros((len(values), 3), np.float64)
     padded[:, :values.shape[1]] = values
-    return {f"d{c}": [round(float(v), 5) for v in padded[:, c]] for c in range(3)}
+    return {f"d{c}": np.round(padded[:, c], 5).tolist() for c in range(3)}
 
 
 def umap_records(projections: ProjectionSet, scan: Any) -> tuple[list[list[str]], dict[HeadRef, dict[str, Any]]]:
@@ -28,8 +28,9 @@ def umap_records(projections: ProjectionSet, scan: Any) -> tuple[list[list[str]]
     records = {}
     for head in projections.heads:
         p = projections.head(head)
-        records[head] = {"seq_idx": [int(r) for r in p.rows], "top_q": [int(q) for q in p.queries],
-                         "top_k": [int(k) for k in p.keys], "norms": [round(float(n), 5) for n in p.norms],
+        records[head] = {"seq_idx": p.rows.astype(int).tolist(), "top_q": p.queries.astype(int).tolist(),
+                         "top_k": p.keys.astype(int).tolist(),
+                         "norms": np.round(p.norms.astype(np.float64), 5).tolist(),
                          "pca": {kind: _coords(p.coords[kind]) for kind in ("Q", "K", "O", "V") if kind in KINDS},
                          "clusters": []}
     return sequences, records

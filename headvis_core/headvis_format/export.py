@@ -36,7 +36,11 @@ from headvis_core.heads import HeadRef, all_heads
 from headvis_core.headvis_format import contract
 from headvis_core.headvis_format.custom import read_custom_sequences
 from headvis_core.headvis_format.sequences import DEFAULT_KEYS_PER_QUERY, DEFAULT_THRESHOLD, sequence_record
+from headvis_core.headvis_format.validate import check_tree
 from headvis_core.progress import ProgressCallback, report
+from headvis_core.projections.clusters import read_clusters
+from headvis_core.projections.headvis import umap_records
+from headvis_core.projections.store import load_projections
 from headvis_core.scan.params import N_DECILES
 from headvis_core.scan.result import ScanExample, ScanResult
 from headvis_core.scan.state import bin_deciles, score_bins
@@ -212,13 +216,10 @@ def _write(path: Path, obj: Any) -> int:
 
 def _write_umap(tmp: Path, scan: ScanResult) -> list[list[int]]:
     """``umap/`` from the projections stored with the scan; the heads written."""
-    from headvis_core.projections.headvis import umap_records
-    from headvis_core.projections.store import load_projections
-
     projections = load_projections(scan.path) if scan.path is not None else None
     if projections is None:
         return []
-    sequences, per_head = umap_records(projections, scan)
+    sequences, per_head = umap_records(projections, scan, lambda head: read_clusters(scan.path, head))
     _write(tmp / contract.UMAP_DIR / contract.UMAP_SEQUENCES, sequences)
     for head, record in per_head.items():
         _write(tmp / contract.UMAP_DIR / contract.head_file_name(head.layer, head.head), record)
@@ -243,8 +244,6 @@ def _write_tree(tmp: Path, scan: ScanResult, options: ExportOptions, progress: O
 def export_headvis(scan: ScanResult, out: Path, force: bool = False, options: ExportOptions = ExportOptions(),
                    progress: Optional[ProgressCallback] = None) -> ExportSummary:
     """Write ``scan`` as a HeadVis ``data/`` tree at ``out``, validated, atomically (see the module docstring)."""
-    from headvis_core.headvis_format.validate import check_tree
-
     options.check()
     out = Path(out).expanduser()
     check_destination(out, force)

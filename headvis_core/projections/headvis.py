@@ -22,8 +22,12 @@ def _coords(values: np.ndarray) -> dict[str, list[float]]:
     return {f"d{c}": np.round(padded[:, c], 5).tolist() for c in range(3)}
 
 
-def umap_records(projections: ProjectionSet, scan: Any) -> tuple[list[list[str]], dict[HeadRef, dict[str, Any]]]:
-    """``(sequences, {head: record})`` for ``umap/`` (``scan`` decodes token ids: ``scan._strings``)."""
+def umap_records(projections: ProjectionSet, scan: Any, clusters_of: Any = None,
+                 ) -> tuple[list[list[str]], dict[HeadRef, dict[str, Any]]]:
+    """``(sequences, {head: record})`` for ``umap/`` (``scan`` decodes token ids: ``scan._strings``).
+
+    ``clusters_of(head)`` gives the head's named clusters (``{"name", "indices"}``); none by default.
+    """
     sequences = [scan._strings(row) for row in projections.arrays["window_tokens"]]
     records = {}
     for head in projections.heads:
@@ -32,5 +36,5 @@ def umap_records(projections: ProjectionSet, scan: Any) -> tuple[list[list[str]]
                          "top_k": p.keys.astype(int).tolist(),
                          "norms": np.round(p.norms.astype(np.float64), 5).tolist(),
                          "pca": {kind: _coords(p.coords[kind]) for kind in ("Q", "K", "O", "V") if kind in KINDS},
-                         "clusters": []}
+                         "clusters": list(clusters_of(head)) if clusters_of else []}
     return sequences, records

@@ -29,11 +29,25 @@ def _hover(table: pd.DataFrame) -> list[str]:
 
 
 def _scatter(table: pd.DataFrame, kind: str, dims: int, **style) -> go.Scatter | go.Scatter3d:
+    """Points of ``table``; ``customdata`` holds each point's row label, so a selection maps back to pairs."""
     xyz = {axis: table[f"{kind}{c}"] for axis, c in zip("xyz", range(dims))}
+    style.setdefault("customdata", np.asarray(table.index)[:, None])
     if dims == 3:
         return go.Scatter3d(mode="markers", hovertemplate="%{text}<extra></extra>", text=_hover(table), **xyz,
                             **style)
     return go.Scatter(mode="markers", hovertemplate="%{text}<extra></extra>", text=_hover(table), **xyz, **style)
+
+
+def selected_rows(selection: dict) -> list[int]:
+    """Row labels of the points of a plotly selection event (``{"points": [{"customdata": [row], ...}]}``)."""
+    rows = []
+    for point in (selection or {}).get("points", []):
+        data = point.get("customdata")
+        if isinstance(data, (list, tuple)) and data:
+            rows.append(int(data[0]))
+        elif isinstance(data, (int, float)):
+            rows.append(int(data))
+    return sorted(set(rows))
 
 
 def projection_figure(table: pd.DataFrame, kind: str, color_by: str = "distance", dims: int = 2,

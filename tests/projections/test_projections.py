@@ -168,3 +168,43 @@ def test_export_writes_umap_from_stored_projections(projected, tmp_path):
     assert record["top_q"] == p.queries.tolist() and "views" not in record and record["clusters"] == []
     assert np.allclose(record["pca"]["K"]["d1"], p.coords["K"][:, 1], atol=1e-4)
     assert all(len(sequences[i]) > record["top_q"][j] for j, i in enumerate(record["seq_idx"]))
+
+
+def test_named_clusters_are_kept_exported_and_dropped_with_recomputed_projections(projected, tmp_path):
+    import shutil
+
+    from headvis_core.projections.clusters import delete_cluster, read_clusters, save_cluster
+    from headvis_core.viz.projections import selected_rows
+
+    loaded, scan, projections = projected
+    folder = tmp_path / "scan"
+    shutil.copytree(scan.path, folder)
+    head = HeadRef(0, 3)
+    p = projections.head(head)
+    table = stored_pairs_table(p, projections.arrays["window_tokens"], scan._strings)
+    fig = projection_figure(table, "Q", "query token")
+    # a selection event carries each point's customdata: the row of the pairs table, whatever its trace
+    points = [{"customdata": list(trace.customdata[0])} for trace in fig.data] + [{"customdata": [5]}]
+    rows = selected_rows({"points": points})
+    assert rows == sorted({int(t.customdata[0][0]) for t in fig.data} | {5})
+    save_cluster(folder, head, "first", rows, len(p.norms))
+    save_cluster(folder, head, "late", [1, 2], len(p.norms))
+    save_cluster(folder, head, "first", [7, 3, 3], len(p.norms))
+    assert read_clusters(folder, head) == [{"name": "late", "indices": [1, 2]}, {"name": "first", "indices": [3, 7]}]
+    assert read_clusters(folder, HeadRef(0, 0)) == []
+    for bad, message in (([], "Select some points"), ([len(p.norms)], "outside")):
+        with pytest.raises(InputError, match=message):
+            save_cluster(folder, head, "x", bad, len(p.norms))
+    with pytest.raises(InputError, match="name"):
+        save_cluster(folder, head, "  ", [1], len(p.norms))
+    assert delete_cluster(folder, head, "late") and not delete_cluster(folder, head, "late")
+
+    from headvis_core.scan import load_scan
+
+    copied = load_scan(folder)
+    export_headvis(copied, tmp_path / "data")
+    record = json.loads((tmp_path / "data" / "umap" / "L0H3.json").read_text())
+    assert record["clusters"] == [{"name": "first", "indices": [3, 7]}]
+    assert validate_tree(tmp_path / "data") == []
+    project_scan(loaded, copied, ProjectionParams(max_pairs=20, max_windows=4), heads=[head])
+    assert read_clusters(folder, head) == []  # they named pairs of the old projections

@@ -6,29 +6,26 @@ On SmolLM2-135M (30 layers x 9 query heads = 270 heads), for 1 and 16 IOI prompt
 - the estimate (``headvis_core.ablation.estimate.estimate_heads``) of the logit-difference
   drop (first order: one forward and one backward pass) and of the KL (second order over the
   ``--fisher-tokens`` most likely tokens: one forward, that many backward passes);
-- the exact ranking (``rank_heads``, the batched replay engine) of all 270 heads, which gives
+- the exact ranking (``rank_heads_by_ablation``, the batched replay engine) of all 270 heads, which gives
   both metrics in one run;
 - agreement over all heads: Spearman correlation and the overlap of the top 10;
 - the "estimate, then refine the top N exactly" flow (``--refine``): the time of the exact
   ablation of the estimate's top N alone, and how many of the exact top 10 (over all heads)
   it contains.
 
-    PYTHONPATH=. .venv/bin/python bench/ablation_estimate.py [--prompts 1 16] [--refine 30]
+    .venv/bin/python bench/ablation_estimate.py [--prompts 1 16] [--refine 30]
 """
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 import numpy as np
 
 from headvis_core.ablation.estimate import agreement, estimate_heads
-from headvis_core.ablation.ranking import rank_heads_by_ablation as rank_heads
+from headvis_core.ablation.ranking import rank_heads_by_ablation
 from headvis_core.ablation.values import make_ablation
 from headvis_core.data.prompt_pairs import ioi_prompts
 from headvis_core.models.loader import load_model
@@ -59,7 +56,7 @@ def main() -> None:
             continue
         ablation = make_ablation(model, args.kind, prompts)
         started = time.perf_counter()
-        exact = rank_heads(model, prompts, ablation, metric="logit_diff", top_n=0)
+        exact = rank_heads_by_ablation(model, prompts, ablation, metric="logit_diff", top_n=0)
         exact_s = time.perf_counter() - started
         print(f"\n[{n} IOI prompt(s) of {prompts.lengths[0]} tokens]  exact ranking of all heads: {exact_s:7.1f} s "
               f"({exact.engine})")
@@ -71,7 +68,7 @@ def main() -> None:
             result = agreement(estimate.importance, exact_matrix, top_k=10)
             top_n = estimate.top_heads(args.refine)
             started = time.perf_counter()
-            rank_heads(model, prompts, ablation, metric=metric, heads=top_n, top_n=0)
+            rank_heads_by_ablation(model, prompts, ablation, metric=metric, heads=top_n, top_n=0)
             refine_s = time.perf_counter() - started
             exact_top = set(np.argsort(-exact_matrix.ravel())[:10].tolist())
             n_heads = int(model.cfg.n_heads)

@@ -48,8 +48,7 @@ from scipy.stats import spearmanr
 
 from headvis_core import hooks
 from headvis_core.ablation.metrics import logit_difference, next_token_loss
-from headvis_core.ablation.ranking import HeadRanking, check_metric
-from headvis_core.ablation.ranking import rank_heads_by_ablation as rank_heads
+from headvis_core.ablation.ranking import HeadRanking, check_metric, rank_heads_by_ablation
 from headvis_core.ablation.values import Ablation, check_hookable, zero_ablation
 from headvis_core.data.prompt_pairs import PromptPairs
 from headvis_core.errors import InputError
@@ -284,11 +283,11 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, top_k: int = DEFAULT_TOP_
 def refine_estimate(model: Any, prompts: PromptPairs, estimate: HeadEstimate, top_n: int,
                     ablation: Optional[Ablation] = None, top_k: int = DEFAULT_TOP_K,
                     progress: Optional[ProgressCallback] = None, **rank_kwargs: Any) -> RefinedEstimate:
-    """Ablate the estimate's ``top_n`` heads exactly (``rank_heads``) and measure the agreement."""
+    """Ablate the estimate's ``top_n`` heads exactly (``rank_heads_by_ablation``) and measure the agreement."""
     if int(top_n) < 1:
         raise InputError("Refine at least one head exactly (top N must be 1 or more).")
     heads = estimate.top_heads(int(top_n))
-    exact = rank_heads(model, prompts, ablation=ablation, metric=estimate.metric, heads=heads,
+    exact = rank_heads_by_ablation(model, prompts, ablation=ablation, metric=estimate.metric, heads=heads,
                        progress=scaled(progress, 0.0, 1.0), **rank_kwargs)
     report(progress, 1.0, "done")
     return RefinedEstimate(estimate=estimate, exact=exact,

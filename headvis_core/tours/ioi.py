@@ -17,7 +17,7 @@ import torch
 from headvis_core import hooks
 from headvis_core.ablation.estimate import agreement, estimate_heads, estimate_query_edges
 from headvis_core.ablation.metrics import AnswerMetrics, logit_difference, prompt_mean
-from headvis_core.ablation.ranking import rank_heads_by_ablation as rank_heads
+from headvis_core.ablation.ranking import rank_heads_by_ablation
 from headvis_core.ablation.runner import AblationRunner
 from headvis_core.ablation.values import make_ablation
 from headvis_core.circuits.path_patching import Edge, path_patch
@@ -156,7 +156,8 @@ def name_movers(model: Any, found: dict, model_name: str = "", n_prompts: int = 
     table["copying"] = [float(copying[(h.layer, h.head)]) for h in heads]
     # Attribution patching ranks all heads by their total effect; the top ones are ablated exactly.
     estimate = estimate_heads(model, prompts, ablation, metric="logit_diff")
-    exact = rank_heads(model, prompts, ablation, metric="logit_diff", heads=estimate.top_heads(refine), top_n=0)
+    exact = rank_heads_by_ablation(model, prompts, ablation, metric="logit_diff", heads=estimate.top_heads(refine),
+                                   top_n=0)
     fit = agreement(estimate.importance, exact.importance, top_k=min(5, refine))
     table["estimated_drop"] = [float(estimate.importance[h.layer, h.head]) for h in heads]
     table["ablation_drop"] = [float(exact.importance[h.layer, h.head]) for h in heads]

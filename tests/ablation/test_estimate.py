@@ -200,9 +200,9 @@ def test_smollm2_ioi_estimate_ranks_heads_like_the_exact_ablation(smollm2):
     prompts = ioi_prompts(model, n_prompts=4, seed=0)
     ablation = make_ablation(model, "zero", prompts)
     estimate = estimate_heads(model, prompts, ablation, metric="logit_diff")
-    from headvis_core.ablation.ranking import rank_heads_by_ablation as rank_heads
+    from headvis_core.ablation.ranking import rank_heads_by_ablation
 
-    exact = rank_heads(model, prompts, ablation, metric="logit_diff", top_n=0)
+    exact = rank_heads_by_ablation(model, prompts, ablation, metric="logit_diff", top_n=0)
     result = agreement(estimate.importance, exact.importance, top_k=10)
     assert result.n_heads == model.cfg.n_layers * model.cfg.n_heads
     assert result.spearman > 0.5, result.summary

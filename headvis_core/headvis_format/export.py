@@ -248,8 +248,11 @@ def export_headvis(scan: ScanResult, out: Path, force: bool = False, options: Ex
     out = Path(out).expanduser()
     check_destination(out, force)
     started = time.time()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
+    except OSError as err:
+        raise InputError(f"Cannot write the HeadVis data next to {out} ({err.strerror or err}).") from None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the tree is meant to be served
         _write_tree(tmp, scan, options, progress)

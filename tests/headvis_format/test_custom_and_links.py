@@ -99,6 +99,8 @@ def test_export_command(scan, tmp_path, capsys):
         main(["export-headvis", "--scan", str(scan.path), "--out", str(tmp_path / "o"), "--keys-per-query", "0"])
     assert exit_.value.code == 2
     assert not (tmp_path / "o").exists()
+    assert main(["export-headvis", "--scan", str(scan.path), "--out", "/proc/headvis-data"]) == 2
+    assert "system folder" in capsys.readouterr().err
 
 
 def test_custom_sequences_of_an_imported_tree_sit_in_the_tree(tiny_llama, scan, tmp_path):
@@ -110,3 +112,15 @@ def test_custom_sequences_of_an_imported_tree_sit_in_the_tree(tiny_llama, scan, 
     add_custom_sequence(tiny_llama, tree.path, HeadRef(0, 2), "hello there")
     assert validate_tree(out) == []
     assert np.array(json.loads((out / "custom_sequences/L0H2.json").read_text())["sequences"]).size == 1
+
+
+def test_an_unwritable_destination_is_a_clear_error(scan, tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(InputError, match="Cannot write the HeadVis data.*Permission denied"):
+        export_headvis(scan, tmp_path / "data")
+    assert not (tmp_path / "data").exists()

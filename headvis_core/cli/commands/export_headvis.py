@@ -9,7 +9,7 @@ the contract and prints what the Dataset examples page would read from it.
 import argparse
 from pathlib import Path
 
-from headvis_core.cli.main import finite_float, positive_int, text_argument
+from headvis_core.cli.main import check_output_dir, finite_float, positive_int, text_argument
 from headvis_core.errors import CorruptFileError, InputError
 
 
@@ -62,6 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     options.check()
     out = Path(args.out).expanduser()
     check_destination(out, args.force)  # before any work
+    check_output_dir(args.out, "--out")  # not a system folder, and writable
     try:
         scan = load_scan(scan_dir)
     except CorruptFileError as err:

@@ -51,9 +51,10 @@ IOI = Tour("ioi", "Indirect object identification", "'When Mary and John went to
          "the indirect object and copy it (positive OV copying score). Attribution patching ranks all heads by "
          "total effect from one backward pass; the top ones are then mean-ablated exactly.", f"{WANG}; {NANDA}",
          "ioi:name_movers", {"n_prompts": 8, "candidates": 10, "refine": 10, "atlas_seqs": 16, "atlas_len": 64}),
-    Step("s_inhibition", "S-inhibition heads", "Which earlier heads write into the name movers' queries what makes "
-         "them avoid the subject: every edge into their queries is ranked by attribution patching, the top ones "
-         "are path-patched exactly.", f"{WANG}; {NANDA}", "ioi:s_inhibition", {"n_prompts": 8, "top_edges": 8}),
+    Step("s_inhibition", "S-inhibition heads", "Which earlier heads write into the name movers' queries (and those "
+         "of the two heads with the largest direct effect) what makes them avoid the subject: every edge into "
+         "these queries is ranked by attribution patching, the top ones are path-patched exactly.",
+         f"{WANG}; {NANDA}", "ioi:s_inhibition", {"n_prompts": 8, "top_edges": 8}),
     Step("feeders", "Induction and duplicate-token heads", "At the repeated name, induction and duplicate-token "
          "heads signal that it is a repeat; the S-inhibition heads read that through their values.", WANG,
          "ioi:induction_duplicate_feeders", {"n_prompts": 8, "per_role": 3, "atlas_seqs": 16,

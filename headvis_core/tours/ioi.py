@@ -189,7 +189,8 @@ def name_movers(model: Any, found: dict, model_name: str = "", n_prompts: int = 
     sentence += (f"Attribution patching ranked all {n_layers * n_heads} heads in {estimate.seconds:.1f} s; mean-"
                  f"ablating its top {refine} exactly, {top.label} lowers the logit difference most, by "
                  f"{top.importance:.2f} (of {exact.clean['logit_diff']:.2f}); estimate vs exact: {fit.summary}.")
-    found = {"name_movers": chosen, "top_drop_head": str(top.label), "top_drop": float(top.importance),
+    found = {"name_movers": chosen, "direct_heads": [str(h) for h in heads[:2]], "top_drop_head": str(top.label),
+             "top_drop": float(top.importance),
              "full_logit_diff": float(exact.clean["logit_diff"]), "estimate_spearman": fit.spearman,
              "estimate_top_overlap": fit.top_k_overlap}
     return StepResult(sentence=sentence, figure=head_heatmap(direct, "Direct effect on the logit difference "
@@ -205,8 +206,10 @@ def _patch_table(model: Any, prompts: Any, edges: list[Edge]) -> tuple[pd.DataFr
 
 def s_inhibition(model: Any, found: dict, model_name: str = "", n_prompts: int = 8, seed: int = 0,
                  top_edges: int = 8) -> StepResult:
-    receivers = [HeadRef.from_label(h) for h in found.get("name_movers", [])]
-    receivers = [r for r in receivers if r.layer > 0]
+    # The name movers' queries, and those of the two heads with the largest direct effect (which on some
+    # models write the answer without passing every name-mover test).
+    labels = dict.fromkeys(found.get("name_movers", []) + found.get("direct_heads", []))
+    receivers = [r for r in (HeadRef.from_label(h) for h in labels) if r.layer > 0]
     link = page_link("Circuit_graph", model_name, kinds="q", measure="z", heads=",".join(map(str, receivers)))
     if not receivers:
         return StepResult(sentence="There are no name movers above the first layer to look for S-inhibition into.",
@@ -222,7 +225,8 @@ def s_inhibition(model: Any, found: dict, model_name: str = "", n_prompts: int =
     chosen = list(dict.fromkeys(carriers.sender))[:MAX_ROLE_HEADS]
     convincing = bool(chosen)
     best = table.iloc[0]
-    sentence = (f"Attribution patching scored all {len(estimates)} edges into the name movers' queries in one "
+    sentence = (f"Attribution patching scored all {len(estimates)} edges into the queries of "
+                f"{heads_text([str(r) for r in receivers])} in one "
                 f"backward pass; path-patching the top {len(edges)} exactly, {best.sender} -> {best.receiver} (Q) "
                 f"removes {-100 * best.normalized:.0f}% of the logit difference (estimate vs exact on these "
                 f"edges: Spearman {fit.spearman:.2f}). ")

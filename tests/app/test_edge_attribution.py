@@ -69,3 +69,16 @@ def test_induction_edge_on_smollm2(smollm2):
     assert abs(score - total) <= 1e-3 * abs(score) and attention > 0.9
     key_side = at.dataframe[1].value
     assert key_side.component.iloc[0].startswith("L16H")  # previous-token heads of layer 16 lead the key side
+
+
+def test_dictionary_features_replace_the_key_side(tmp_path, tiny_llama):
+    from headvis_core.attribution.sae import random_sae, save_sae
+
+    folder = save_sae(tmp_path / "sae", **random_sae(tiny_llama.model, layer=1, d_sae=48))
+    at = app_test(PAGE, prompt="abcabcab", layer=1, head=2, q=7, k=3, sae=str(folder), sae_side="key").run()
+    assert not at.exception and not at.error
+    score, total, _ = (float(m.value) for m in at.metric)
+    assert abs(score - total) <= 1e-3 * max(1.0, abs(score))
+    query_side, key_side = at.dataframe[0].value, at.dataframe[1].value
+    assert key_side.component.str.startswith("F").any() and "error" in set(key_side.component)
+    assert not query_side.component.str.startswith("F").any()

@@ -37,21 +37,27 @@ class SparseAttention:
 
 
 def top_attended_keys(
-    patterns: Float[torch.Tensor, "*batch query key"], k: int, exclude_first: bool = True
+    patterns: Float[torch.Tensor, "*batch query key"], k: int, exclude_first: bool = True, stable: bool = False
 ) -> tuple[Int[torch.Tensor, "*batch query top"], Float[torch.Tensor, "*batch query top"],
            Float[torch.Tensor, "*batch query"]]:
     """``(keys, values, first)``: the ``k`` most attended keys of every query, largest first.
 
     With ``exclude_first`` the keys are chosen among positions 1.. ; ``first``
-    is always the attention to position 0. Ties keep the earlier key (a stable
-    sort), so the choice is the same on every run and device. ``k`` is capped
-    at the number of candidate keys.
+    is always the attention to position 0. ``k`` is capped at the number of
+    candidate keys. By default ``torch.topk`` picks among exactly equal weights
+    (the zeros of masked keys, mostly) in its own deterministic order: it is
+    about 4x faster than a full sort on the scan's ``[n, 65, 64]`` rows, where
+    this runs inside every layer's hook. ``stable=True`` sorts instead, so equal
+    weights keep the earlier key first (the token view lists keys in that order).
     """
     offset = 1 if exclude_first else 0
     candidates = patterns[..., offset:]
     k = max(0, min(int(k), candidates.shape[-1]))
-    values, order = torch.sort(candidates, dim=-1, descending=True, stable=True)
-    return order[..., :k] + offset, values[..., :k], patterns[..., 0]
+    if stable:
+        values, order = torch.sort(candidates, dim=-1, descending=True, stable=True)
+        return order[..., :k] + offset, values[..., :k], patterns[..., 0]
+    top = torch.topk(candidates, k, dim=-1, sorted=True)
+    return top.indices + offset, top.values, patterns[..., 0]
 
 
 def sparse_from_dense(pattern: torch.Tensor | np.ndarray, top_k: int = 8,
@@ -59,12 +65,12 @@ def sparse_from_dense(pattern: torch.Tensor | np.ndarray, top_k: int = 8,
     """Keep the ``top_k`` largest keys of each query of a dense ``[query, key]`` pattern.
 
     With ``exclude_first`` the keys are chosen among positions 1.. (position
-    0's weight is kept in ``first``).
+    0's weight is kept in ``first``). Equal weights keep the earlier key first.
     """
     if isinstance(pattern, torch.Tensor):
         dense = pattern.detach().float().cpu()
     else:
         dense = torch.as_tensor(np.asarray(pattern, float))
-    keys, values, first = top_attended_keys(dense, top_k, exclude_first)
+    keys, values, first = top_attended_keys(dense, top_k, exclude_first, stable=True)
     return SparseAttention(keys=keys.numpy().astype(np.int64), values=values.numpy().astype(np.float32),
                            first=first.numpy().copy())

@@ -86,6 +86,56 @@ def state_sizes() -> list[tuple[str, float, float]]:
     return rows
 
 
+def flush_seconds(rows: int, capacity: int = 1024) -> float:
+    """Seconds of one token-summary fold of a full buffer (2 x capacity new tokens) on this CPU, 1 thread."""
+    import torch
+
+    from headvis_core.scan.heavy_hitters import HeavyHitters
+
+    torch.set_num_threads(1)
+    summary = HeavyHitters.empty(rows, capacity)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for step in range(3):
+        ids = torch.arange(2 * capacity) + step * capacity  # half new, half already counted
+        summary.add(ids, torch.rand(rows, len(ids), generator=generator))
+        started = time.perf_counter()
+        summary.flush()
+        times.append(time.perf_counter() - started)
+    return min(times[1:])
+
+
+def cost_model(per_worker: float, merge_s_per_mib: float, driver_mib: float) -> None:
+    """100M tokens of Gemma 3 27B on 8 GPUs x 4 nodes, from this run's measurements and stated assumptions."""
+    from headvis_core.scan import ScanParams
+    from headvis_core.scan.state import ScanState
+
+    tokens, workers, window = 100e6, 32, 64
+    gpu_rate = 0.4 * 989e12 / (2 * 27e9)  # H100 bf16 dense at 40% utilisation, 2 x params FLOPs per token
+    state = ScanState(62, 32, window + 1, 262144, ScanParams(window_len=window))
+    partial_mib = (state.nbytes() - state.shard_tokens.nbytes(with_buffer=True)) / 2**20  # full reservoir
+    flush = flush_seconds(62 * 32 * 2)
+    del state
+    batch_tokens = 64 * window  # 64 windows per batch; about 1,500 new buffer columns per batch -> ~0.7 flush
+    cpu_fold = 0.7 * flush / batch_tokens  # seconds per token when the summaries run on the worker's CPU
+    print("cost model: 100M tokens, Gemma 3 27B (62 x 32 heads, 262k vocabulary), 32 workers (8 GPUs x 4 nodes)")
+    print(f"  assumed GPU forward: {gpu_rate:.0f} tokens/s per GPU (H100, bf16, 40% of 989 TFLOP/s, 54 GFLOP/token)")
+    print(f"  measured here: {per_worker:.0f} tokens/s per CPU worker (SmolLM2); token-summary fold "
+          f"{flush:.1f} s per full buffer for 3,968 rows on 1 CPU thread; merge {merge_s_per_mib * 1e3:.1f} ms "
+          f"per MiB of partial state; driver peak {driver_mib:.0f} MiB (holds the model)")
+    print(f"  partial state of a 27B shard with a full reservoir: {partial_mib:.0f} MiB")
+    for label, fold in (("summaries on the worker CPU (as built)", cpu_fold),
+                        ("summaries on the GPU (not built; fold taken as free)", 0.0)):
+        rate = 1 / (1 / gpu_rate + fold)
+        compute_h = tokens / (workers * rate) / 3600
+        for shard_windows in (256, 16384):
+            shards = tokens / (shard_windows * window)
+            driver_h = shards * partial_mib * merge_s_per_mib / 3600
+            print(f"  {label}, shards of {shard_windows} windows: {rate:.0f} tokens/s per worker, compute "
+                  f"{compute_h:.2f} h, driver merges {shards:.0f} x {partial_mib:.0f} MiB = {driver_h:.2f} h "
+                  f"-> {max(compute_h, driver_h):.2f} h")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -130,6 +180,8 @@ def main() -> None:
         print(f"  {name:<14} {before:>9.1f} -> {after:>7.1f}")
     per_worker = tokens / runs["ray-1"]["scan_seconds"]
     merge = runs["ray-2"]["merge_per_shard"]
+    merge_s_per_mib = merge / max(single["shard_bytes"] / 2**20, 1e-9)
+    cost_model(per_worker, merge_s_per_mib, runs["ray-2"]["peak_rss_mb"])
     print(json.dumps({"tokens_per_s_per_worker": round(per_worker, 1), "merge_seconds_per_shard": round(merge, 4),
                       "shard_mib": round(single["shard_bytes"] / 2**20, 2),
                       "driver_peak_mib": round(runs["ray-2"]["peak_rss_mb"]), "overhead": round(overhead, 4)}))

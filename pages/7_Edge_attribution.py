@@ -9,9 +9,17 @@ import json
 import streamlit as st
 
 import headvis_ui as ui
-from headvis_core.attribution.edge import SAE_SIDES, attribute_edge
+from headvis_core.attribution.edge import (
+    SAE_SIDES,
+    EdgeSpec,
+    attribute_edges,
+    attribution_inputs,
+    attribution_link,
+)
 from headvis_core.heads import HeadRef
 from headvis_core.lab.positions import induction_key
+from headvis_core.store import cached
+from headvis_core.store.kinds import ATTRIBUTION
 from headvis_core.tokens import token_labels, tokenize_prompt
 from headvis_core.viz.attribution import (
     offset_profile_figure,
@@ -22,7 +30,6 @@ from headvis_core.viz.attribution import (
 )
 
 DEFAULT_PROMPT = "Mr and Mrs Dursley, of number four, Privet Drive, were proud to say. Mr and Mrs Dursley"
-MAX_REMEMBERED = 8  # edge results kept per session
 
 loaded = ui.page_setup("Edge attribution")
 info, model = loaded.info, loaded.model
@@ -65,16 +72,19 @@ with ui.user_errors():
         from headvis_core.attribution.sae import load_sae
 
         sae = load_sae(sae_dir.strip())
-    edge_id = (ui.model_key(loaded), tuple(prompt.tokens[0].tolist()), int(layer), int(head), int(query), int(key),
-               sae_dir.strip(), sae_side)
-    results = state.setdefault("edge_attribution_results", {})
-    if edge_id not in results:
-        result = attribute_edge(model, prompt.tokens, HeadRef(int(layer), int(head)), int(query), int(key), sae=sae,
-                                sae_side=sae_side, progress=ui.progress_bar("Attributing the edge"))
-        if len(results) >= MAX_REMEMBERED:
-            results.pop(next(iter(results)))
-        results[edge_id] = result
-    result = results[edge_id]
+    edge = EdgeSpec(HeadRef(int(layer), int(head)), int(query), int(key))
+
+    def compute():
+        return attribute_edges(model, prompt.tokens, [edge], sae=sae, sae_side=sae_side,
+                               progress=ui.progress_bar("Attributing the edge"))[0]
+
+    stored = cached(ATTRIBUTION, loaded, attribution_inputs(prompt.tokens, [edge], sae, sae_side), compute,
+                    link=attribution_link(text, edge, sae_dir.strip(), sae_side))
+    result = stored.value
+for note in stored.notes:
+    st.info(note)
+if stored.from_store:
+    st.caption(f"From the result store (computed {stored.computed_at_text}).")
 
 st.subheader(f"Head {result.edge.head}: {labels[result.edge.query]} \u2192 {labels[result.edge.key]}")
 m1, m2, m3 = st.columns(3)

@@ -30,7 +30,7 @@ from headvis_core.attribution.components import (
 )
 from headvis_core.attribution.ov import OVAttribution, ov_attribution
 from headvis_core.attribution.qk import QKTerms, check_linear_scores, offset_profile, qk_terms
-from headvis_core.attribution.sae import SparseDictionary, check_sae
+from headvis_core.attribution.sae import CONFIG_FILE, WEIGHTS_FILE, SparseDictionary, check_sae
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.progress import ProgressCallback, report
@@ -216,6 +216,29 @@ def attribute_edge(model: Any, tokens: torch.Tensor, head: HeadRef, query_pos: i
     """Attribute one edge: see :func:`attribute_edges`."""
     return attribute_edges(model, tokens, [EdgeSpec(head, int(query_pos), int(key_pos))], sae=sae,
                            sae_side=sae_side, progress=progress)[0]
+
+
+def attribution_inputs(tokens: torch.Tensor, edges: Sequence[EdgeSpec], sae: Optional[SparseDictionary] = None,
+                       sae_side: str = "both") -> dict[str, Any]:
+    """What an edge attribution depends on besides the model, for the result store
+    (``headvis_core.store.cached(kinds.ATTRIBUTION, ...)``): the token ids, the edges and the
+    dictionary, named by its folder and its files' sizes and modification times."""
+    dictionary = None
+    if sae is not None:
+        folder = Path(sae.path).resolve()
+        files = [folder / name for name in (CONFIG_FILE, WEIGHTS_FILE)]
+        dictionary = [str(folder), [[f.stat().st_size, f.stat().st_mtime_ns] for f in files], sae_side]
+    return {"token_ids": [int(t) for t in tokens.reshape(-1).tolist()],
+            "edges": [[str(e.head), int(e.query), int(e.key)] for e in edges], "sae": dictionary}
+
+
+def attribution_link(text: str, edge: EdgeSpec, sae_dir: str = "", sae_side: str = "both") -> dict[str, Any]:
+    """The Edge attribution page's URL for this edge (its widgets are bound to these parameters)."""
+    query: dict[str, Any] = {"prompt": text, "layer": edge.head.layer, "head": edge.head.head, "q": edge.query,
+                             "k": edge.key}
+    if sae_dir:
+        query.update(sae=sae_dir, sae_side=sae_side)
+    return {"page": "pages/7_Edge_attribution.py", "query": query}
 
 
 def save_json(result: EdgeAttribution, path: str | Path) -> Path:

@@ -1,9 +1,16 @@
 """The Edge attribution page: an edge from the URL, its tables and downloads, and its error paths."""
 
+import pytest
+
 from tests.app import bound_params
 from tests.conftest import app_test
 
 PAGE = "pages/7_Edge_attribution.py"
+
+
+@pytest.fixture(autouse=True)
+def private_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADVIS_STORE_DIR", str(tmp_path / "store"))
 
 
 def test_an_edge_from_the_url_is_explained():
@@ -20,6 +27,12 @@ def test_an_edge_from_the_url_is_explained():
     assert {"Download query side (CSV)", "Download all QK terms (CSV)", "Download the attribution (JSON)",
             "Download diagram (HTML)"} <= labels
     assert len(at.get("iframe")) == 1  # the path diagram
+    assert not any("result store" in c.value for c in at.caption)
+    # a restart (a new session, same URL) shows the stored result
+    again = app_test(PAGE, prompt="abcabcab", layer=1, head=2, q=7, k=3).run()
+    assert not again.exception and not again.error
+    assert any("From the result store" in c.value for c in again.caption)
+    assert float(again.metric[0].value) == score
 
 
 def test_changing_the_key_recomputes():

@@ -12,9 +12,14 @@ from tests.conftest import ROOT
 PROMPT = "The cat sat on the mat. The cat sat on"
 
 
-def run_cli(*args, env=None):
+@pytest.fixture(autouse=True)
+def private_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADVIS_STORE_DIR", str(tmp_path / "store"))
+
+
+def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "headvis_core", "attribute", *args], cwd=ROOT, capture_output=True,
-                          timeout=300, env=env)
+                          timeout=300)
 
 
 def test_writes_the_edge_json(tmp_path):
@@ -26,6 +31,10 @@ def test_writes_the_edge_json(tmp_path):
     assert data["head"] == "1.2" and data["query"] == 20 and data["key"] == 7
     assert data["score"] == pytest.approx(sum(t["value"] for t in data["qk_terms"]), rel=1e-4, abs=1e-6)
     assert b"key side" in result.stdout
+    again = run_cli("--model", "tiny-llama", "--prompt", PROMPT, "--head", "1.2", "--query", "20", "--key", "7",
+                    "--out", str(out))
+    assert again.returncode == 0 and b"from the result store" in again.stdout
+    assert json.loads(out.read_text(encoding="utf-8")) == data
 
 
 def test_writes_dictionary_features(tmp_path, tiny_llama):

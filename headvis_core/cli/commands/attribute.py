@@ -14,11 +14,13 @@ its features then replace the model's components on ``--sae-side``.
 import argparse
 
 from headvis_core.cli.main import (
+    add_cache_argument,
     add_model_arguments,
     check_output_file,
     load_model_from_args,
     non_negative_int,
     positive_int,
+    report_stored,
     text_argument,
 )
 
@@ -28,10 +30,19 @@ def _table(frame, n: int) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from headvis_core.attribution.edge import attribute_edge, parse_sae_side, save_json
+    from headvis_core.attribution.edge import (
+        EdgeSpec,
+        attribute_edges,
+        attribution_inputs,
+        attribution_link,
+        parse_sae_side,
+        save_json,
+    )
     from headvis_core.attribution.sae import load_sae
     from headvis_core.heads import parse_head
     from headvis_core.progress import tqdm_progress
+    from headvis_core.store import cached
+    from headvis_core.store.kinds import ATTRIBUTION
     from headvis_core.tokens import token_labels, tokenize_prompt
 
     out = check_output_file(args.out, suffixes=[".json"])
@@ -41,8 +52,16 @@ def _run(args: argparse.Namespace) -> int:
     model = loaded.model
     head = parse_head(args.head, loaded.info.n_layers, loaded.info.n_heads)
     prompt = tokenize_prompt(model, args.prompt)
-    result = attribute_edge(model, prompt.tokens, head, args.query, args.key, sae=sae, sae_side=sae_side,
-                            progress=tqdm_progress("attributing"))
+    edge = EdgeSpec(head, args.query, args.key)
+
+    def compute():
+        return attribute_edges(model, prompt.tokens, [edge], sae=sae, sae_side=sae_side,
+                               progress=tqdm_progress("attributing"))[0]
+
+    stored = cached(ATTRIBUTION, loaded, attribution_inputs(prompt.tokens, [edge], sae, sae_side), compute,
+                    refresh=args.no_cache, link=attribution_link(args.prompt, edge, args.sae or "", sae_side))
+    report_stored(stored, "edge attribution")
+    result = stored.value
     print("tokens: " + " ".join(token_labels(prompt.str_tokens)))
     print(result.summary())
     print(f"sum of the {result.qk.terms.numel()} QK terms: {result.qk.reconstructed:.6f} (model: {result.score:.6f})")
@@ -63,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "attribute", help="explain one attention edge: QK terms of its score and OV terms of what it moves",
         description="QK and OV attribution of the edge (head, query position, key position) on one prompt.")
     add_model_arguments(parser)
+    add_cache_argument(parser)
     parser.add_argument("--prompt", required=True, type=text_argument, help="the prompt")
     parser.add_argument("--head", required=True, help="the head as layer.head, e.g. 18.6")
     parser.add_argument("--query", required=True, type=non_negative_int,

@@ -14,6 +14,7 @@ before any work is done, so a result is never computed only to be lost.
 """
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
@@ -21,7 +22,7 @@ import pkgutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
 from headvis_core.cli import commands
 from headvis_core.errors import HeadVisError, InputError
@@ -164,14 +165,9 @@ def check_output_dir(raw: Optional[str], option: str = "--out") -> Optional[Path
     return path
 
 
-def open_corpus_arg(spec: str, text_field: str = "text"):
-    """``open_corpus`` for a corpus the user named: any folder of theirs, but not the whole filesystem.
-
-    ``/`` and the system folders (``/proc``, ``/sys``, ``/dev``) would be walked file by file for a
-    very long time; a folder that cannot be read is an error message, not a traceback.
-    """
-    from headvis_core.data.corpus import open_corpus
-
+def check_corpus_arg(spec: Optional[str]) -> None:
+    """Refuse ``/`` and the system folders (``/proc``, ``/sys``, ``/dev``) as a corpus: walking them file by
+    file would take very long (the CLI otherwise reads any folder the user names)."""
     text = (spec or "").strip()
     if text:
         resolved = Path(text).expanduser().resolve()
@@ -179,11 +175,25 @@ def open_corpus_arg(spec: str, text_field: str = "text"):
                                                     for f in SYSTEM_FOLDERS):
             raise InputError(f"--corpus {spec!r} is the whole filesystem or a system folder: give the folder "
                              "that holds your text files.")
+
+
+@contextlib.contextmanager
+def corpus_read_errors(spec: str) -> Iterator[None]:
+    """A corpus folder that cannot be read (permissions, a vanished file) is an error message."""
     try:
-        return open_corpus(spec, text_field=text_field)
+        yield
     except OSError as err:
         raise InputError(f"Cannot read the corpus {spec!r}: {err.strerror or err}"
                          + (f" ({err.filename})" if err.filename else "") + ".") from None
+
+
+def open_corpus_arg(spec: str, text_field: str = "text"):
+    """``open_corpus`` for a corpus the user named, after :func:`check_corpus_arg`."""
+    from headvis_core.data.corpus import open_corpus
+
+    check_corpus_arg(spec)
+    with corpus_read_errors(spec):
+        return open_corpus(spec, text_field=text_field)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exited:  # --help (0) or an argument refused (2): a status, also for in-process callers
+        return int(exited.code or 0) if not isinstance(exited.code, str) else EXIT_USER_ERROR
     try:
         return int(args.func(args) or 0)
     except HeadVisError as err:

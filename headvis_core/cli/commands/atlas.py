@@ -9,10 +9,11 @@ import argparse
 from headvis_core.cli.main import (
     add_cache_argument,
     add_model_arguments,
+    check_corpus_arg,
     check_output_file,
+    corpus_read_errors,
     load_model_from_args,
     non_negative_int,
-    open_corpus_arg,
     positive_int,
     report_stored,
 )
@@ -31,9 +32,10 @@ def _atlas(args: argparse.Namespace) -> int:
         raise InputError(f"--seq-len {args.seq_len} is too short: use at least {MIN_SEQ_LEN} tokens.")
     out = check_output_file(args.out, "--out")
     report_path = check_output_file(args.report, "--report")
-    if args.corpus is not None:
-        open_corpus_arg(args.corpus)  # the whole filesystem or an unreadable folder fails before the model loads
-        corpus_files(args.corpus)
+    if args.corpus is not None:  # a bad folder fails before the model loads
+        check_corpus_arg(args.corpus)
+        with corpus_read_errors(args.corpus):
+            corpus_files(args.corpus)
     loaded = load_model_from_args(args)
     check_atlas_memory(loaded.model, args.n_seqs, args.seq_len, args.n_induction_seqs, args.batch_size)
 

@@ -119,6 +119,76 @@ def _best(steps: list[_Step]) -> int:
     return max(range(len(steps)), key=lambda i: (steps[i].success, steps[i].objective))
 
 
+def _candidate_pool(candidates: Optional[Sequence[HeadRef] | str], n_layers: int, n_heads: int) -> list[HeadRef]:
+    """The heads the search may ablate (``"5.1,6.9"``, a list, or ``None`` for all), checked."""
+    if isinstance(candidates, str):
+        candidates = parse_heads(candidates, n_layers, n_heads)
+    pool = list(candidates) if candidates is not None else all_heads(n_layers, n_heads)
+    for head in pool:
+        head.check(n_layers, n_heads)
+    return pool
+
+
+@dataclass
+class _Search:
+    """The search's state: the heads chosen so far, the current metrics and the trajectory."""
+
+    model: Any
+    runner: AblationRunner
+    metrics: AnswerMetrics
+    current: _Step
+    rows: list[dict[str, Any]]
+    chosen: list[HeadRef] = field(default_factory=list)
+    passes: int = 0
+
+    def grow(self, pool: list[HeadRef], budget: int, progress: Optional[ProgressCallback]) -> str:
+        """Add the head that raises the alternative's margin most, until it is on top; why the search stopped."""
+        while not self.current.success:
+            if len(self.chosen) >= budget:
+                return f"the budget of {budget} heads is used up"
+            remaining = [h for h in pool if h not in self.chosen]
+            if not remaining:
+                return "every candidate head is already ablated"
+            done = len(self.chosen) / budget
+            step_progress = scaled(progress, 0.05 + 0.8 * done, 0.05 + 0.8 * (len(self.chosen) + 1) / budget)
+            values = self.runner.evaluate([tuple(self.chosen) + (h,) for h in remaining], self.metrics,
+                                          base=self.chosen, progress=step_progress)
+            self.passes += 1
+            steps = _steps(values)
+            best = _best(steps)
+            if not steps[best].success and steps[best].objective <= self.current.objective + MIN_GAIN:
+                return "no remaining head raises the alternative further"
+            self.chosen.append(remaining[best])
+            self.current = steps[best]
+            self.rows.append(_trajectory_row(self.model, len(self.rows), "add", remaining[best], self.chosen,
+                                             self.current))
+        return ""
+
+    def prune(self) -> None:
+        """Drop heads one at a time while the alternative stays on top (the drop that keeps the best margin)."""
+        while len(self.chosen) > 1:
+            values = self.runner.evaluate([tuple(h for h in self.chosen if h != drop) for drop in self.chosen],
+                                          self.metrics)
+            self.passes += 1
+            steps = _steps(values)
+            kept = [i for i, s in enumerate(steps) if s.success]
+            if not kept:
+                return
+            best = max(kept, key=lambda i: steps[i].objective)
+            dropped = self.chosen[best]
+            self.chosen = [h for h in self.chosen if h != dropped]
+            self.current = steps[best]
+            self.rows.append(_trajectory_row(self.model, len(self.rows), "prune", dropped, self.chosen,
+                                             self.current))
+
+    def final_logits(self) -> torch.Tensor:
+        """The first prompt's final-position log-probabilities with the chosen heads ablated."""
+        if not self.chosen:
+            return self.runner.clean_logits[0][-1]
+        final = self.runner.evaluate([tuple(self.chosen)], AnswerMetrics(keep_logprobs=True), prompt_indices=[0])
+        return final["logprobs"][0, 0]
+
+
 def targeted_search(model: Any, prompts: PromptPairs, alternative: Any = None,
                     ablation: Optional[Ablation] = None, budget: int = 10, prune: bool = True,
                     candidates: Optional[Sequence[HeadRef] | str] = None, k: int = 10, engine: str = "replay",
@@ -135,12 +205,7 @@ def targeted_search(model: Any, prompts: PromptPairs, alternative: Any = None,
     if budget is None or int(budget) < 1:
         raise InputError("The budget must allow at least one head (it is the most heads the search may ablate).")
     budget = int(budget)
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    if isinstance(candidates, str):
-        candidates = parse_heads(candidates, n_layers, n_heads)
-    pool = list(candidates) if candidates is not None else all_heads(n_layers, n_heads)
-    for head in pool:
-        head.check(n_layers, n_heads)
+    pool = _candidate_pool(candidates, int(model.cfg.n_layers), int(model.cfg.n_heads))
     alternative_ids = alternative_token_ids(model, prompts, alternative)
     report(progress, 0.0, "clean run")
     if runner is None:
@@ -149,61 +214,24 @@ def targeted_search(model: Any, prompts: PromptPairs, alternative: Any = None,
     original_ids = [int(runner.clean_logits[i][-1].argmax()) for i in range(len(prompts))]
     metrics = AnswerMetrics(target_ids=original_ids, alternative_ids=alternative_ids)
     clean = clean_metrics(runner, metrics)
-    current = _Step(clean["alternative_margin"], clean)
-    rows = [_trajectory_row(model, 0, "clean", None, [], current)]
-    chosen: list[HeadRef] = []
-    passes = 0
-    reason = "the alternative is already the top prediction" if current.success else ""
-    while not current.success:
-        if len(chosen) >= budget:
-            reason = f"the budget of {budget} heads is used up"
-            break
-        remaining = [h for h in pool if h not in chosen]
-        if not remaining:
-            reason = "every candidate head is already ablated"
-            break
-        step_progress = scaled(progress, 0.05 + 0.8 * len(chosen) / budget, 0.05 + 0.8 * (len(chosen) + 1) / budget)
-        values = runner.evaluate([tuple(chosen) + (h,) for h in remaining], metrics, base=chosen,
-                                 progress=step_progress)
-        passes += 1
-        steps = _steps(values)
-        best = _best(steps)
-        if not steps[best].success and steps[best].objective <= current.objective + MIN_GAIN:
-            reason = "no remaining head raises the alternative further"
-            break
-        chosen.append(remaining[best])
-        current = steps[best]
-        rows.append(_trajectory_row(model, len(rows), "add", remaining[best], chosen, current))
-    found = current.success
-    greedy = list(chosen)
+    start = _Step(clean["alternative_margin"], clean)
+    search = _Search(model, runner, metrics, start, [_trajectory_row(model, 0, "clean", None, [], start)])
+    reason = "the alternative is already the top prediction" if start.success else search.grow(pool, budget, progress)
+    found = search.current.success
+    greedy = list(search.chosen)
     if found and not reason:
         reason = "the alternative is the top prediction"
     if found and prune:
         report(progress, 0.85, "pruning")
-        while len(chosen) > 1:
-            values = runner.evaluate([tuple(h for h in chosen if h != drop) for drop in chosen], metrics)
-            passes += 1
-            steps = _steps(values)
-            kept = [i for i, s in enumerate(steps) if s.success]
-            if not kept:
-                break
-            best = max(kept, key=lambda i: steps[i].objective)
-            dropped = chosen[best]
-            chosen = [h for h in chosen if h != dropped]
-            current = steps[best]
-            rows.append(_trajectory_row(model, len(rows), "prune", dropped, chosen, current))
+        search.prune()
     first_clean = runner.clean_logits[0][-1]
-    if chosen:
-        final = runner.evaluate([tuple(chosen)], AnswerMetrics(keep_logprobs=True), prompt_indices=[0])
-        final_logits = final["logprobs"][0, 0]
-    else:
-        final_logits = first_clean
+    final_logits = search.final_logits()
     report(progress, 1.0, "done")
     return TargetedResult(
-        alternative=model.to_single_str_token(alternative_ids[0]), alternative_ids=alternative_ids, heads=chosen,
-        greedy_heads=greedy, found=found, reason=reason, trajectory=pd.DataFrame(rows),
+        alternative=model.to_single_str_token(alternative_ids[0]), alternative_ids=alternative_ids,
+        heads=search.chosen, greedy_heads=greedy, found=found, reason=reason, trajectory=pd.DataFrame(search.rows),
         clean_top=top_k_table(model, first_clean, k), final_shift=prediction_shift(model, first_clean, final_logits, k),
-        budget=budget, kind=runner.ablation.kind, n_prompts=len(prompts), passes=passes, engine=runner.engine,
+        budget=budget, kind=runner.ablation.kind, n_prompts=len(prompts), passes=search.passes, engine=runner.engine,
         seconds=time.perf_counter() - started)
 
 

@@ -161,6 +161,78 @@ def _set(attrs: dict[str, Any], key: str, value: Any) -> None:
     attrs[key] = value
 
 
+def _graph_metadata(G: nx.DiGraph, result: CompositionResult, flt: GraphFilter, model_name: str,
+                    published: Optional[PublishedRoles]) -> None:
+    _set(G.graph, "model", model_name)
+    _set(G.graph, "measure", flt.measure)
+    _set(G.graph, "threshold", flt.threshold)
+    _set(G.graph, "ln_folded", result.ln_folded)
+    _set(G.graph, "folding_note", result.folding_note)
+    _set(G.graph, "n_layers", result.n_layers)
+    _set(G.graph, "n_heads", result.n_heads)
+    for kind, base in result.baselines.items():
+        _set(G.graph, f"baseline_{kind}_mean", base.mean)
+        _set(G.graph, f"baseline_{kind}_std", base.std)
+    if published is not None:
+        _set(G.graph, "published_roles_source", published.source)
+
+
+@dataclass
+class _NodeFacts:
+    """What the graph says about each head: its atlas role, published role and ablation importance."""
+
+    n_layers: int
+    atlas_rows: dict[str, dict[str, Any]]
+    importance_rows: dict[str, dict[str, Any]]
+    published: Optional[PublishedRoles]
+
+    def attributes(self, name: str) -> dict[str, Any]:
+        attrs: dict[str, Any] = {}
+        if name in (EMBED, LOGITS):
+            _set(attrs, "layer", -1 if name == EMBED else self.n_layers)
+            _set(attrs, "kind", name)
+            return attrs
+        layer, head = (int(p) for p in name.split("."))
+        _set(attrs, "layer", layer)
+        _set(attrs, "head", head)
+        _set(attrs, "kind", "head")
+        atlas_row = self.atlas_rows.get(name, {})
+        _set(attrs, "atlas_role", normalise_role(atlas_row.get("behaviour")) or None)
+        _set(attrs, "atlas_confidence", atlas_row.get("confidence"))
+        if self.published is not None:
+            _set(attrs, "published_role", self.published.role_of(HeadRef(layer, head)))
+        _set(attrs, "importance", self.importance_rows.get(name, {}).get("importance"))
+        return attrs
+
+
+def _patch_rows(patching: Optional[pd.DataFrame]) -> dict[tuple[str, str, str], Any]:
+    """Path-patching rows keyed by ``(sender, receiver, kind)``."""
+    rows = {}
+    if patching is not None and len(patching):
+        for _, row in patching.iterrows():
+            rows[(str(row["sender"]), str(row["receiver"]), str(row["kind"]))] = row
+    return rows
+
+
+def _add_edge(G: nx.DiGraph, row: Any, patch: Any) -> None:
+    """One edge per pair of nodes: a second kind between the same pair goes in as ``{kind}_`` attributes."""
+    attrs: dict[str, Any] = {}
+    for key in ("kind", "score", "ratio", "z"):
+        _set(attrs, key, getattr(row, key))
+    if patch is not None:
+        _set(attrs, "patch_effect", patch.get("effect"))
+        _set(attrs, "patch_normalized", patch.get("normalized"))
+    if G.has_edge(row.sender, row.receiver):
+        existing = G.edges[row.sender, row.receiver]
+        for key, value in attrs.items():
+            if key != "kind":
+                _set(existing, f"{row.kind}_{key}", value)
+        existing["kinds"] = existing.get("kinds", existing["kind"]) + "," + row.kind
+    else:
+        attrs["kinds"] = row.kind
+        G.add_edge(row.sender, row.receiver, **attrs)
+
+
 def build_graph(result: CompositionResult, flt: GraphFilter = GraphFilter(), *, io: Optional[IOScores] = None,
                 atlas: Optional[pd.DataFrame] = None, importance: Optional[pd.DataFrame] = None,
                 published: Optional[PublishedRoles] = None, patching: Optional[pd.DataFrame] = None,
@@ -177,67 +249,22 @@ def build_graph(result: CompositionResult, flt: GraphFilter = GraphFilter(), *, 
                       heads=flt.heads, max_edges=flt.max_edges)
     table = edges if edges is not None else all_edges(result, io)
     chosen = select_edges(table, flt, result.n_layers, result.n_heads)
-    atlas_rows = _head_table(atlas, ["behaviour", "confidence"])
-    importance_rows = _head_table(importance, ["importance"])
-    patch_rows = {}
-    if patching is not None and len(patching):
-        for _, row in patching.iterrows():
-            patch_rows[(str(row["sender"]), str(row["receiver"]), str(row["kind"]))] = row
+    facts = _NodeFacts(result.n_layers, _head_table(atlas, ["behaviour", "confidence"]),
+                       _head_table(importance, ["importance"]), published)
+    patch_rows = _patch_rows(patching)
     G = nx.DiGraph()
-    _set(G.graph, "model", model_name)
-    _set(G.graph, "measure", flt.measure)
-    _set(G.graph, "threshold", flt.threshold)
-    _set(G.graph, "ln_folded", result.ln_folded)
-    _set(G.graph, "folding_note", result.folding_note)
-    _set(G.graph, "n_layers", result.n_layers)
-    _set(G.graph, "n_heads", result.n_heads)
-    for kind, base in result.baselines.items():
-        _set(G.graph, f"baseline_{kind}_mean", base.mean)
-        _set(G.graph, f"baseline_{kind}_std", base.std)
-    if published is not None:
-        _set(G.graph, "published_roles_source", published.source)
+    _graph_metadata(G, result, flt, model_name, published)
 
     def add_node(name: str) -> None:
-        if name in G:
-            return
-        attrs: dict[str, Any] = {}
-        if name in (EMBED, LOGITS):
-            _set(attrs, "layer", -1 if name == EMBED else result.n_layers)
-            _set(attrs, "kind", name)
-        else:
-            layer, head = (int(p) for p in name.split("."))
-            _set(attrs, "layer", layer)
-            _set(attrs, "head", head)
-            _set(attrs, "kind", "head")
-            atlas_row = atlas_rows.get(name, {})
-            _set(attrs, "atlas_role", normalise_role(atlas_row.get("behaviour")) or None)
-            _set(attrs, "atlas_confidence", atlas_row.get("confidence"))
-            if published is not None:
-                _set(attrs, "published_role", published.role_of(HeadRef(layer, head)))
-            _set(attrs, "importance", importance_rows.get(name, {}).get("importance"))
-        G.add_node(name, **attrs)
+        if name not in G:
+            G.add_node(name, **facts.attributes(name))
 
     for head in flt.heads:
         add_node(node_id(head.layer, head.head))
     for row in chosen.itertuples(index=False):
         add_node(row.sender)
         add_node(row.receiver)
-        attrs: dict[str, Any] = {}
-        for key in ("kind", "score", "ratio", "z"):
-            _set(attrs, key, getattr(row, key))
-        patch = patch_rows.get((row.sender, row.receiver, row.kind))
-        if patch is not None:
-            _set(attrs, "patch_effect", patch.get("effect"))
-            _set(attrs, "patch_normalized", patch.get("normalized"))
-        if G.has_edge(row.sender, row.receiver):  # one edge per pair: extra kinds go in as attributes
-            existing = G.edges[row.sender, row.receiver]
-            for key, value in attrs.items():
-                if key != "kind":
-                    _set(existing, f"{row.kind}_{key}", value)
-            existing["kinds"] = existing.get("kinds", existing["kind"]) + "," + row.kind
-        else:
-            attrs["kinds"] = row.kind
-            G.add_edge(row.sender, row.receiver, **attrs)
+        _add_edge(G, row, patch_rows.get((row.sender, row.receiver, row.kind)))
     return G
 
 

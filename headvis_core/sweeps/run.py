@@ -155,6 +155,37 @@ def _prefix_cache(model: Any, prefix: list[int]) -> Optional[Any]:
     return cache if hasattr(cache, "batch_repeat_interleave") else None
 
 
+def _chunk_cache_kwargs(prefix_cache: Optional[Any], n_rows: int) -> dict[str, Any]:
+    """A copy of the shared prefix's KV cache for one chunk (the pass extends the cache it is given)."""
+    if prefix_cache is None:
+        return {}
+    chunk_cache = copy.deepcopy(prefix_cache)
+    chunk_cache.batch_repeat_interleave(n_rows)
+    return {"past_key_values": chunk_cache}
+
+
+def _read_attention(out: _Outputs, rows: np.ndarray, plan: SweepPlan, heads: list[HeadRef],
+                    captured: dict[str, torch.Tensor], n_shared: int) -> None:
+    """Each head's query-to-key attention for the chunk's values, from its layer's captured pattern."""
+    # patterns cover the queries run in this pass and every key, shared ones included
+    device = next(iter(captured.values())).device
+    q = torch.as_tensor(plan.query_pos[rows] - n_shared, device=device)
+    k = torch.as_tensor(plan.key_pos[rows], device=device)
+    batch_index = torch.arange(len(rows), device=device)
+    for j, head in enumerate(heads):
+        pattern = captured[pattern_hook(head.layer)]  # [batch, head, query - shared, key]
+        out.attn[rows, j] = pattern[batch_index, head.head, q, k].float().cpu().numpy()
+
+
+def _answer_steps(logits: torch.Tensor, plan: SweepPlan, rows: np.ndarray, n_pos: int,
+                  extra: int) -> list[torch.Tensor]:
+    """``[batch, vocab]`` logits at the answer position and at each appended digit after it."""
+    keep = logits.shape[1]
+    at = torch.as_tensor(plan.answer_pos[rows]) - (n_pos - keep)
+    batch_index = torch.arange(len(rows))
+    return [logits[batch_index, at + k] for k in range(1 + extra)]
+
+
 def run_sweep(model: Any, plan: SweepPlan, heads: Sequence[HeadRef], predictions: bool = True,
               batch_tokens: int = DEFAULT_BATCH_TOKENS, max_batch: int = MAX_BATCH, share_prefix: bool = True,
               progress: Optional[ProgressCallback] = None) -> SweepResult:
@@ -171,30 +202,26 @@ def run_sweep(model: Any, plan: SweepPlan, heads: Sequence[HeadRef], predictions
     heads = list(heads)
     _needs(heads, predictions)
     numbers = _setup_numbers(model, plan, predictions)
-    extension = {i: greater_than_extension(numbers, plan.greater_than_refs[i]) for i in range(plan.n_values)} \
-        if numbers is not None else {}
+    extension = {}
+    if numbers is not None:
+        extension = {i: greater_than_extension(numbers, plan.greater_than_refs[i]) for i in range(plan.n_values)}
     extra = numbers.width - 1 if numbers is not None and numbers.method == "digits" else 0
     out = _Outputs.empty(plan.n_values, len(heads), len(plan.answer_labels))
     layers = sorted({h.layer for h in heads})
     hook_names = [pattern_hook(layer) for layer in layers]
     keep_supported = _accepts_logits_to_keep(model)
     device = getattr(model.cfg, "device", "cpu")
-    chunks = _chunks(plan, extra, batch_tokens, max_batch)
     n_shared = shared_prefix_length(plan, predictions) if share_prefix else 0
     prefix_cache = _prefix_cache(model, plan.token_ids[0][:n_shared]) if n_shared >= 2 else None
     if prefix_cache is None:
         n_shared = 0
     done = 0
     report(progress, 0.0, f"0/{plan.n_values} values")
-    for rows in chunks:
+    for rows in _chunks(plan, extra, batch_tokens, max_batch):
         token_rows = [plan.token_ids[i] + extension.get(i, []) for i in rows]
         tokens = torch.tensor(token_rows, dtype=torch.long, device=device)  # [batch, pos]
         n_pos = tokens.shape[1]
-        kwargs: dict[str, Any] = {}
-        if prefix_cache is not None:
-            chunk_cache = copy.deepcopy(prefix_cache)  # the pass extends the cache it is given
-            chunk_cache.batch_repeat_interleave(len(rows))
-            kwargs["past_key_values"] = chunk_cache
+        kwargs = _chunk_cache_kwargs(prefix_cache, len(rows))
         run_tokens = tokens[:, n_shared:]  # [batch, pos - shared]
         if predictions:
             keep = n_pos - int(plan.answer_pos[rows].min())
@@ -202,20 +229,11 @@ def run_sweep(model: Any, plan: SweepPlan, heads: Sequence[HeadRef], predictions
                 kwargs["logits_to_keep"] = keep
             logits, captured = capture(model, run_tokens, hook_names, **kwargs)
             logits = logits[:, -keep:].detach().float().cpu()  # [batch, keep, vocab]
-            at = torch.as_tensor(plan.answer_pos[rows]) - (n_pos - keep)
-            batch_index = torch.arange(len(rows))
-            steps = [logits[batch_index, at + k] for k in range(1 + extra)]
-            _store_predictions(out, rows, steps, plan, numbers)
+            _store_predictions(out, rows, _answer_steps(logits, plan, rows, n_pos, extra), plan, numbers)
         else:
             _, captured = capture(model, run_tokens, hook_names, stop_at_layer=layers[-1] + 1, **kwargs)
         if heads:
-            # patterns cover the queries run in this pass and every key, shared ones included
-            q = torch.as_tensor(plan.query_pos[rows] - n_shared, device=tokens.device)
-            k = torch.as_tensor(plan.key_pos[rows], device=tokens.device)
-            batch_index = torch.arange(len(rows), device=tokens.device)
-            for j, head in enumerate(heads):
-                pattern = captured[pattern_hook(head.layer)]  # [batch, head, query - shared, key]
-                out.attn[rows, j] = pattern[batch_index, head.head, q, k].float().cpu().numpy()
+            _read_attention(out, rows, plan, heads, captured, n_shared)
         done += len(rows)
         report(progress, done / plan.n_values, f"{done}/{plan.n_values} values")
     return _result(model, plan, heads, out, predictions, numbers)

@@ -204,6 +204,54 @@ def _batches(sequences: Sequence[torch.Tensor], batch_size: int) -> list[torch.T
     return out
 
 
+class _MetricSums:
+    """Per-layer sums and query counts of every attention metric, and attention received per token id."""
+
+    def __init__(self, n_layers: int, n_heads: int, seen_ids: torch.Tensor):
+        self.sums = {name: torch.zeros(n_layers, n_heads, dtype=torch.float64) for name in ATTENTION_METRICS}
+        self.counts = {name: torch.zeros(n_layers, dtype=torch.float64) for name in ATTENTION_METRICS}
+        self.seen_ids = seen_ids
+        self.received = torch.zeros(n_layers, n_heads, len(seen_ids), dtype=torch.float32)
+
+    def add_text(self, model: Any, tokens: torch.Tensor) -> None:
+        """One hooked pass over a batch of real text: every text metric and the attention received."""
+        earlier_same = earlier_occurrences(tokens)
+        token_index = torch.searchsorted(self.seen_ids, tokens)
+
+        def on_text(layer: int, pattern: torch.Tensor) -> None:
+            layer_sums, layer_counts = text_metric_sums(pattern, tokens, earlier_same)
+            for name, value in layer_sums.items():
+                self.sums[name][layer] += value.double().cpu()
+                self.counts[name][layer] += layer_counts[name]
+            self.received[layer] += received_attention(pattern, token_index, len(self.seen_ids)).cpu()
+
+        for_each_layer_pattern(model, tokens, on_text)
+
+    def add_induction(self, model: Any, tokens: torch.Tensor, probe: InductionProbe) -> None:
+        """One hooked pass over a batch of the induction probe: the induction stripe."""
+        def on_induction(layer: int, pattern: torch.Tensor) -> None:
+            stripe, n_queries = induction_sums(pattern, probe.half_len, probe.prefix_len)
+            self.sums["induction"][layer] += stripe.double().cpu()
+            self.counts["induction"][layer] += n_queries
+
+        for_each_layer_pattern(model, tokens, on_induction)
+
+    def finish(self, top_k: int, had_text: bool) -> AttentionMetrics:
+        values = {}
+        for name in ATTENTION_METRICS:
+            n = self.counts[name][:, None]
+            values[name] = torch.where(n > 0, self.sums[name] / n.clamp(min=1), torch.nan).numpy()
+        k = min(top_k, len(self.seen_ids))
+        total_received = self.received.sum(-1, keepdim=True).clamp(min=1e-12)
+        shares, index = (self.received / total_received).topk(k, dim=-1)
+        notes = []
+        if had_text and self.counts["duplicate_token"].max() == 0:
+            notes.append("No token repeats within a probe sequence, so duplicate-token scores are undefined (NaN).")
+        return AttentionMetrics(values=values, n_queries={n: float(c[0]) for n, c in self.counts.items()},
+                                top_token_ids=self.seen_ids[index].numpy(), top_token_shares=shares.numpy(),
+                                notes=notes)
+
+
 def attention_metrics(model: Any, text_sequences: Sequence[torch.Tensor], induction: Optional[InductionProbe],
                       batch_size: int = 16, top_k: int = 10,
                       progress: Optional[ProgressCallback] = None) -> AttentionMetrics:
@@ -216,59 +264,24 @@ def attention_metrics(model: Any, text_sequences: Sequence[torch.Tensor], induct
         batch_size: sequences per forward pass (bounds the memory of one layer's pattern).
     """
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    sums = {name: torch.zeros(n_layers, n_heads, dtype=torch.float64) for name in ATTENTION_METRICS}
-    counts = {name: torch.zeros(n_layers, dtype=torch.float64) for name in ATTENTION_METRICS}
     text_batches = _batches(text_sequences, batch_size)
     # Attention received is kept per token id that occurs in the probe, not per vocabulary entry.
-    seen_ids = torch.unique(torch.cat([b[:, 1:].reshape(-1) for b in text_batches])) if text_batches else \
-        torch.zeros(1, dtype=torch.long)
-    received = torch.zeros(n_layers, n_heads, len(seen_ids), dtype=torch.float32)
+    if text_batches:
+        seen_ids = torch.unique(torch.cat([b[:, 1:].reshape(-1) for b in text_batches]))
+    else:
+        seen_ids = torch.zeros(1, dtype=torch.long)
+    metric_sums = _MetricSums(n_layers, n_heads, seen_ids)
     induction_batches = [] if induction is None else _batches([induction.tokens], batch_size)
     total = max(1, len(text_batches) + len(induction_batches))
-    done = 0
-
-    for tokens in text_batches:
+    for done, tokens in enumerate(text_batches):
         report(progress, done / total, f"real text: batch {done + 1} of {len(text_batches)}")
-
-        earlier_same = earlier_occurrences(tokens)
-        token_index = torch.searchsorted(seen_ids, tokens)
-
-        def on_text(layer: int, pattern: torch.Tensor, tokens=tokens, earlier_same=earlier_same,
-                    token_index=token_index) -> None:
-            layer_sums, layer_counts = text_metric_sums(pattern, tokens, earlier_same)
-            for name, value in layer_sums.items():
-                sums[name][layer] += value.double().cpu()
-                counts[name][layer] += layer_counts[name]
-            received[layer] += received_attention(pattern, token_index, len(seen_ids)).cpu()
-
-        for_each_layer_pattern(model, tokens, on_text)
-        done += 1
-
-    for tokens in induction_batches:
-        report(progress, done / total, f"induction probe: batch {done + 1 - len(text_batches)} of "
-                                       f"{len(induction_batches)}")
-
-        def on_induction(layer: int, pattern: torch.Tensor) -> None:
-            stripe, n_queries = induction_sums(pattern, induction.half_len, induction.prefix_len)
-            sums["induction"][layer] += stripe.double().cpu()
-            counts["induction"][layer] += n_queries
-
-        for_each_layer_pattern(model, tokens, on_induction)
-        done += 1
+        metric_sums.add_text(model, tokens)
+    for i, tokens in enumerate(induction_batches):
+        report(progress, (len(text_batches) + i) / total, f"induction probe: batch {i + 1} of "
+                                                          f"{len(induction_batches)}")
+        metric_sums.add_induction(model, tokens, induction)
     report(progress, 1.0, "attention metrics done")
-
-    values = {}
-    for name in ATTENTION_METRICS:
-        n = counts[name][:, None]
-        values[name] = torch.where(n > 0, sums[name] / n.clamp(min=1), torch.nan).numpy()
-    k = min(top_k, len(seen_ids))
-    total_received = received.sum(-1, keepdim=True).clamp(min=1e-12)
-    shares, index = (received / total_received).topk(k, dim=-1)
-    notes = []
-    if text_batches and counts["duplicate_token"].max() == 0:
-        notes.append("No token repeats within a probe sequence, so duplicate-token scores are undefined (NaN).")
-    return AttentionMetrics(values=values, n_queries={n: float(c[0]) for n, c in counts.items()},
-                            top_token_ids=seen_ids[index].numpy(), top_token_shares=shares.numpy(), notes=notes)
+    return metric_sums.finish(top_k, bool(text_batches))
 
 
 def layer_patterns(model: Any, tokens: Int[torch.Tensor, "1 pos"]) -> Float[torch.Tensor, "layer head query key"]:

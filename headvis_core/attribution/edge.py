@@ -14,6 +14,8 @@ hooks of :func:`headvis_core.attribution.components.edge_hook_names`) plus tenso
 Positions index the model's tokens, BOS included where the model prepends one.
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "1 pos" are not Python expressions)
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 import pandas as pd
 import torch
+from jaxtyping import Int
 
 from headvis_core.attribution.components import (
     EdgeActivations,
@@ -144,7 +147,7 @@ def parse_sae_side(side: Optional[str]) -> str:
     return side
 
 
-def attribute_edges(model: Any, tokens: torch.Tensor, edges: Sequence[EdgeSpec],
+def attribute_edges(model: Any, tokens: Int[torch.Tensor, "1 pos"], edges: Sequence[EdgeSpec],
                     sae: Optional[SparseDictionary] = None, sae_side: str = "both",
                     acts: Optional[EdgeActivations] = None,
                     progress: Optional[ProgressCallback] = None) -> list[EdgeAttribution]:
@@ -162,7 +165,7 @@ def attribute_edges(model: Any, tokens: torch.Tensor, edges: Sequence[EdgeSpec],
     if n_tokens > int(model.cfg.n_ctx):
         raise InputError(f"The prompt is {n_tokens} tokens long, over the model's context of {model.cfg.n_ctx}.")
     for edge in edges:
-        edge.head.check(n_layers, n_heads)
+        edge.head.check(n_layers, n_heads)  # before the layer's sliding window is looked up
         check_edge(edge, n_layers, n_heads, n_tokens, sliding_window(model, edge.head.layer))
         check_linear_scores(model, edge.head.layer)
         if sae is not None:
@@ -210,7 +213,7 @@ def attribute_edges(model: Any, tokens: torch.Tensor, edges: Sequence[EdgeSpec],
     return results
 
 
-def attribute_edge(model: Any, tokens: torch.Tensor, head: HeadRef, query_pos: int, key_pos: int,
+def attribute_edge(model: Any, tokens: Int[torch.Tensor, "1 pos"], head: HeadRef, query_pos: int, key_pos: int,
                    sae: Optional[SparseDictionary] = None, sae_side: str = "both",
                    progress: Optional[ProgressCallback] = None) -> EdgeAttribution:
     """Attribute one edge: see :func:`attribute_edges`."""

@@ -55,3 +55,30 @@ def test_a_damaged_stored_result_is_recomputed_and_said_so(tmp_path, capsys, mon
     out = capsys.readouterr().out
     assert "note: The stored atlas result was damaged" in out and "from the result store" not in out
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+def test_results_of_changed_weights_are_not_shown_as_current(tmp_path, capsys):
+    """A local model directory whose weights file changed by one value gets its atlas computed afresh."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from headvis_core.models.random_models import RANDOM_PRESETS, random_model_dir
+
+    folder = tmp_path / "model"
+    shutil.copytree(random_model_dir(RANDOM_PRESETS["tiny-gpt2"]), folder)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).save_pretrained(folder)
+    args = ["atlas", "--model", str(folder), "--n-seqs", "2", "--seq-len", "16"]
+    assert main(args + ["--out", str(tmp_path / "a.csv")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b.csv")]) == 0
+    assert "from the result store" in capsys.readouterr().out
+    weights_file = next(folder.glob("*.safetensors"))
+    weights = load_file(weights_file)
+    name = next(n for n, t in weights.items() if t.dtype == torch.float32 and t.numel() > 1)
+    weights[name].view(-1)[0] += 0.5  # one value of one tensor
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    assert main(args + ["--out", str(tmp_path / "c.csv")]) == 0
+    assert "from the result store" not in capsys.readouterr().out

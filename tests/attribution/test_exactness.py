@@ -115,3 +115,25 @@ def test_rope_offset_profile_holds_the_actual_score(tiny_llama, tiny_gpt2):
     assert len(result.offsets) == 16
     gpt2 = attribute_edges(tiny_gpt2.model, tokens, [EdgeSpec(HeadRef(1, 1), 15, 11)])[0]
     assert gpt2.offsets is None  # learned positions: position is the pos_embed component
+
+
+def test_later_readers_match_a_direct_computation(tiny_gemma3):
+    """The share of a later head's Q/K/V input is |ln1_B(e) W_X^B| / |hook_X^B| at the query position,
+    with a query head reading its group's key/value head (Gemma 3 preset: 4 query heads, 1 KV head)."""
+    from headvis_core.attribution.linearise import frozen_norm
+
+    model = tiny_gemma3.model
+    tokens = model.to_tokens(PROMPT)
+    result = attribute_edges(model, tokens, [EdgeSpec(HeadRef(0, 1), 20, 15)])[0]
+    acts = capture_edge_activations(model, tokens, [0])
+    write = result.ov.total
+    for reader in (HeadRef(1, 3), HeadRef(2, 0)):
+        norm = frozen_norm(model.blocks[reader.layer].ln1, acts[f"blocks.{reader.layer}.ln1.hook_scale"][20])
+        normed = norm.apply(write)
+        for kind, index in (("q", reader.head), ("k", 0), ("v", 0)):
+            weight = getattr(model.blocks[reader.layer].attn, f"W_{kind.upper()}")[index].double()
+            whole = acts[f"blocks.{reader.layer}.attn.hook_{kind}"][20, index].double()
+            expected = float((normed @ weight).norm() / whole.norm())
+            row = result.ov.readers.query("layer == @reader.layer and head == @reader.head and kind == @kind")
+            assert row.share.item() == pytest.approx(expected, rel=1e-4)
+    assert len(result.ov.readers) == 2 * 4 * 3  # layers 1-2, 4 heads, Q/K/V

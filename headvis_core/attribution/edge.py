@@ -108,6 +108,8 @@ class EdgeAttribution:
             "qk_terms": records(self.qk.table(), ["query_component", "key_component", "value"]),
             "query_side": records(self.query_side(), ["component", "label", "value"]),
             "key_side": records(self.key_side(), ["component", "label", "value"]),
+            "query_by_kind": records(self.qk.by_kind("query"), ["kind", "value"]),
+            "key_by_kind": records(self.qk.by_kind("key"), ["kind", "value"]),
             "top_pairs": records(self.top_pairs(), ["query_component", "key_component", "value"]),
             "ov_value_side": records(self.value_side(), ["component", "label", "value", "norm"]),
             "ov_norm": float(self.ov.total.norm()),

@@ -185,6 +185,15 @@ class QKTerms:
         """Key-side marginals ``scaling * q . k_j``."""
         return _marginal(self.key, self.terms.sum(dim=0))
 
+    def by_kind(self, side: str) -> pd.DataFrame:
+        """A side's marginals summed by kind of component (token embedding, position embedding,
+        attention heads, MLPs, biases, dictionary features, dictionary error), largest first."""
+        frame = self.query_side() if side == "query" else self.key_side()
+        kinds = frame.component.map(component_kind)
+        summed = frame.groupby(kinds, sort=False)["value"].sum()
+        out = pd.DataFrame({"kind": summed.index, "value": summed.to_numpy()})
+        return _by_magnitude(out)
+
     def table(self) -> pd.DataFrame:
         """Every (query component, key component) term, largest magnitude first."""
         q_index, k_index = torch.meshgrid(torch.arange(self.terms.shape[0]), torch.arange(self.terms.shape[1]),
@@ -207,6 +216,20 @@ class QKTerms:
             "key_label": [self.key.labels[i % width] for i in order],
             "value": [float(flat[i]) for i in order],
         })
+
+
+def component_kind(name: str) -> str:
+    """``embed`` -> token embedding, ``L3H1`` -> attention heads, ``L3MLP`` -> MLPs, ``F12`` ->
+    dictionary features, and so on."""
+    fixed = {"embed": "token embedding", "pos_embed": "position embedding", "bias": "biases",
+             "error": "dictionary error"}
+    if name in fixed:
+        return fixed[name]
+    if name.endswith("MLP"):
+        return "MLPs"
+    if name.startswith("F"):
+        return "dictionary features"
+    return "attention heads"
 
 
 def _by_magnitude(frame: pd.DataFrame) -> pd.DataFrame:

@@ -58,3 +58,8 @@ def test_json_has_the_issue_keys(tiny_gpt2, tmp_path):
     assert len(data["qk_terms"]) == len(names) ** 2
     assert sum(r["value"] for r in data["ov_value_side"]) == pytest.approx(data["ov_norm"], rel=1e-6)
     assert set(data["ov_top_tokens"][0]) == {"token", "token_id", "logit"}
+    kinds = {row["kind"]: row["value"] for row in data["key_by_kind"]}
+    assert set(kinds) == {"token embedding", "position embedding", "attention heads", "MLPs", "biases"}
+    assert sum(kinds.values()) == pytest.approx(data["score"], rel=1e-4, abs=1e-6)
+    heads = sum(row["value"] for row in data["key_side"] if row["component"].startswith("L0H"))
+    assert kinds["attention heads"] == pytest.approx(heads, abs=1e-9)

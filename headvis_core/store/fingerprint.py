@@ -143,13 +143,28 @@ def inputs_digest(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
+def _short(value: Any, limit: int) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit - 3] + "..."
+    if isinstance(value, Path):
+        return _short(str(value), limit)
+    if isinstance(value, torch.Tensor) or isinstance(value, np.ndarray):
+        return f"{type(value).__name__}[{' x '.join(map(str, value.shape))}]"
+    if isinstance(value, pd.DataFrame):
+        return f"table[{len(value)} x {len(value.columns)}]"
+    if isinstance(value, (list, tuple)):
+        if len(value) <= 4 and all(v is None or isinstance(v, (bool, int, float, str)) for v in value):
+            return _short(json.dumps(list(value)), limit)
+        return f"[{len(value)} items]"
+    if isinstance(value, Mapping):
+        return f"{{{len(value)} fields}}"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return type(value).__name__
+    return _short(str(value), limit)
+
+
 def describe_inputs(inputs: Mapping[str, Any], limit: int = 80) -> dict[str, Any]:
-    """A short, JSON-able copy of ``inputs`` to show in listings (long values abbreviated)."""
-    shown = {}
-    for key, value in inputs.items():
-        if value is None or isinstance(value, (bool, int, float)):
-            shown[key] = value
-        else:
-            text = value if isinstance(value, str) else json.dumps(_canonical(value))
-            shown[key] = text if len(text) <= limit else text[:limit - 3] + "..."
-    return shown
+    """A short, JSON-able copy of ``inputs`` to show in listings (long values summarised by their size)."""
+    return {str(key): _short(value, limit) for key, value in inputs.items()}

@@ -33,12 +33,11 @@ def atlas_inputs(folder: Optional[str | Path], n_seqs: int, seq_len: int, n_indu
     from headvis_core.data.prompt_library import load_all_prompt_sets
 
     if folder is None:
-        probe = ["builtin", [p.text for s in load_all_prompt_sets() for p in s.prompts]]
+        probe, content = "built-in prompts", [p.text for s in load_all_prompt_sets() for p in s.prompts]
     else:
-        corpus = open_corpus(str(folder))
-        probe = ["folder", str(Path(str(folder)).expanduser().resolve()), corpus.fingerprint]
-    return {"probe": probe, "n_seqs": n_seqs, "seq_len": seq_len, "n_induction_seqs": n_induction_seqs,
-            "seed": seed}
+        probe, content = str(Path(str(folder)).expanduser().resolve()), open_corpus(str(folder)).fingerprint
+    return {"probe": probe, "probe_content": content, "n_seqs": n_seqs, "seq_len": seq_len,
+            "n_induction_seqs": n_induction_seqs, "seed": seed}
 
 
 def atlas_link(folder: Optional[str | Path], n_seqs: int, seq_len: int) -> dict[str, Any]:

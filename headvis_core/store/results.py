@@ -379,6 +379,19 @@ def cached(kind: str, model: Any, inputs: Mapping[str, Any], compute: Callable[[
                   from_store=False, notes=notes)
 
 
+def peek(kind: str, model: Any, inputs: Mapping[str, Any], store: Optional[ResultStore] = None
+         ) -> Optional[Stored[Any]]:
+    """The stored result for ``kind``/``model``/``inputs`` without computing anything, or None.
+
+    For pages whose work runs on a button: a reopened URL shows the stored result at once, and the
+    button calls :func:`cached` (``refresh=True`` for "Recompute"). A damaged value is deleted and
+    None returned (the next computation stores a good one).
+    """
+    store = store or default_store()
+    key = make_key(kind, model_fingerprint(model), inputs)
+    return load_entry(key, store)
+
+
 def load_entry(key: str, store: Optional[ResultStore] = None) -> Optional[Stored[Any]]:
     """The stored result under ``key`` (a link from the Home page), or None where it is gone or damaged."""
     store = store or default_store()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from headvis_core.store.fingerprint import inputs_digest, model_fingerprint
-from headvis_core.store.results import ResultStore, cached, load_entry
+from headvis_core.store.results import ResultStore, cached, load_entry, peek
 
 
 @pytest.fixture
@@ -196,3 +196,10 @@ def test_bfloat16_weights_are_fingerprinted_and_differ_from_float32(tiny_gpt2):
 
     half = load_model("tiny-gpt2", device="cpu", dtype="bfloat16")
     assert model_fingerprint(half).digest != model_fingerprint(tiny_gpt2).digest
+
+
+def test_peek_finds_a_stored_result_without_computing(tiny_gpt2, store):
+    assert peek("atlas", tiny_gpt2, {"n": 3}, store=store) is None
+    cached("atlas", tiny_gpt2, {"n": 3}, lambda: "value", store=store)
+    found = peek("atlas", tiny_gpt2, {"n": 3}, store=store)
+    assert found.value == "value" and found.from_store

@@ -13,7 +13,10 @@ import contextlib
 import gc
 import math
 import os
+import re
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
+from urllib.parse import urlencode
 
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
@@ -340,6 +343,23 @@ def download_figure(fig, filename: str, label: str = "Download figure (HTML)") -
     html = fig.to_html(include_plotlyjs=True, full_html=True)
     st.download_button(label, html.encode("utf-8"), file_name=filename, mime="text/html",
                        key=f"download-{filename}")
+
+
+def page_url(page_file: str, query: dict[str, Any]) -> str:
+    """The relative URL of a page of this app (``pages/7_Edge_attribution.py`` -> ``Edge_attribution?...``).
+
+    A relative link, not ``st.page_link``: it also works where the page runs alone (AppTest), and the
+    query string is URL-encoded, so a prompt with any characters survives the trip.
+    """
+    name = re.sub(r"^\d+_", "", Path(page_file).stem)
+    query = {key: value for key, value in query.items() if value is not None}
+    return f"{name}?{urlencode(query, doseq=True)}" if query else name
+
+
+def link_to_page(page_file: str, label: str, query: dict[str, Any]) -> None:
+    """A markdown link to another page with its URL parameters (the label's markdown is escaped)."""
+    escaped = re.sub(r"([\\`*_{}\[\]()#+\-.!<>|~$])", r"\\\1", label)
+    st.markdown(f"[{escaped}]({page_url(page_file, query)})")
 
 
 def show_html(html: str, height: int | str = "content") -> None:

@@ -3,6 +3,7 @@
 import streamlit as st
 
 import headvis_ui as ui
+from headvis_core.attribution.edge import EdgeSpec, attribution_link
 from headvis_core.data.prompt_library import load_all_prompt_sets
 from headvis_core.heads import HeadRef, all_heads
 from headvis_core.lab.positions import induction_key
@@ -149,6 +150,9 @@ if not heads:
 start, stop = result.window_start, result.window_stop
 for i, head in enumerate(heads):
     st.subheader(f"Head {head}")
+    edge = attribution_link(text, EdgeSpec(head, query, key))
+    ui.link_to_page(edge["page"], f"Why does {head} attend from {labels[query]} to {labels[key]}? Edge attribution",
+                    {"model": info.name, **edge["query"]})
     heat_col, view_col = st.columns(2)
     with heat_col:
         fig = attention_heatmap(result.windows[i], prompt.str_tokens[start:stop], title=f"head {head}")

@@ -35,6 +35,7 @@ loaded = ui.page_setup("Edge attribution")
 info, model = loaded.info, loaded.model
 state = st.session_state
 ui.repair_url(integers=("layer", "head", "q", "k"))
+ui.claim_shared_keys({"prompt": DEFAULT_PROMPT})  # the Prompt lab and Ablation pages bind ?prompt= too
 
 st.caption("Explain one attention edge: the head's pre-softmax score as an exact sum of (query-side component, "
            "key-side component) terms, with norms frozen at their value on this prompt, and what the head moves "
@@ -43,6 +44,7 @@ st.caption("Explain one attention edge: the head's pre-softmax score as an exact
 
 # Keys of widgets bound with bind="query-params" are the URL's parameter names.
 text = st.text_area("Prompt", DEFAULT_PROMPT, key="prompt", height=90, bind="query-params")
+ui.mark_shared_keys(("prompt",))
 with ui.user_errors():
     prompt = tokenize_prompt(model, text)
 labels = token_labels(prompt.str_tokens)

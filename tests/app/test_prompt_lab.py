@@ -96,3 +96,11 @@ def test_hostile_url_values_give_defaults():
     assert not at.exception and not at.error
     assert at.multiselect(key="heads").value == ["0.0"]  # none valid: the default, the model's first head
     assert at.selectbox(key="lab_query").value == 6 and at.selectbox(key="lab_key").value == 4
+
+
+def test_each_head_links_to_the_attribution_of_the_chosen_edge():
+    at = app_test(PAGE, prompt="abcabc", heads="1.2", q=5, k=3).run()
+    assert not at.exception and not at.error
+    links = [m.value for m in at.markdown if "Edge_attribution?" in m.value]
+    assert len(links) == 1
+    assert "Edge_attribution?model=tiny-llama&prompt=abcabc&layer=1&head=2&q=5&k=3" in links[0]

@@ -9,11 +9,15 @@ marker: ``pytest -m "not real_model"`` runs the fast tier alone.
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Spinning OpenMP workers make small forward passes many times slower whenever
 # another process shares the cores (AppTest threads, the browser test's server).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# A private result store per test session: pages and commands reuse stored results, and tests must
+# not see what an earlier run (or the user's app) stored.
+os.environ.setdefault("HEADVIS_STORE_DIR", tempfile.mkdtemp(prefix="headvis-test-store-"))
 
 import pytest  # noqa: E402
 

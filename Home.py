@@ -7,6 +7,8 @@ import streamlit as st
 
 import headvis_ui as ui
 from headvis_core.models.card import model_facts
+from headvis_core.store import default_store, model_fingerprint
+from headvis_core.store.results import STORE_ERRORS
 from headvis_core.viz.model_card import head_grid_figure
 
 PAGES = [
@@ -42,6 +44,23 @@ root = Path(__file__).parent
 for path, label, what in PAGES:
     if (root / path).is_file():
         st.page_link(path, label=f"{label}: {what}")
+
+st.subheader("Stored results for this model")
+# Results are keyed by the weights' fingerprint: a model whose weights changed lists nothing of the old one.
+try:
+    entries = default_store().entries(fingerprint=model_fingerprint(loaded).digest)
+except STORE_ERRORS as err:
+    entries = []
+    st.warning(f"The result store cannot be read ({err}); results are computed afresh.")
+if not entries:
+    st.caption("Nothing stored yet: an atlas, a composition graph, a ranking or a sweep computed on any page (or "
+               "by the command line) is kept here and reopens at once.")
+for entry in entries:
+    when = f"{entry.kind.replace('_', ' ')}, computed {entry.computed_at_text} (took {entry.compute_seconds:.1f} s)"
+    if entry.link:
+        ui.link_to_page(entry.link["page"], when, {"model": loaded.info.name, **entry.link.get("query", {})})
+    else:
+        st.markdown(f"{when} (computed with command-line settings that no page has)")
 
 st.subheader("The classic circuits in GPT-2 small")
 st.markdown(

@@ -362,6 +362,24 @@ def link_to_page(page_file: str, label: str, query: dict[str, Any]) -> None:
     st.markdown(f"[{escaped}]({page_url(page_file, query)})")
 
 
+def recompute_button(key: str) -> bool:
+    """A "Recompute" button: True on the run it was pressed (pass it as ``refresh=`` to ``cached``)."""
+    return st.button("Recompute", key=key, icon=":material/refresh:",
+                     help="Compute this result again and replace the stored one.")
+
+
+def show_stored(stored: Any, what: str = "") -> None:
+    """When a result from the result store was computed, and what the store repaired (as warnings).
+
+    ``stored`` is a :class:`headvis_core.store.Stored`; a damaged stored value is recomputed by the
+    store, and its note says so here.
+    """
+    for note in stored.notes:
+        st.warning(note)
+    label = f"{what}: " if what else ""
+    st.caption(f"{label}{stored.describe()}")
+
+
 def show_html(html: str, height: int | str = "content") -> None:
     """Show a self-contained HTML document (its text already escaped by the core) in an iframe."""
     st.iframe(html, height=height)

@@ -7,7 +7,11 @@ import headvis_ui as ui
 from headvis_core.atlas.classes import rules_table
 from headvis_core.atlas.run import METRIC_COLUMNS, METRICS, compute_atlas, passport
 from headvis_core.atlas.selection import opening_head
+from headvis_core.data.roots import resolve_app_corpus
 from headvis_core.heads import HeadRef
+from headvis_core.limits import check_atlas_memory
+from headvis_core.store import cached
+from headvis_core.store.kinds import ATLAS, atlas_inputs, atlas_link
 from headvis_core.viz.atlas import (
     AXES,
     COLOURS,
@@ -20,21 +24,8 @@ from headvis_core.viz.atlas import (
 from headvis_core.viz.atlas_report import atlas_report_html
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def cached_atlas(model_key: str, folder: str | None, n_seqs: int, seq_len: int, _model, _name: str):
-    # The bar lives in a slot made here, so a cache hit replays it and its removal: nothing shows.
-    slot = st.empty()
-    with slot.container():
-        progress = ui.progress_bar("Head atlas")
-    try:
-        return compute_atlas(_model, folder=folder, n_seqs=n_seqs, seq_len=seq_len, model_name=_name,
-                             progress=progress)
-    finally:
-        slot.empty()
-
-
 @st.cache_data(show_spinner=False, max_entries=4)
-def cached_report(model_key: str, folder: str | None, n_seqs: int, seq_len: int, _result) -> bytes:
+def cached_report(store_key: str, _result) -> bytes:
     return atlas_report_html(_result).encode("utf-8")
 
 
@@ -53,12 +44,25 @@ with st.form("atlas_probe"):
     seq_len = cols[2].number_input("Tokens each", 8, 8192, 128, key="len", bind="query-params")
     st.form_submit_button("Compute atlas")
 
-folder = folder_text.strip() or None
+recompute = ui.recompute_button("atlas_recompute")
+slot, progress = ui.lazy_progress("Head atlas")  # drawn only when computing, not for a stored atlas
 with ui.user_errors():
-    result = cached_atlas(ui.model_key(loaded), folder, int(n_seqs), int(seq_len), loaded.model, loaded.info.name)
+    # A folder from the URL or the text box is read only under the allowed corpus roots.
+    folder = resolve_app_corpus(folder_text, allow_datasets=False) if folder_text.strip() else None
+
+    def compute():
+        check_atlas_memory(loaded, int(n_seqs), int(seq_len))  # refuse before running what cannot fit
+        return compute_atlas(loaded.model, folder=folder, n_seqs=int(n_seqs), seq_len=int(seq_len),
+                             model_name=loaded.info.name, progress=progress)
+
+    stored = cached(ATLAS, loaded, atlas_inputs(folder, int(n_seqs), int(seq_len), None, 0), compute,
+                    refresh=recompute, link=atlas_link(folder, int(n_seqs), int(seq_len)))
+slot.empty()
+result = stored.value
 table = result.table
 ui.remember(ui.ATLAS_METRICS, loaded, table)
-st.caption(f"Probe: {result.probe}. Computed in {result.seconds:.1f} s.")
+st.caption(f"Probe: {result.probe}.")
+ui.show_stored(stored, "Head atlas")
 for note in result.notes:
     st.info(note)
 
@@ -117,7 +121,7 @@ with downloads[0]:
     ui.download_table(table, f"head_atlas_{loaded.info.name.replace('/', '_')}.csv")
 with downloads[1]:
     st.download_button("Download HTML report (all passport cards, offline)",
-                       cached_report(ui.model_key(loaded), folder, int(n_seqs), int(seq_len), result),
+                       cached_report(stored.key, result),
                        file_name=f"head_atlas_{loaded.info.name.replace('/', '_')}.html", mime="text/html",
                        key="download-atlas-report")
 with st.expander("How heads are classified"):

@@ -1,5 +1,7 @@
 import pandas as pd
+import pytest
 
+from headvis_core.atlas import run as atlas_run
 from headvis_core.heads import HeadRef
 from tests.app import bound_params
 from tests.conftest import app_test
@@ -63,12 +65,13 @@ def test_hostile_url_values_give_defaults_or_a_warning():
     assert not at.exception and not at.error and at.number_input(key="n").value == 64
 
 
-def test_a_missing_corpus_folder_is_an_error_box_and_the_form_keeps_its_values(tmp_path):
+def test_a_missing_corpus_folder_is_an_error_box_and_the_form_keeps_its_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADVIS_CORPUS_ROOTS", str(tmp_path))
     at = atlas_page().run()
     at.text_input(key="corpus").set_value(str(tmp_path / "no_such_folder"))
     at.button[0].click().run()
     assert not at.exception
-    assert any("does not exist" in e.value for e in at.error)
+    assert any("There is no corpus" in e.value for e in at.error)
     assert at.text_input(key="corpus").value == str(tmp_path / "no_such_folder")
     at.text_input(key="corpus").set_value("  ")
     at.button[0].click().run()
@@ -76,7 +79,8 @@ def test_a_missing_corpus_folder_is_an_error_box_and_the_form_keeps_its_values(t
     assert any(c.value.startswith("Probe: ") and "folder" not in c.value for c in at.caption)
 
 
-def test_a_corpus_folder_with_text_works_and_reopens_from_the_url(tmp_path):
+def test_a_corpus_folder_with_text_works_and_reopens_from_the_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADVIS_CORPUS_ROOTS", str(tmp_path))
     (tmp_path / "doc.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
     at = atlas_page().run()
     at.text_input(key="corpus").set_value(str(tmp_path))
@@ -88,3 +92,90 @@ def test_a_corpus_folder_with_text_works_and_reopens_from_the_url(tmp_path):
     assert not reopened.exception and not reopened.error
     assert reopened.text_input(key="corpus").value == str(tmp_path)
     assert any(f"folder {tmp_path}" in c.value for c in reopened.caption)
+
+
+def counting_compute_atlas(monkeypatch) -> list:
+    """Count the page's calls of compute_atlas (the page imports it afresh on every run)."""
+    calls = []
+    real = atlas_run.compute_atlas
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("seq_len"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(atlas_run, "compute_atlas", counted)
+    return calls
+
+
+def store_caption(at) -> str:
+    return next(c.value for c in at.caption if c.value.startswith("Head atlas: computed at "))
+
+
+def test_a_reopened_atlas_comes_from_the_store_and_recompute_computes_it_again(monkeypatch):
+    calls = counting_compute_atlas(monkeypatch)
+    first = app_test(PAGE, model="tiny-llama", n=3, len=24).run()
+    assert not first.exception and not first.error
+    computed = len(calls)
+    assert "just now" in store_caption(first) or computed == 0  # 0: an earlier test stored this atlas
+    reopened = app_test(PAGE, model="tiny-llama", n=3, len=24).run()  # a new session, as after a restart
+    assert not reopened.exception and not reopened.error
+    assert len(calls) == computed and "from the store" in store_caption(reopened)
+    assert len(stored_metrics(reopened)[0]) == 8
+    reopened.button(key="atlas_recompute").click().run()
+    assert not reopened.exception and not reopened.error
+    assert len(calls) == computed + 1 and "just now" in store_caption(reopened)
+    reopened.run()  # a plain rerun after Recompute reads the new stored atlas
+    assert len(calls) == computed + 1 and "from the store" in store_caption(reopened)
+
+
+def test_a_damaged_stored_atlas_is_recomputed_with_a_warning(monkeypatch):
+    from headvis_core.store import default_store
+
+    at = app_test(PAGE, model="tiny-llama", n=2, len=16).run()
+    assert not at.exception and not at.error
+    store = default_store()
+    key = next(e.key for e in store.entries(kind="atlas") if e.inputs.get("n_seqs") == 2
+               and e.inputs.get("seq_len") == 16)
+    results, _ = store._open()
+    blob = bytearray(results.get(key))
+    blob[-5] ^= 0xFF  # one flipped byte in the pickled value
+    results.set(key, bytes(blob))
+    calls = counting_compute_atlas(monkeypatch)
+    reopened = app_test(PAGE, model="tiny-llama", n=2, len=16).run()
+    assert not reopened.exception and not reopened.error
+    assert len(calls) == 1 and "just now" in store_caption(reopened)
+    assert any("damaged" in w.value and "computed again" in w.value for w in reopened.warning)
+
+
+@pytest.mark.parametrize("folder", ["/etc", "/", "../../../../etc", "~"])
+def test_a_url_corpus_outside_the_allowed_roots_is_refused_and_never_read(folder, monkeypatch, tmp_path):
+    monkeypatch.setenv("HEADVIS_CORPUS_ROOTS", str(tmp_path))
+    calls = counting_compute_atlas(monkeypatch)
+    at = atlas_page(corpus=folder).run()
+    assert not at.exception
+    assert any("allowed corpus roots" in e.value for e in at.error)
+    assert calls == [] and not stored_metrics(at)
+
+
+def test_the_home_page_links_to_a_stored_atlas():
+    at = app_test(PAGE, model="tiny-llama", n=4, len=20).run()
+    assert not at.exception and not at.error
+    home = app_test("Home.py", model="tiny-llama").run()
+    assert not home.exception and not home.error
+    links = [m.value for m in home.markdown if m.value.startswith("[atlas, computed ")]
+    assert any("](Head_atlas?" in link and "n=4" in link and "len=20" in link and "model=tiny-llama" in link
+               for link in links)
+    target = next(link for link in links if "n=4" in link and "len=20" in link)
+    query = dict(part.split("=", 1) for part in target.split("](Head_atlas?", 1)[1].rstrip(")").split("&"))
+    reopened = app_test(PAGE, **{k: v for k, v in query.items() if k != "model"}, model=query["model"]).run()
+    assert not reopened.exception and not reopened.error
+    assert "from the store" in store_caption(reopened)
+
+
+@pytest.mark.real_model
+def test_an_atlas_too_large_for_memory_is_refused_with_the_estimate(monkeypatch):
+    calls = counting_compute_atlas(monkeypatch)
+    at = app_test(PAGE, model="smollm2-135m", timeout=300, n=16, len=8192).run()
+    assert not at.exception
+    assert calls == []
+    assert any("needs about" in e.value and "over the limit of" in e.value for e in at.error)

@@ -22,12 +22,21 @@ from headvis_core.data.prompt_pairs import induction_prompt_pairs
 from headvis_core.data.prompt_pairs import ioi_prompts as ioi_prompt_pairs
 from headvis_core.errors import InputError
 from headvis_core.heads import parse_heads
+from headvis_core.store import cached
+from headvis_core.store.kinds import (
+    COMPOSITION,
+    IO_SCORES,
+    PATH_PATCHING,
+    composition_inputs,
+    io_inputs,
+    path_patching_inputs,
+)
 from headvis_core.viz.circuit_graph import to_html
 
 PROMPT_SETS = {"ioi": "IOI: clean vs ABC corruption (logit IO - S)",
                "induction": "Induction: repeated random tokens vs a fresh first half"}
 PATCH_STATE = "circuit_graph_patching"
-MEMO = "circuit_graph_memo"  # composition scores and edges of this session, by model and settings
+MEMO = "circuit_graph_memo"  # edges of this session, by the stored scores they come from
 
 
 loaded = ui.page_setup("Circuit graph")
@@ -75,21 +84,31 @@ with st.container(border=True):
         row[3].button(f"Focus on head {selected}", key="graph_focus",
                       on_click=lambda: st.session_state.update(heads=str(selected)))
 
+recompute = ui.recompute_button("graph_recompute")
 slot, progress = ui.lazy_progress("Composition scores")
 with ui.user_errors():
     if not kinds:
         raise InputError("Choose at least one composition kind (Q, K or V).")
     check_composable(info.n_layers)
     heads = tuple(parse_heads(heads_text, info.n_layers, info.n_heads)) if heads_text.strip() else ()
-    key = f"{ui.model_key(loaded)}|fold={fold_ln}"
-    result = ui.session_memo(MEMO, f"composition|{key}",
-                             lambda: compute_composition(loaded.model, KINDS, fold_ln=fold_ln, progress=progress))
+    # Every kind is computed once and filtered below: one stored result serves any choice of kinds.
+    link = {"page": "pages/5_Circuit_graph.py", "query": {"fold": str(fold_ln).lower()}}
+    stored = cached(COMPOSITION, loaded, composition_inputs(KINDS, fold_ln),
+                    lambda: compute_composition(loaded.model, KINDS, fold_ln=fold_ln, progress=progress),
+                    refresh=recompute, link=link)
+    result = stored.value
     io = None
     if with_io:
-        io = ui.session_memo(MEMO, f"io|{key}",
-                             lambda: io_scores(loaded.model, head_weights(loaded.model, fold_ln=fold_ln), KINDS))
+        stored_io = cached(IO_SCORES, loaded, io_inputs(KINDS, fold_ln),
+                           lambda: io_scores(loaded.model, head_weights(loaded.model, fold_ln=fold_ln), KINDS),
+                           refresh=recompute, link={**link, "query": {**link["query"], "io": "true"}})
+        io = stored_io.value
 slot.empty()
-edges = ui.session_memo(MEMO, f"edges|{key}|io={with_io}", lambda: all_edges(result, io))
+ui.show_stored(stored, "Composition scores")
+if with_io:
+    ui.show_stored(stored_io, "Embedding and logits scores")
+edges = ui.session_memo(MEMO, f"edges|{stored.key}|io={stored_io.key if with_io else None}",
+                        lambda: all_edges(result, io))
 
 (st.info if result.ln_folded else st.warning)(result.folding_note)
 base_text = "; ".join(f"{k.upper()} {b.mean:.4f} ± {b.std:.4f}" for k, b in result.baselines.items())
@@ -155,12 +174,17 @@ if st.button(f"Path-patch {len(candidates)} edge{'s' if len(candidates) != 1 els
     with ui.user_errors():
         pairs = (ioi_prompt_pairs(loaded.model, int(n_prompts)) if prompt_set == "ioi"
                  else induction_prompt_pairs(loaded.model, int(n_prompts)))
-        outcome = path_patch(loaded.model, pairs, candidates, direction=direction,
-                             progress=ui.progress_bar("Path patching"))
-    st.session_state[PATCH_STATE] = {"model": ui.model_key(loaded), "table": outcome.table, "outcome": outcome}
+        stored_patching = cached(PATH_PATCHING, loaded, path_patching_inputs(pairs, candidates, direction),
+                                 lambda: path_patch(loaded.model, pairs, candidates, direction=direction,
+                                                    progress=ui.progress_bar("Path patching")),
+                                 refresh=recompute)
+        outcome = stored_patching.value
+    st.session_state[PATCH_STATE] = {"model": ui.model_key(loaded), "table": outcome.table, "outcome": outcome,
+                                     "stored": stored_patching}
     st.rerun()
 if patch_state and patch_state["model"] == ui.model_key(loaded):
     outcome = patch_state["outcome"]
+    ui.show_stored(patch_state["stored"], "Path patching")
     st.markdown(f"{outcome.description}, {outcome.direction}: clean logit difference **{outcome.clean_metric:.3f}**, "
                 f"corrupted **{outcome.corrupted_metric:.3f}**. Patched edges carry the effect in their hover text.")
     merged = patched_edges_table(outcome.table, edges)

@@ -151,3 +151,51 @@ def test_old_links_with_comma_lists_and_digit_flags_reopen_the_same_view():
     assert at.number_input(key="threshold").value == 0.5 and at.number_input(key="max_edges").value == 7
     assert at.query_params["kinds"] == ["q", "v"] and at.query_params["io"] == "true"
     assert len(at.dataframe[0].value) <= 7
+
+
+def test_composition_scores_come_from_the_store_on_reopening_and_recompute_computes_them(monkeypatch):
+    from headvis_core.circuits import composition
+
+    calls = []
+    real = composition.compute_composition
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("fold_ln"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(composition, "compute_composition", counted)
+    first = app_test(PAGE, model="tiny-gpt2", fold="false").run()
+    assert not first.exception and not _errors(first)
+    computed = len(calls)
+    reopened = app_test(PAGE, model="tiny-gpt2", fold="false").run()  # a new session
+    assert not reopened.exception and not _errors(reopened)
+    assert len(calls) == computed
+    assert any(c.value.startswith("Composition scores: computed at") and "from the store" in c.value
+               for c in reopened.caption)
+    reopened.button(key="graph_recompute").click().run()
+    assert not reopened.exception and len(calls) == computed + 1
+    assert any(c.value.startswith("Composition scores: computed at") and "just now" in c.value
+               for c in reopened.caption)
+
+
+def test_path_patching_asked_again_comes_from_the_store(monkeypatch):
+    from headvis_core.circuits import path_patching
+
+    calls = []
+    real = path_patching.path_patch
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(path_patching, "path_patch", counted)
+    for _session in range(2):
+        at = app_test(PAGE, model="tiny-gpt2").run()
+        at.selectbox(key="graph_patch_set").set_value("induction")
+        at.number_input(key="graph_patch_n").set_value(3)
+        at.number_input(key="graph_patch_edges").set_value(2)
+        at.button(key="graph_patch_run").click().run()
+        assert not at.exception and not _errors(at)
+        assert len(at.dataframe[1].value) == 2
+    assert len(calls) <= 1  # 0 where an earlier test stored the same check
+    assert any(c.value.startswith("Path patching: computed at") and "from the store" in c.value for c in at.caption)

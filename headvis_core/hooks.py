@@ -7,7 +7,6 @@ through the helpers here, which hold a per-model lock for the duration of the
 pass, add the hooks, and remove them before the lock is released.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 
 import threading
 import weakref

@@ -6,7 +6,6 @@ the scan's stored examples, the prompt lab and the token view keep only the
 is the attention sink, whose weight is kept apart in ``first``).
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch head" are not Python expressions)
 
 from dataclasses import dataclass
 from typing import Optional

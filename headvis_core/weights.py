@@ -14,7 +14,6 @@ function returns folded copies.
   does (Elhage et al. 2021 fold layer norms the same way).
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "layer head d_model d_head" are not Python expressions)
 
 from typing import Any, Optional
 

@@ -18,8 +18,7 @@ from headvis_core.circuits.graph import (
 )
 from headvis_core.circuits.path_patching import path_patch
 from headvis_core.circuits.published_roles import published_roles_for
-from headvis_core.data.prompt_pairs import induction_prompt_pairs
-from headvis_core.data.prompt_pairs import ioi_prompts as ioi_prompt_pairs
+from headvis_core.data.prompt_pairs import induction_prompt_pairs, ioi_prompts
 from headvis_core.errors import InputError
 from headvis_core.heads import parse_heads
 from headvis_core.store import cached
@@ -172,7 +171,7 @@ candidates = patch_candidates(table, int(n_edges))
 if st.button(f"Path-patch {len(candidates)} edge{'s' if len(candidates) != 1 else ''}", key="graph_patch_run",
              disabled=not candidates):
     with ui.user_errors():
-        pairs = (ioi_prompt_pairs(loaded.model, int(n_prompts)) if prompt_set == "ioi"
+        pairs = (ioi_prompts(loaded.model, int(n_prompts)) if prompt_set == "ioi"
                  else induction_prompt_pairs(loaded.model, int(n_prompts)))
         stored_patching = cached(PATH_PATCHING, loaded, path_patching_inputs(pairs, candidates, direction),
                                  lambda: path_patch(loaded.model, pairs, candidates, direction=direction,

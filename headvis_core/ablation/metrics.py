@@ -17,7 +17,6 @@ token) and are computed per prompt, then averaged over a prompt set:
   the true next tokens (the induction preset's metric on the second copy).
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 
 from typing import Any, Optional, Sequence
 

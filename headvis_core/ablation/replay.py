@@ -7,7 +7,6 @@ the exact arguments each block received in a clean pass. The runner checks
 the replay against the full forward before relying on it.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 
 from typing import Any, Callable, Sequence
 

@@ -39,7 +39,6 @@ the attended token first among 3,000 sampled tokens about half the time, and
 heads scoring about -1 rank it last (copy suppression).
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 
 from functools import partial
 from typing import Any, Optional

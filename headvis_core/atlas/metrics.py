@@ -39,7 +39,6 @@ activation cache of all layers is ever held. The pass stops right after the
 last layer's pattern (skipping the last MLP and the unembedding).
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 
 from dataclasses import dataclass, field
 from functools import partial

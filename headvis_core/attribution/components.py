@@ -16,8 +16,6 @@ ONE forward pass (:func:`capture_edge_activations`) with just the hooks listed b
 :func:`edge_hook_names`.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "head d_model" are not Python expressions;
-# one-axis shapes are written " vocab" so that ruff reads them as strings, not names)
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional

@@ -14,7 +14,6 @@ hooks of :func:`headvis_core.attribution.components.edge_hook_names`) plus tenso
 Positions index the model's tokens, BOS included where the model prepends one.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "1 pos" are not Python expressions)
 
 import json
 import math

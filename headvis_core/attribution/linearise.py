@@ -15,8 +15,6 @@ rotation that depends only on the position, so it is linear per position:
 ``blocks.L.attn.hook_cos/hook_sin``.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "head d_model" are not Python expressions;
-# one-axis shapes are written " vocab" so that ruff reads them as strings, not names)
 
 from dataclasses import dataclass
 from typing import Any, Optional

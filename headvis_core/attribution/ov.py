@@ -19,8 +19,6 @@ components, so ``e`` is too (**value side**): each term is reported as its proje
   composition scores of :mod:`headvis_core.circuits.composition`.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "head d_model" are not Python expressions;
-# one-axis shapes are written " vocab" so that ruff reads them as strings, not names)
 
 from dataclasses import dataclass
 from typing import Any

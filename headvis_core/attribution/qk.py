@@ -16,8 +16,6 @@ attribution ``(q_act . q_dec) W_Q^T W_K (k_dec . k_act)``) with model components
 features as the sides; the query- and key-side marginals are the rows and columns of the table.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "head d_model" are not Python expressions;
-# one-axis shapes are written " vocab" so that ruff reads them as strings, not names)
 
 from dataclasses import dataclass
 from typing import Any, Optional

@@ -14,8 +14,6 @@ HeadVis's ``(q_act . q_dec) W_Q^T W_K (k_dec . k_act)`` (Anthropic 2025, "HeadVi
 terms.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "head d_model" are not Python expressions;
-# one-axis shapes are written " vocab" so that ruff reads them as strings, not names)
 
 import json
 from dataclasses import dataclass

@@ -32,7 +32,6 @@ GQA: key/value heads are repeated to the query heads that share them (query head
 head ``h // (n_heads / n_kv_heads)``), as ``TransformerBridge._expand_kv_heads`` does.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 
 import functools
 import math

@@ -25,7 +25,6 @@ and value inputs are shared with other query heads, and for ordinary multi-head 
 result equals ``get_act_patch_direct_path`` (``tests/circuits/test_path_patching.py``).
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "rows pos vocab" are not Python expressions)
 
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence

@@ -1,6 +1,5 @@
 """Synthetic probe inputs: the induction probe of repeated random tokens."""
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 
 from dataclasses import dataclass
 from typing import Any

@@ -10,7 +10,6 @@ repeated random tokens (Olsson et al. 2022), and the curated sets in
 ``prompts/``.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence

@@ -1,6 +1,5 @@
 """Attention patterns of chosen heads, captured with only the hooks they need."""
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch head query key" are not Python expressions)
 
 from typing import Any, Sequence
 

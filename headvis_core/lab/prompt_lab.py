@@ -10,7 +10,6 @@ their top keys per query (for the token view) and a window of the dense
 pattern (for the heatmap), also cut inside the hook.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence

@@ -12,7 +12,6 @@ model has them), V at ``hook_v``; with grouped-query attention head ``h``
 reads key-value head ``h // (n_heads // n_kv_heads)``.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 
 from dataclasses import dataclass, field
 from typing import Any

@@ -7,7 +7,6 @@ same on every run). Each component's sign is fixed so that its largest-magnitude
 loading is positive, so a refit of the same data gives the same picture.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "pair dim" are not Python expressions)
 
 from dataclasses import dataclass
 

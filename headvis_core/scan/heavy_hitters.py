@@ -31,7 +31,6 @@ total holds up to ``2**63 / FIXED_POINT`` (8.6e9) units of weight, e.g. that
 many tokens' attention.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch head" are not Python expressions)
 
 import numpy as np
 import torch

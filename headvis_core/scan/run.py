@@ -43,7 +43,6 @@ checkpointed every ``checkpoint_seconds``; re-running after an interruption
 resumes from the last checkpoint with the same result.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch head" are not Python expressions)
 
 import math
 import threading

@@ -11,7 +11,6 @@ A shard's partial state is an ordinary :class:`ScanState` scanned from
 empty; :meth:`ScanState.merge_state` folds partial states together exactly.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch head" are not Python expressions)
 
 import math
 from dataclasses import dataclass

@@ -16,7 +16,6 @@ window index), and the token summaries are merged one shard at a time in
 shard order, in a one-process scan as in a sharded one.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "batch head" are not Python expressions)
 
 from dataclasses import dataclass
 

@@ -5,7 +5,6 @@ the reference, for tokenizers with whole two-digit tokens (GPT-2) and for those
 that split numbers into single digits (SmolLM2).
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "value vocab" are not Python expressions)
 
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence

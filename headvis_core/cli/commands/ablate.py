@@ -113,8 +113,7 @@ def _estimate_record(loaded, args, metric: str, prompts, refined) -> dict:
 
 def _run(args: argparse.Namespace) -> int:
     from headvis_core.ablation.experiments import AblationExperiment, save_experiment
-    from headvis_core.ablation.ranking import check_metric
-    from headvis_core.ablation.ranking import rank_heads_by_ablation as rank_heads
+    from headvis_core.ablation.ranking import check_metric, rank_heads_by_ablation
     from headvis_core.ablation.targeted import targeted_search
     from headvis_core.ablation.values import make_ablation
     from headvis_core.limits import check_ablation_memory
@@ -166,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.mode == "kl":
         stored = cached(kinds.KL_RANKING, loaded, kinds.ranking_inputs(prompts, args.kind, metric, args.top),
-                        lambda: rank_heads(model, prompts, ablation, metric=metric, top_n=args.top,
+                        lambda: rank_heads_by_ablation(model, prompts, ablation, metric=metric, top_n=args.top,
                                            engine=args.engine, progress=tqdm_progress("ablating heads")),
                         refresh=args.no_cache)
         report_stored(stored, "ranking")

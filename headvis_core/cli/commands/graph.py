@@ -54,9 +54,9 @@ def _run(args: argparse.Namespace) -> int:
     heads = tuple(parse_heads(args.heads, info.n_layers, info.n_heads)) if args.heads else ()
     pairs = None
     if args.patch_ioi:  # before the long part, so that a model IOI cannot use fails at once
-        from headvis_core.data.prompt_pairs import ioi_prompts as ioi_prompt_pairs
+        from headvis_core.data.prompt_pairs import ioi_prompts
 
-        pairs = ioi_prompt_pairs(loaded.model, args.patch_ioi, seed=0)
+        pairs = ioi_prompts(loaded.model, args.patch_ioi, seed=0)
     fold_ln = not args.no_fold_ln
     stored = cached(COMPOSITION, loaded, composition_inputs(kinds, fold_ln),
                     lambda: compute_composition(loaded.model, kinds, fold_ln=fold_ln,

@@ -3,6 +3,7 @@
 import streamlit as st
 
 import headvis_ui as ui
+from headvis_core.ablation.estimate import estimate_heads, refine_estimate
 from headvis_core.ablation.experiments import (
     AblationExperiment,
     default_filename,
@@ -19,21 +20,37 @@ from headvis_core.ablation.values import ABLATION_KINDS, make_ablation
 from headvis_core.data.ioi import load_templates
 from headvis_core.data.prompt_library import prompt_set_keys
 from headvis_core.data.prompt_pairs import induction_prompts, ioi_prompts, library_prompts, prompts_from_texts
-from headvis_core.errors import InputError
+from headvis_core.errors import HeadVisError, InputError
 from headvis_core.heads import HeadRef
 from headvis_core.lab.prompt_lab import top_predictions
+from headvis_core.limits import check_ablation_memory
+from headvis_core.store import cached, peek
+from headvis_core.store.fingerprint import inputs_digest
+from headvis_core.store.kinds import (
+    ESTIMATE,
+    KL_RANKING,
+    TARGETED,
+    estimate_inputs,
+    ranking_inputs,
+    targeted_inputs,
+)
 from headvis_core.tokens import single_token_id, tokenize_prompt
-from headvis_core.viz.ablation import importance_heatmap, trajectory_figure
+from headvis_core.viz.ablation import estimate_agreement_figure, importance_heatmap, trajectory_figure
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 SOURCES = {"prompt": "One prompt", "set": "Prompt set (library)", "ioi": "IOI preset", "induction": "Induction preset"}
-MODES = {"kl": "KL ranking of every head", "targeted": "Targeted: make another token the top prediction"}
+MODES = {"kl": "KL ranking of every head",
+         "estimate": "Estimate every head at once (attribution patching), then refine the top N exactly",
+         "targeted": "Targeted: make another token the top prediction"}
+STORE_KINDS = {"kl": KL_RANKING, "estimate": ESTIMATE, "targeted": TARGETED}
 KIND_HELP = ("zero: replace the head's output (hook_z) with 0. mean: with its mean over the prompt set, per "
              "position (prompts of one length). resample: with its output on the corrupted prompt "
              "(IOI: a third name instead of the repeated one), position by position.")
 ALL_TEMPLATES = "All templates (zero ablation only: lengths differ)"
 TYPED = "Type a token..."
 RESULT_KEY = "ablation_experiment"
+STORED_KEY = "ablation_stored"  # the Stored the shown result came from (when it came from the store)
+PEEKED = "abl_peeked"  # the store key last looked up for the form as it stands
 
 loaded = ui.page_setup("Ablation", icon=":material/content_cut:")
 model, info = loaded.model, loaded.info
@@ -48,7 +65,7 @@ st.caption("Ablate attention heads at hook_z (each head's own output, before W_O
 # a shared link reopens the same setup, and a value the widget cannot hold gives its default.
 # Widgets drawn only for some choices are read with state.get, since a hidden widget has no state.
 URL = "query-params"
-ui.repair_url(integers=("n", "budget"))
+ui.repair_url(integers=("n", "budget", "refine"))
 ui.claim_shared_keys({"prompt": DEFAULT_PROMPT})  # the Prompt lab binds ?prompt= too
 left, right = st.columns([3, 2])
 with left:
@@ -84,18 +101,24 @@ if state.setdefault("abl_previous_source", source) != source:
 with right:
     kind = st.selectbox("Ablation", ABLATION_KINDS, key="kind", bind=URL, help=KIND_HELP)
     mode = st.radio("Mode", list(MODES), captions=list(MODES.values()), key="mode", bind=URL)
-    if mode == "kl":
+    if mode in ("kl", "estimate"):
         st.selectbox("Metric", list(ABLATION_METRIC_LABELS), key="metric", bind=URL,
                      help="; ".join(f"{code}: {label}" for code, label in ABLATION_METRIC_LABELS.items())
                      + ". KL(clean || ablated) at the answer position; the drop in logit(answer) - "
                        "logit(alternative) (IOI: IO minus S); or the rise in loss on the answer tokens "
                        "(induction: the second copy).")
-    else:
+    if mode == "estimate":
+        st.number_input("Refine the top N exactly", min_value=1, max_value=info.n_layers * info.n_heads,
+                        value=min(20, info.n_layers * info.n_heads), key="refine", bind=URL,
+                        help="The estimate's N most important heads are then ablated one by one, exactly, and "
+                             "compared with it (Spearman correlation, top-10 overlap).")
+    elif mode == "targeted":
         st.number_input("Budget (most heads)", min_value=0, max_value=200, value=10, key="budget", bind=URL)
 ui.mark_shared_keys(("prompt",))
 prompt_text = state.get("prompt", DEFAULT_PROMPT)
 metric = state.get("metric", "kl")
 budget = int(state.get("budget", 10))
+refine = int(state.get("refine", 20))
 n_prompts = int(state.get("n", 8))
 prompt_set = state.get("set")
 
@@ -112,6 +135,26 @@ def build_prompts():
         template = None if state.abl_template == ALL_TEMPLATES else state.abl_template
         return ioi_prompts(model, n_prompts, seed=int(state.abl_seed), template=template)
     return induction_prompts(model, n_prompts, half_len=int(state.abl_half), seed=int(state.abl_seed))
+
+
+def page_link() -> dict:
+    """This page's URL for the current form (its bound widgets), kept with a stored result for the Home page."""
+    keys = {"source": source, "kind": kind, "mode": mode}
+    if source == "prompt":
+        keys["prompt"] = prompt_text
+    elif source == "set":
+        keys["set"] = prompt_set
+    else:
+        keys["n"] = n_prompts
+    if mode in ("kl", "estimate"):
+        keys["metric"] = metric
+    if mode == "estimate":
+        keys["refine"] = refine
+    elif mode == "targeted":
+        keys["budget"] = budget
+        if alternative:
+            keys["alt"] = alternative
+    return {"page": "pages/4_Ablation.py", "query": keys}
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -153,25 +196,84 @@ if mode == "targeted":
     if source not in ("prompt",) and alternative is None:
         st.caption("Leave the token empty to use each prompt's own alternative (IOI: the subject S).")
 
-if st.button("Run ablation", type="primary", key="abl_run"):
+
+
+def request():
+    """The prompts, the store's inputs for the chosen mode, and the settings kept with the result."""
+    prompts = build_prompts()
+    if mode == "kl":
+        inputs = ranking_inputs(prompts, kind, metric, 10)
+    elif mode == "estimate":
+        inputs = estimate_inputs(prompts, kind, metric, refine)
+    else:
+        inputs = targeted_inputs(prompts, kind, alternative, budget, True)
+    settings = {"source": source, "set": prompt_set if source == "set" else None, "alternative": alternative,
+                "budget": budget, "refine": refine, "skipped_names": list(prompts.skipped_names),
+                "notes": list(prompts.notes)}
+    return prompts, inputs, settings
+
+
+def show_stored_result(stored, prompts, settings) -> None:
+    """Keep a result (just computed or from the store) as this session's experiment."""
+    ui.remember(RESULT_KEY, loaded, AblationExperiment(
+        model=info.name, mode=mode, kind=kind, metric="margin" if mode == "targeted" else metric,
+        prompts=prompts.texts, result=stored.value, settings=settings))
+    ui.remember(STORED_KEY, loaded, stored)
+
+
+def compute_estimate(prompts, ablation, preview):
+    """The estimate of every head, shown at once in ``preview``, then its top heads ablated exactly."""
+    estimate = estimate_heads(model, prompts, ablation, metric=metric,
+                              progress=ui.progress_bar("Attribution patching: every head at once"))
+    with preview.container():
+        st.markdown(f"**Estimate of every head** ({estimate.passes}, {estimate.seconds:.1f} s; {estimate.note}). "
+                    f"Now ablating its top {refine} heads exactly...")
+        st.plotly_chart(importance_heatmap(estimate, title="Estimated importance (attribution patching)"),
+                        width="stretch", key="abl_estimate_preview")
+        bar = ui.progress_bar(f"Refining the top {refine} exactly")
+    return refine_estimate(model, prompts, estimate, refine, ablation=ablation, progress=bar)
+
+
+c1, c2 = st.columns([1, 5])
+run = c1.button("Run ablation", type="primary", key="abl_run")
+with c2:
+    recompute = ui.recompute_button("abl_recompute")
+if run or recompute:
     with ui.user_errors():
         if mode == "targeted" and alternative:
             single_token_id(model, alternative)  # a clear message naming how it tokenizes
-        prompts = build_prompts()
-        if mode == "kl":
+        prompts, inputs, settings = request()
+        if mode in ("kl", "estimate"):
             check_metric(metric, prompts)
-        bar = ui.progress_bar("Ablating heads")
-        ablation = make_ablation(model, kind, prompts)
-        if mode == "kl":
-            result = rank_heads_by_ablation(model, prompts, ablation, metric=metric, top_n=10, progress=bar)
-        else:
-            result = targeted_search(model, prompts, alternative, ablation, budget=budget, progress=bar)
-            metric = "margin"
-        settings = {"source": source, "set": prompt_set if source == "set" else None,
-                    "alternative": alternative, "budget": budget,
-                    "skipped_names": list(prompts.skipped_names), "notes": list(prompts.notes)}
-        ui.remember(RESULT_KEY, loaded, AblationExperiment(model=info.name, mode=mode, kind=kind, metric=metric,
-                                                          prompts=prompts.texts, result=result, settings=settings))
+
+        def compute():
+            check_ablation_memory(model, prompts, mode)  # refuse before running what cannot fit
+            ablation = make_ablation(model, kind, prompts)
+            if mode == "estimate":
+                return compute_estimate(prompts, ablation, preview)
+            bar = ui.progress_bar("Ablating heads")
+            if mode == "kl":
+                return rank_heads_by_ablation(model, prompts, ablation, metric=metric, top_n=10, progress=bar)
+            return targeted_search(model, prompts, alternative, ablation, budget=budget, progress=bar)
+
+        preview = st.empty()
+        stored = cached(STORE_KINDS[mode], loaded, inputs, compute, refresh=recompute, link=page_link())
+        preview.empty()
+        show_stored_result(stored, prompts, settings)
+        state[PEEKED] = (STORE_KINDS[mode], inputs_digest(inputs))
+else:
+    # A stored result for the form as it stands shows at once (a reopened URL, a restarted app). Only when
+    # the form changed since the last look, so that an experiment opened from a file stays shown.
+    try:
+        prompts, inputs, settings = request()
+        key_now = (STORE_KINDS[mode], inputs_digest(inputs))
+        if state.get(PEEKED) != key_now:
+            state[PEEKED] = key_now
+            found = peek(STORE_KINDS[mode], loaded, inputs)
+            if found is not None:
+                show_stored_result(found, prompts, settings)
+    except HeadVisError:
+        pass  # the form is incomplete; Run shows why
 
 with st.expander("Reopen a saved experiment"):
     saved = list_experiments()
@@ -182,9 +284,11 @@ with st.expander("Reopen a saved experiment"):
     if c2.button("Open", key="abl_open", disabled=not saved):
         with ui.user_errors():
             ui.remember(RESULT_KEY, loaded, load_experiment(chosen))
+            ui.remember(STORED_KEY, loaded, None)
     if upload is not None and st.button("Open uploaded file", key="abl_open_upload"):
         with ui.user_errors():
             ui.remember(RESULT_KEY, loaded, experiment_from_json_bytes(upload.getvalue(), upload.name))
+            ui.remember(STORED_KEY, loaded, None)
 
 experiment: AblationExperiment | None = ui.recall(RESULT_KEY, loaded)
 if experiment is None:
@@ -196,6 +300,9 @@ n_prompts = len(experiment.prompts)
 st.subheader(f"{MODES[experiment.mode]}: {experiment.kind} ablation, {n_prompts} prompt(s)")
 if experiment.model != info.name:
     st.warning(f"This experiment was run on {experiment.model}; the loaded model is {info.name}.")
+shown_from = ui.recall(STORED_KEY, loaded)
+if shown_from is not None and shown_from.value is result:
+    ui.show_stored(shown_from, "This result")
 skipped = experiment.settings.get("skipped_names") or []
 if experiment.settings.get("source") == "ioi":
     st.caption(f"IOI names skipped (not one token): {len(skipped)}.")
@@ -236,6 +343,38 @@ if experiment.mode == "kl":
     n_send = st.number_input("Top heads to send", 1, len(ranking.table), min(10, len(ranking.table)), key="abl_n_send")
     if st.button("Send heads to the circuit graph", key="abl_send"):
         send_heads(ranking.top_heads(int(n_send)))
+elif experiment.mode == "estimate":
+    refined = result
+    estimate = refined.estimate
+    st.markdown(f"**Estimate of every head** ({estimate.passes}, {estimate.seconds:.1f} s; {estimate.note}), "
+                f"then the top {experiment.settings.get('refine', len(refined.exact.table))} heads ablated "
+                f"exactly ({refined.exact.seconds:.1f} s).")
+    a = refined.agreement
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Spearman (estimate vs exact)", "undefined" if a.to_dict()["spearman"] is None else f"{a.spearman:.2f}",
+              help="Rank correlation over the heads ablated exactly; undefined for fewer than 3 heads or a "
+                   "constant column.")
+    m2.metric(f"Top-{a.top_k} overlap", f"{a.top_k_overlap} of {a.top_k}",
+              help="Heads in both the estimate's and the exact top k, among the heads ablated exactly.")
+    m3.metric("Heads compared", a.n_heads)
+    left, right = st.columns(2)
+    with left:
+        fig = importance_heatmap(estimate, title="Estimated importance of every head (attribution patching)")
+        st.plotly_chart(fig, width="stretch", key="abl_estimate_heatmap")
+        ui.download_figure(fig, "estimate_heatmap.html")
+    with right:
+        fig = estimate_agreement_figure(refined)
+        st.plotly_chart(fig, width="stretch", key="abl_agreement")
+        ui.download_figure(fig, "estimate_vs_exact.html", label="Download estimate vs exact (HTML)")
+    table = refined.table
+    st.dataframe(table, hide_index=True, height=320)
+    ui.download_table(table, "ablation_estimate.csv")
+    if experiment.model == info.name:
+        ui.remember(ui.ABLATION_IMPORTANCE, loaded,
+                    table.rename(columns={"estimate": "importance"})[["layer", "head", "importance"]])
+    n_send = st.number_input("Top heads to send", 1, len(table), min(10, len(table)), key="abl_n_send")
+    if st.button("Send heads to the circuit graph", key="abl_send"):
+        send_heads(estimate.top_heads(int(n_send)))
 else:
     search = result
     (st.success if search.found else st.info)(search.summary)
@@ -258,6 +397,8 @@ else:
     if search.heads and st.button("Send heads to the circuit graph", key="abl_send"):
         send_heads(search.heads)
 
+if experiment.mode == "estimate":
+    st.stop()  # an estimate is kept in the result store and downloads above, not as an experiment file
 c1, c2 = st.columns([3, 1])
 filename = c1.text_input("File name", value=default_filename(experiment), key="abl_filename")
 if c2.button("Save experiment", key="abl_save"):

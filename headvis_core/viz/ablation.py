@@ -1,8 +1,10 @@
-"""Figures of ablation studies: every head's importance, and the targeted search's trajectory."""
+"""Figures of ablation studies: every head's importance, the targeted search's trajectory, and how an
+attribution-patching estimate compares with exact ablation."""
 
 import numpy as np
 import plotly.graph_objects as go
 
+from headvis_core.ablation.estimate import RefinedEstimate
 from headvis_core.ablation.metrics import ABLATION_METRIC_LABELS
 from headvis_core.ablation.ranking import HeadRanking
 from headvis_core.ablation.targeted import TargetedResult
@@ -39,4 +41,22 @@ def trajectory_figure(result: TargetedResult) -> go.Figure:
     fig.update_layout(title="Probabilities along the search", xaxis_title="step", yaxis_title="probability",
                       yaxis_range=[0, 1], height=380, margin=dict(t=40, b=10, l=10, r=10))
     fig.update_xaxes(type="category")
+    return fig
+
+
+def estimate_agreement_figure(refined: RefinedEstimate) -> go.Figure:
+    """Each refined head's estimated importance against its exact value, with the line where they agree."""
+    table = refined.table.dropna(subset=["exact"])
+    label = {"kl": "KL (nats)", "logit_diff": "logit diff drop", "loss": "loss rise"}[refined.estimate.metric]
+    fig = go.Figure(go.Scatter(
+        x=table["estimate"], y=table["exact"], mode="markers+text", text=table["label"], textposition="top center",
+        hovertemplate="head %{text}<br>estimate %{x:.4f}<br>exact %{y:.4f}<extra></extra>", name="heads"))
+    if len(table):
+        low = float(min(table["estimate"].min(), table["exact"].min()))
+        high = float(max(table["estimate"].max(), table["exact"].max()))
+        fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", line=dict(dash="dot", color="grey"),
+                                 name="estimate = exact", hoverinfo="skip"))
+    fig.update_layout(title=f"Estimate against exact ablation: {refined.agreement.summary}",
+                      xaxis_title=f"estimated {label}", yaxis_title=f"exact {label}", height=460,
+                      margin=dict(t=50, b=10, l=10, r=10))
     return fig

@@ -28,6 +28,12 @@ def _run(at):
     return at
 
 
+@pytest.fixture(autouse=True)
+def fresh_store(tmp_path, monkeypatch):
+    """An empty result store per test: what a test sees stored is what it ran itself."""
+    monkeypatch.setenv("HEADVIS_STORE_DIR", str(tmp_path / "store"))
+
+
 @pytest.fixture
 def saved_dir(tmp_path, monkeypatch):
     folder = tmp_path / "experiments"
@@ -200,3 +206,100 @@ def test_hostile_url_values_give_defaults(query):
     if "budget" in query:
         assert at.number_input(key="budget").value == 10
     assert all("Traceback" not in e for e in _errors(at))
+
+
+def counting(monkeypatch, module, name) -> list:
+    """Count calls of ``module.name`` (the page imports it afresh on every run)."""
+    calls = []
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def _stored_caption(at) -> str:
+    return next(c.value for c in at.caption if c.value.startswith("This result: computed at "))
+
+
+def test_a_reopened_kl_ranking_shows_at_once_from_the_store_and_recompute_computes_it(monkeypatch):
+    from headvis_core.ablation import ranking
+
+    calls = counting(monkeypatch, ranking, "rank_heads_by_ablation")
+    first = _run(app_test(PAGE).run())
+    assert len(calls) == 1 and "just now" in _stored_caption(first)
+    ranked = first.dataframe[0].value
+    reopened = app_test(PAGE).run()  # a new session (a restart, a shared URL): no button pressed
+    assert not reopened.exception and not _errors(reopened)
+    assert len(calls) == 1 and "from the store" in _stored_caption(reopened)
+    pd.testing.assert_frame_equal(reopened.dataframe[0].value, ranked)
+    importance = reopened.session_state[f"{ui.ABLATION_IMPORTANCE}@{_key()}"]
+    assert len(importance) == 8  # a stored ranking is shared with the circuit graph like a fresh one
+    reopened.button(key="abl_recompute").click().run()
+    assert not reopened.exception and len(calls) == 2 and "just now" in _stored_caption(reopened)
+    other = app_test(PAGE, prompt="The cat sat on the").run()  # other inputs: nothing stored for them
+    assert not other.exception and any("Run ablation" in i.value for i in other.info)
+
+
+def test_an_opened_experiment_file_is_not_replaced_by_a_stored_result(saved_dir):
+    at = _run(app_test(PAGE).run())
+    at.text_input(key="abl_filename").set_value("kept")
+    at.button(key="abl_save").click().run()
+    fresh = app_test(PAGE, prompt="The cat sat on the").run()
+    fresh.button(key="abl_open").click().run()
+    fresh.run()
+    assert not fresh.exception and not _errors(fresh)
+    assert len(fresh.dataframe[0].value) == 8
+    assert not any(c.value.startswith("This result: computed at ") for c in fresh.caption)  # a file, not the store
+
+
+def test_the_estimate_mode_shows_every_head_the_refined_ones_and_their_agreement():
+    from headvis_core.ablation.estimate import estimate_heads, refine_estimate
+    from headvis_core.ablation.values import zero_ablation
+    from headvis_core.data.prompt_pairs import prompts_from_texts
+    from headvis_core.models.loader import load_model
+
+    at = app_test(PAGE, mode="estimate", refine=5).run()
+    assert not at.exception and not _errors(at)
+    assert at.number_input(key="refine").value == 5
+    _run(at)
+    assert not _errors(at)
+    table = at.dataframe[0].value
+    assert len(table) == 8 and table["estimate"].is_monotonic_decreasing
+    assert table["exact"].notna().sum() == 5 and table["exact"].head(5).notna().all()
+    metrics = {m.label: m.value for m in at.metric}
+    # the same flow run directly gives the same agreement figures
+    model = load_model("tiny-llama", device="cpu").model
+    prompts = prompts_from_texts(model, [at.text_area(key="prompt").value])
+    ablation = zero_ablation(model)
+    refined = refine_estimate(model, prompts, estimate_heads(model, prompts, ablation, metric="kl"), 5,
+                              ablation=ablation)
+    rho = refined.agreement.to_dict()["spearman"]
+    assert metrics["Spearman (estimate vs exact)"] == ("undefined" if rho is None else f"{rho:.2f}")
+    assert metrics["Top-5 overlap"] == f"{refined.agreement.top_k_overlap} of 5"
+    assert table["exact"].dropna().tolist() == pytest.approx(refined.table["exact"].dropna().tolist())
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2  # the estimate's heatmap and estimate against exact
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "Download estimate vs exact (HTML)" in labels and "Download CSV" in labels
+    assert not any(b.key == "abl_save" for b in at.button)  # an estimate is not an experiment file
+    assert bound_params(at) == {"source", "prompt", "kind", "mode", "metric", "refine"}
+    reopened = app_test(PAGE, mode="estimate", refine=5).run()
+    assert not reopened.exception and "from the store" in _stored_caption(reopened)
+    assert len(reopened.get("plotly_chart")) == 2
+
+
+def test_an_ablation_over_the_memory_cap_is_refused_and_a_stored_one_still_shows(monkeypatch):
+    from headvis_core.ablation import ranking
+
+    _run(app_test(PAGE).run())
+    calls = counting(monkeypatch, ranking, "rank_heads_by_ablation")
+    monkeypatch.setenv("HEADVIS_MEMORY_CAP_GB", "0.01")  # under what this process already holds
+    stored = app_test(PAGE).run()
+    assert not stored.exception and not _errors(stored) and len(stored.dataframe[0].value) == 8
+    refused = _run(app_test(PAGE, prompt="The cat sat on the").run())
+    assert calls == []
+    assert any("needs about" in e and "over the limit of" in e for e in _errors(refused)), _errors(refused)

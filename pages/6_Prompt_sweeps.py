@@ -6,10 +6,14 @@ import streamlit as st
 import headvis_ui as ui
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, parse_heads
+from headvis_core.limits import check_sweep_memory
+from headvis_core.store import cached, peek
+from headvis_core.store.fingerprint import inputs_digest
+from headvis_core.store.kinds import SWEEP, sweep_inputs
 from headvis_core.sweeps.plan import SweepSpec, build_plan, tokenization_report
 from headvis_core.sweeps.presets import load_presets, usable_heads
 from headvis_core.sweeps.ranges import curve_range_reports, level_bounds, ranges_table
-from headvis_core.sweeps.run import run_sweep
+from headvis_core.sweeps.run import DEFAULT_BATCH_TOKENS, MAX_BATCH, run_sweep
 from headvis_core.viz.sweeps import sweep_figure
 
 loaded = ui.page_setup("Prompt sweeps", icon=":material/ssid_chart:")
@@ -139,23 +143,40 @@ st.dataframe(tokenization_report(loaded.model, plan), hide_index=True, width="st
 for warning in plan.warnings:
     st.warning(warning)
 
-run_key = (ui.model_key(loaded), spec, tuple(heads), predictions, drop_odd, int(sample))
-stored = state.get("sweep_result")
-clicked = st.button("Run sweep", type="primary", key="sweep_run")
-if clicked or (stored is None and ui.query_param("run") == "1"):  # a shared URL with run=1 reopens the results
+inputs = sweep_inputs(plan, heads, predictions)
+run_key = (ui.model_key(loaded), inputs_digest(inputs))
+link = {"page": "pages/6_Prompt_sweeps.py",
+        "query": {**{field: state[field] for field in FIELDS}, "predictions": str(predictions).lower(),
+                  "drop_odd": str(drop_odd).lower(), "sample": int(sample), "run": 1}}
+shown = state.get("sweep_result")
+b1, b2 = st.columns([1, 5])
+clicked = b1.button("Run sweep", type="primary", key="sweep_run")
+with b2:
+    recompute = ui.recompute_button("sweep_recompute")
+if not (clicked or recompute) and (shown is None or shown[0] != run_key):
+    # A sweep stored for this form (a reopened URL, a restarted app) shows at once, with nothing run.
+    found = peek(SWEEP, loaded, inputs)
+    if found is not None:
+        state.sweep_result = shown = (run_key, found)
+if clicked or recompute or (shown is None and ui.query_param("run") == "1"):  # run=1: a shared URL's results
     with ui.user_errors():
-        result = run_sweep(loaded.model, plan, heads, predictions=predictions,
-                           progress=ui.progress_bar(f"Sweeping {plan.n_values} values"))
-    state.sweep_result = (run_key, result)
-    ui.set_query_params(run=1)
-    stored = state.sweep_result
+        def compute():
+            check_sweep_memory(loaded.model, plan, DEFAULT_BATCH_TOKENS, predictions=predictions, max_batch=MAX_BATCH)
+            return run_sweep(loaded.model, plan, heads, predictions=predictions,
+                             progress=ui.progress_bar(f"Sweeping {plan.n_values} values"))
 
-if stored is None:
+        stored = cached(SWEEP, loaded, inputs, compute, refresh=recompute, link=link)
+    state.sweep_result = (run_key, stored)
+    ui.set_query_params(run=1)
+    shown = state.sweep_result
+
+if shown is None:
     st.info("Press **Run sweep** to measure every value.")
     st.stop()
-if stored[0] != run_key:
+if shown[0] != run_key:
     st.info("The form has changed since the last run: press **Run sweep** to update the results below.")
-result = stored[1]
+ui.show_stored(shown[1], "Sweep")
+result = shown[1].value
 
 # ----------------------------------------------------------------------------- results
 st.subheader("Across the slot")

@@ -10,6 +10,12 @@ YEARS = dict(template="The war lasted from the year {year} to the year", slots="
              query="year:last", key="year:first", heads="0.1,1.2")
 
 
+@pytest.fixture(autouse=True)
+def fresh_store(tmp_path, monkeypatch):
+    """An empty result store per test: what a test sees stored is what it ran itself."""
+    monkeypatch.setenv("HEADVIS_STORE_DIR", str(tmp_path / "store"))
+
+
 def texts(at):
     return [t.value for t in at.text]
 
@@ -164,3 +170,46 @@ def test_the_form_survives_a_visit_to_another_page():
     assert not at.exception and not at.error
     assert at.text_area(key="slots").value == "year=1500..1509"
     assert at.text_area(key="template").value == YEARS["template"]
+
+
+def counted_sweeps(monkeypatch) -> list:
+    from headvis_core.sweeps import run
+
+    calls = []
+    real = run.run_sweep
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "run_sweep", counted)
+    return calls
+
+
+def sweep_caption(at) -> str:
+    return next(c.value for c in at.caption if c.value.startswith("Sweep: computed at "))
+
+
+def test_a_stored_sweep_shows_at_once_on_reopening_and_recompute_runs_it_again(monkeypatch):
+    calls = counted_sweeps(monkeypatch)
+    at = app_test(PAGE, **YEARS).run()
+    at.button(key="sweep_run").click().run()
+    assert not at.exception and not at.error and len(calls) == 1 and "just now" in sweep_caption(at)
+    table = at.dataframe[-1].value
+    reopened = app_test(PAGE, **YEARS).run()  # a new session, no run=1 and no button: the store has it
+    assert not reopened.exception and not reopened.error
+    assert len(calls) == 1 and "from the store" in sweep_caption(reopened)
+    assert reopened.dataframe[-1].value.equals(table)
+    reopened.button(key="sweep_recompute").click().run()
+    assert not reopened.exception and len(calls) == 2 and "just now" in sweep_caption(reopened)
+    other = app_test(PAGE, **{**YEARS, "heads": "0.1"}).run()  # other heads: another result, not stored
+    assert not other.exception and any("Run sweep" in i.value for i in other.info) and len(calls) == 2
+
+
+def test_a_sweep_over_the_memory_cap_is_refused_before_it_runs(monkeypatch):
+    calls = counted_sweeps(monkeypatch)
+    monkeypatch.setenv("HEADVIS_MEMORY_CAP_GB", "0.01")  # under what this process already holds
+    at = app_test(PAGE, **YEARS).run()
+    at.button(key="sweep_run").click().run()
+    assert not at.exception and calls == []
+    assert "needs about" in errors(at) and "over the limit of" in errors(at)

@@ -3,8 +3,9 @@
 Throughput: SmolLM2 on the first ``--windows`` windows of ``../shared/corpus``
 (gutenberg). Timed in the same run on the same tokenized batches: the plain
 forward pass (``hooks.forward``, logits included) and the scan's per-batch
-work (``scan_batch``: the hooked pass, every layer's pattern reduced in its
-hook, merging into the state); and the scan end to end (``run_scan``:
+work (``scan_batch``: the hooked pass, which stops at the last layer's
+pattern, so no last MLP, final norm or unembedding, every layer's pattern
+reduced in its hook, merging into the state); and the scan end to end (``run_scan``:
 tokenizing, the fixed-size state, the final bucketing and the atomic write).
 They alternate ``--repeats`` times and the fastest of each is kept, since the
 cores are shared.
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--memory-windows", type=int, default=8, help="small corpus size; the large is 10x")
     parser.add_argument("--memory-window-len", type=int, default=32)
+    parser.add_argument("--skip-memory", action="store_true", help="throughput only")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
@@ -155,9 +157,11 @@ def main() -> None:
               f"{n_tokens / cpu:6.0f} tokens/CPU-s   (wall runs: {runs})")
     for i, kind in enumerate(["wall", "CPU"]):
         print(f"  scan / forward throughput ({kind}): {best['forward'][i] / best['batches'][i]:.2f} per batch, "
-              f"{best['forward'][i] / best['scan'][i]:.2f} end to end (goal >= 0.7)")
+              f"{best['forward'][i] / best['scan'][i]:.2f} end to end (goal >= 1.0 per batch)")
     print("  (end to end adds tokenizing, the fixed-size state, the final bucketing and the atomic write)")
     del loaded
+    if args.skip_memory:
+        return
 
     print(f"\npeak memory, windows of {args.memory_window_len} tokens, batch {args.batch_size} (child processes):")
     rows = []

@@ -45,19 +45,21 @@ resumes from the last checkpoint with the same result.
 
 
 import math
+import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from headvis_core.atlas.metrics import for_each_layer_pattern
 from headvis_core.data.corpus import Corpus, iter_window_batches
 from headvis_core.errors import CorruptFileError, InputError
-from headvis_core.hooks import pattern_hook, run_with_hooks
 from headvis_core.models.loader import LoadedModel
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.scan import store
@@ -106,27 +108,69 @@ def reduce_layer_pattern(state: ScanState, layer: int, pattern: Float[torch.Tens
                       cand_batch.cpu(), cand_head.cpu(), *cand, *res)
 
 
-def _batch_hooks(state: ScanState, res_rows: torch.Tensor, out: dict[int, LayerBatch]) -> list:
-    """One hook per layer that reduces its pattern to a :class:`LayerBatch` in ``out[layer]``."""
-    def make(layer: int) -> Callable[[torch.Tensor, Any], None]:
-        def reduce_pattern(pattern: torch.Tensor, hook: Any) -> None:
-            out[layer] = reduce_layer_pattern(state, layer, pattern, res_rows)
-        return reduce_pattern
+@dataclass
+class ReducedBatch:
+    """One batch's forward pass reduced layer by layer, not yet folded into the state."""
 
-    return [(pattern_hook(layer), make(layer)) for layer in range(state.n_layers)]
+    layers: dict[int, LayerBatch]
+    res_rows: np.ndarray
+    res_slots: np.ndarray
+    priorities: np.ndarray
+
+
+def reduce_batch(model: Any, state: ScanState, seq_tokens: Int[torch.Tensor, "batch pos"], indices: np.ndarray,
+                 device: Any = "cpu") -> ReducedBatch:
+    """Run one batch and reduce each layer's pattern in its hook; ``state`` is read, never changed.
+
+    The pass stops at the last layer's pattern (:func:`headvis_core.atlas.metrics.for_each_layer_pattern`):
+    the last MLP, the final norm and the unembedding never run, since the scan needs no logits.
+    """
+    res_rows, res_slots, priorities = state.plan_reservoir(indices)
+    rows = torch.from_numpy(res_rows)
+    out: dict[int, LayerBatch] = {}
+
+    def reduce_pattern(layer: int, pattern: torch.Tensor) -> None:
+        out[layer] = reduce_layer_pattern(state, layer, pattern, rows)
+
+    for_each_layer_pattern(model, seq_tokens.to(device), reduce_pattern, range(state.n_layers))
+    return ReducedBatch(out, res_rows, res_slots, priorities)
+
+
+def merge_batch(state: ScanState, reduced: ReducedBatch, seq_tokens: Int[torch.Tensor, "batch pos"],
+                indices: np.ndarray) -> None:
+    """Fold a reduced batch into ``state`` (every layer, then the reservoir and the token counts)."""
+    for layer in range(state.n_layers):
+        state.merge(layer, reduced.layers[layer], seq_tokens, indices, reduced.res_rows, reduced.res_slots)
+    state.commit_reservoir(seq_tokens, indices, reduced.res_rows, reduced.res_slots, reduced.priorities)
+    state.count_tokens(seq_tokens, len(indices))
 
 
 def scan_batch(model: Any, state: ScanState, seq_tokens: Int[torch.Tensor, "batch pos"], indices: np.ndarray,
                device: Any = "cpu") -> None:
     """Run one batch ``seq_tokens [batch, seq_len]`` (BOS included) and fold it into ``state``."""
-    res_rows, res_slots, priorities = state.plan_reservoir(indices)
-    out: dict[int, LayerBatch] = {}
-    run_with_hooks(model, seq_tokens.to(device), fwd_hooks=_batch_hooks(state, torch.from_numpy(res_rows), out),
-                   stop_at_layer=state.n_layers)
-    for layer in range(state.n_layers):
-        state.merge(layer, out[layer], seq_tokens, indices, res_rows, res_slots)
-    state.commit_reservoir(seq_tokens, indices, res_rows, res_slots, priorities)
-    state.count_tokens(seq_tokens, len(indices))
+    merge_batch(state, reduce_batch(model, state, seq_tokens, indices, device), seq_tokens, indices)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) back until the block ends, so it cannot leave a half-merged state.
+
+    Only the main thread receives signals, so elsewhere (a Streamlit script thread) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 def vocab_size(model: Any) -> int:
@@ -213,7 +257,11 @@ class _ScanRun:
         self.last_checkpoint, self.saved_at = time.time(), state.n_windows
 
     def scan_all(self, batch_size: int, progress: Optional[ProgressCallback]) -> None:
-        """Scan the remaining windows; on an interruption, save the finished batches first."""
+        """Scan the remaining windows; on an interruption (Ctrl-C included), save the finished batches first.
+
+        A batch's forward pass changes nothing in the state, so an interruption there loses only that
+        batch; the merge holds Ctrl-C back until it is done (:func:`interrupts_deferred`).
+        """
         model, params, state = self.loaded.model, self.params, self.state
         bos = bos_token_id(model)
         consistent = True
@@ -223,15 +271,17 @@ class _ScanRun:
                 seq = torch.from_numpy(batch.tokens)
                 if bos is not None:
                     seq = torch.cat([torch.full((seq.shape[0], 1), bos, dtype=seq.dtype), seq], dim=1)
-                consistent = False
-                scan_batch(model, state, seq, batch.indices, device=self.loaded.info.device)
-                consistent = True
+                reduced = reduce_batch(model, state, seq, batch.indices, device=self.loaded.info.device)
+                with interrupts_deferred():
+                    consistent = False
+                    merge_batch(state, reduced, seq, batch.indices)
+                    consistent = True
                 if time.time() - self.last_checkpoint >= self.checkpoint_seconds:
                     self.checkpoint()
                 self._report(progress, batch.fraction_read)
         except BaseException:
-            # Interrupted (Ctrl-C, a Streamlit rerun, a failing callback): keep the finished batches
-            # if the state is whole; a half-merged batch is dropped with everything after the last checkpoint.
+            # Interrupted (Ctrl-C, a Streamlit rerun, a failing callback): keep the finished batches if the
+            # state is whole; a merge that failed part-way drops everything after the last checkpoint.
             if consistent and state.n_windows > self.saved_at:
                 self.checkpoint()
             raise

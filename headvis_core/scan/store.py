@@ -5,6 +5,10 @@ file (stage ``partial`` for a checkpoint, ``complete`` for a result). The
 data file is written first, named by its SHA-256, then the manifest that
 names it, so a crash leaves either the old or the new complete pair; a
 corrupt or partial file is detected by its checksum, never shown.
+
+The stage is also written inside the checksummed data (``meta["stage"]``), so
+the manifest's ``status`` is tied to the content: a manifest edited to say
+``complete`` over a checkpoint is refused as corrupt, never opened as a result.
 """
 
 import hashlib
@@ -70,7 +74,7 @@ def unpack_arrays(data: bytes, name: str) -> tuple[dict[str, np.ndarray], dict[s
 def write_stage(folder: Path, stage: str, arrays: dict[str, np.ndarray], meta: dict[str, Any],
                 manifest_extra: dict[str, Any]) -> None:
     """Write a data file named by its hash, then the manifest pointing to it, then drop older files."""
-    data = pack_arrays(arrays, meta)
+    data = pack_arrays(arrays, {**meta, "stage": stage})
     digest = hashlib.sha256(data).hexdigest()
     name = f"{stage}-{digest[:16]}.npz"
     atomic_write_bytes(folder / name, data)
@@ -98,7 +102,12 @@ def read_stage(folder: Path) -> tuple[str, dict[str, np.ndarray], dict[str, Any]
     if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
         raise CorruptFileError(f"The scan data file {path.name} is corrupt or incomplete (checksum mismatch).")
     arrays, meta = unpack_arrays(data, path.name)
-    return manifest["status"], arrays, meta
+    status = manifest.get("status")
+    stored_stage = meta.pop("stage", status)  # files written before the stage was stored: the manifest's
+    if status != stored_stage:
+        raise CorruptFileError(f"The scan manifest in {folder.name} says {status!r} but its checksummed data "
+                               f"is a {stored_stage!r} stage; the manifest was edited or damaged.")
+    return status, arrays, meta
 
 
 def clear_stage(folder: Path) -> None:

@@ -7,7 +7,8 @@ Each configuration runs in its own child process (so its peak memory is its own)
   local cluster started by the run.
 
 Ray's overhead is ``ray-1``'s scanning time (workers started, model loaded) over ``single-1t``'s:
-the same windows on one thread. Worker start (process, imports, model load) is printed apart.
+the same windows on one thread, from the first batch to the last merge, the result not yet written.
+Worker start (process, imports, model load) is printed apart.
 The scan state's size is computed from the state's own arrays for SmolLM2, Gemma 3 270M
 (262k vocabulary) and Gemma 3 27B, with the per-vocabulary float64 sums it replaced ("before").
 
@@ -63,7 +64,9 @@ def child(mode: str, workers: int, threads: int, args: argparse.Namespace) -> di
         else:
             pack_seconds = 0.0
     return {"mode": mode, "workers": workers, "threads": threads, "wall": wall, "windows": result.n_windows,
-            "scan_seconds": result.meta.get("sharded_scan_seconds", wall),
+            # scanning only, both ways: from the first batch to the last merge (no model or worker start, no
+            # result written)
+            "scan_seconds": result.meta["sharded_scan_seconds" if mode == "ray" else "seconds"],
             "worker_start": result.meta.get("worker_start_seconds", 0.0),
             "merge_per_shard": result.meta.get("merge_seconds_per_shard", 0.0), "shard_bytes": shard_bytes,
             "pack_seconds": pack_seconds, "state_bytes": result.meta["state_bytes"],

@@ -8,13 +8,13 @@ import streamlit as st
 import headvis_ui as ui
 from headvis_core import scan as scans
 from headvis_core.data.corpus import open_corpus
+from headvis_core.data.roots import list_corpora, resolve_app_corpus
 from headvis_core.errors import CorruptFileError
 from headvis_core.heads import HeadRef
+from headvis_core.limits import check_scan_memory
 from headvis_core.scan import store as scan_store
 from headvis_core.viz import scan as scan_figures
 from headvis_core.viz.token_view import token_view_html
-
-SHARED_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
 
 loaded = ui.page_setup("Dataset examples")
 info = loaded.info
@@ -54,7 +54,8 @@ if url_scan and "ex_scan_folder" not in state:
 
 run_tab, open_tab = st.tabs(["Run a scan", f"Open a stored scan ({len(stored)})"])
 with run_tab:
-    default_corpus = str(SHARED_CORPUS) if SHARED_CORPUS.is_dir() else ""
+    allowed_corpora = list_corpora()  # the app reads corpora only under the operator's allowed roots
+    default_corpus = str(allowed_corpora[0]) if allowed_corpora else ""
     corpus_spec = st.text_input("Corpus", default_corpus, key="ex_corpus",
                                 help="A folder of .txt files, a .txt or .jsonl file (field 'text'), or a Hugging Face "
                                      "dataset name (needs the network).")
@@ -67,13 +68,14 @@ with run_tab:
     per_decile = r3.number_input("Examples per decile", 1, 20, 4, key="ex_per_decile")
     if st.button("Run scan", type="primary", key="ex_run"):
         with ui.user_errors():
-            corpus = open_corpus(corpus_spec)
+            corpus = open_corpus(resolve_app_corpus(corpus_spec))  # a path outside the allowed roots: refused
             for skipped in corpus.skipped:
                 st.warning(f"Skipped {skipped.path}: {skipped.reason}.")
             if corpus.recoded:
                 st.info(f"{len(corpus.recoded)} file(s) are not UTF-8 and were read as Windows-1252.")
             params = scans.ScanParams(window_len=int(window_len), max_windows=int(max_windows),
                                       examples_per_decile=int(per_decile))
+            check_scan_memory(loaded, params.window_len, 8, params.max_windows)  # run_scan's batch size
             result = scans.run_scan(loaded, corpus, params, progress=ui.progress_bar("Scanning"))
         state.ex_scan_folder = str(result.path)
         st.success(f"Scanned {result.n_windows} windows of {corpus.description}.")

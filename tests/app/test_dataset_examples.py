@@ -17,10 +17,11 @@ def scans_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def text_dir(tmp_path):
+def text_dir(tmp_path, monkeypatch):
     rng = random.Random(1)
     root = tmp_path / "corpus"
     root.mkdir()
+    monkeypatch.setenv("HEADVIS_CORPUS_ROOTS", str(root))  # the app reads corpora only under allowed roots
     words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 5))) for _ in range(200)]
     (root / "words.txt").write_text(" ".join(words))
     (root / "photo.txt").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")  # binary, named .txt
@@ -75,7 +76,7 @@ def test_a_stored_scan_reopens_from_the_url_and_a_corrupt_one_is_not_shown(scans
 
 
 @pytest.mark.parametrize("corpus, message", [
-    ("/no/such/folder", "no file or folder"),
+    ("/no/such/folder", "outside them"),  # not under the allowed corpus roots
     ("", "No corpus given"),
 ])
 def test_missing_corpus_is_an_error(scans_dir, corpus, message):
@@ -84,7 +85,8 @@ def test_missing_corpus_is_an_error(scans_dir, corpus, message):
     assert not at.exception and message in at.error[0].value
 
 
-def test_folder_with_only_a_binary_file_is_an_error(scans_dir, tmp_path):
+def test_folder_with_only_a_binary_file_is_an_error(scans_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADVIS_CORPUS_ROOTS", str(tmp_path))
     (tmp_path / "only.txt").write_bytes(b"\x00\x01\x02\x03")
     at = run_scan_on_page(app_test(PAGE).run(), tmp_path)
     assert not at.exception and "no readable" in at.error[0].value and "only.txt is binary" in at.error[0].value
@@ -112,3 +114,24 @@ def test_a_scan_reopens_with_its_head_and_token_count_from_the_url(scans_dir, te
     assert at.subheader[0].value == "Head 1.3 on 12 windows of 8 tokens"
     assert at.number_input(key="min_count").value == 2
     assert "min_count" in bound_params(at)
+
+
+@pytest.mark.parametrize("corpus", ["/", "/etc", "../../../../etc", "~/.ssh"])
+def test_a_corpus_outside_the_allowed_roots_is_refused_and_never_read(scans_dir, text_dir, corpus):
+    at = run_scan_on_page(app_test(PAGE).run(), corpus)
+    assert not at.exception
+    assert any("allowed corpus roots" in e.value for e in at.error)
+    assert not scans_dir.exists() or not any(scans_dir.iterdir())
+
+
+def test_the_default_corpus_is_an_allowed_one(text_dir):
+    at = app_test(PAGE).run()
+    assert not at.exception and at.text_input(key="ex_corpus").value == str(text_dir)
+
+
+def test_a_scan_over_the_memory_cap_is_refused_before_it_runs(scans_dir, text_dir, monkeypatch):
+    monkeypatch.setenv("HEADVIS_MEMORY_CAP_GB", "0.01")  # under what this process already holds
+    at = run_scan_on_page(app_test(PAGE).run(), text_dir)
+    assert not at.exception
+    assert any("needs about" in e.value and "over the limit of" in e.value for e in at.error)
+    assert not scans_dir.exists() or not any(scans_dir.iterdir())

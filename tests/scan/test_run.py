@@ -1,17 +1,20 @@
 """Dataset scans against a slow reference that keeps every full pattern and loops over positions."""
 
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
 import torch
 
+import headvis_core.scan.run as scan_run
 from headvis_core.data.corpus import iter_windows, open_corpus
 from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.heads import HeadRef
 from headvis_core.hooks import capture, pattern_hook
 from headvis_core.scan import ScanParams, list_scans, load_scan, run_scan
-from headvis_core.scan.state import score_bins
+from headvis_core.scan.state import ScanState, score_bins
 from headvis_core.scan.store import MANIFEST
 
 WINDOW, N_WINDOWS, BATCH = 12, 30, 8
@@ -194,28 +197,79 @@ class Interrupted(Exception):
     pass
 
 
-def test_interrupted_scan_resumes_with_the_same_result(tiny_llama, text_dir, tmp_path):
+INTERRUPT_PARAMS = ScanParams(window_len=8, max_windows=24, examples_per_decile=1, reservoir_size=8)
+
+
+def assert_resumes_to_the_whole_scan(loaded, corpus, out_dir, windows_saved, tmp_path):
+    """The interrupted scan stored ``windows_saved`` windows, and resuming gives the uninterrupted result."""
+    stored = list_scans(out_dir)
+    assert [(s.status, s.windows) for s in stored] == [("partial", windows_saved)]
+    with pytest.raises(CorruptFileError, match="unfinished"):
+        load_scan(stored[0].folder)
+    resumed = run_scan(loaded, corpus, INTERRUPT_PARAMS, out_dir=out_dir, batch_size=4)
+    whole = run_scan(loaded, corpus, INTERRUPT_PARAMS, out_dir=tmp_path / "whole", batch_size=4)
+    assert resumed.meta["resumed_from"] == windows_saved and whole.meta["resumed_from"] == 0
+    for name in whole.arrays:
+        assert np.array_equal(resumed.arrays[name], whole.arrays[name], equal_nan=True), name
+
+
+@pytest.mark.parametrize("error", [Interrupted, KeyboardInterrupt])
+def test_interrupted_scan_resumes_with_the_same_result(tiny_llama, text_dir, tmp_path, error):
     corpus = open_corpus(str(text_dir))
-    params = ScanParams(window_len=8, max_windows=24, examples_per_decile=1, reservoir_size=8)
     calls = []
 
     def stop_after_three(fraction, message):
         calls.append(message)
         if len(calls) == 3:
-            raise Interrupted()
+            raise error()
 
-    with pytest.raises(Interrupted):
-        run_scan(tiny_llama, corpus, params, out_dir=tmp_path / "a", batch_size=4, progress=stop_after_three,
+    with pytest.raises(error):
+        run_scan(tiny_llama, corpus, INTERRUPT_PARAMS, out_dir=tmp_path / "a", batch_size=4,
+                 progress=stop_after_three,
                  checkpoint_seconds=3600)  # nothing periodic: the interruption itself saves the finished batches
-    stored = list_scans(tmp_path / "a")
-    assert [(s.status, s.windows) for s in stored] == [("partial", 12)]
-    with pytest.raises(CorruptFileError, match="unfinished"):
-        load_scan(stored[0].folder)
-    resumed = run_scan(tiny_llama, corpus, params, out_dir=tmp_path / "a", batch_size=4)
-    whole = run_scan(tiny_llama, corpus, params, out_dir=tmp_path / "b", batch_size=4)
-    assert resumed.meta["resumed_from"] == 12 and whole.meta["resumed_from"] == 0
-    for name in whole.arrays:
-        assert np.array_equal(resumed.arrays[name], whole.arrays[name], equal_nan=True), name
+    assert_resumes_to_the_whole_scan(tiny_llama, corpus, tmp_path / "a", 12, tmp_path)
+
+
+def test_ctrl_c_in_the_forward_pass_keeps_the_batches_before_it(tiny_llama, text_dir, tmp_path, monkeypatch):
+    """Ctrl-C lands in a forward pass most of the time: the batches merged before it are saved."""
+    reduce = scan_run.reduce_layer_pattern
+    last_layer, passes = tiny_llama.info.n_layers - 1, []
+
+    def ctrl_c_in_third_pass(state, layer, pattern, res_rows):
+        if layer == last_layer:
+            passes.append(layer)
+            if len(passes) == 3:
+                raise KeyboardInterrupt
+        return reduce(state, layer, pattern, res_rows)
+
+    monkeypatch.setattr(scan_run, "reduce_layer_pattern", ctrl_c_in_third_pass)
+    corpus = open_corpus(str(text_dir))
+    with pytest.raises(KeyboardInterrupt):
+        run_scan(tiny_llama, corpus, INTERRUPT_PARAMS, out_dir=tmp_path / "a", batch_size=4,
+                 checkpoint_seconds=3600)
+    monkeypatch.setattr(scan_run, "reduce_layer_pattern", reduce)
+    assert_resumes_to_the_whole_scan(tiny_llama, corpus, tmp_path / "a", 8, tmp_path)
+
+
+def test_ctrl_c_during_a_merge_waits_for_the_merge_then_saves_it(tiny_llama, text_dir, tmp_path, monkeypatch):
+    """A real SIGINT sent while a batch is being folded in: the batch is finished and saved, then the scan stops."""
+    commit = ScanState.commit_reservoir
+    commits = []
+
+    def sigint_in_third_merge(self, *args):
+        commits.append(1)
+        if len(commits) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return commit(self, *args)
+
+    monkeypatch.setattr(ScanState, "commit_reservoir", sigint_in_third_merge)
+    corpus = open_corpus(str(text_dir))
+    with pytest.raises(KeyboardInterrupt):
+        run_scan(tiny_llama, corpus, INTERRUPT_PARAMS, out_dir=tmp_path / "a", batch_size=4,
+                 checkpoint_seconds=3600)
+    assert len(commits) == 3
+    monkeypatch.setattr(ScanState, "commit_reservoir", commit)
+    assert_resumes_to_the_whole_scan(tiny_llama, corpus, tmp_path / "a", 12, tmp_path)
 
 
 def test_bad_parameters_and_a_corpus_too_short(tiny_gpt2, tmp_path):

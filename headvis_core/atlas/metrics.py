@@ -23,6 +23,27 @@ sum to 1, ``k <= q``), ``t`` the tokens of that sequence.
 * ``local_attention``: ``sum_{1 <= k, q - 3 <= k <= q} A[q, k]``, attention
   to the current token and the three before it (position 0 excluded).
 
+The HeadVis set (Anthropic 2025, HeadVis ``compute_head_metrics``). From the
+pre-softmax scores ``S[q, k]`` (``hook_attn_scores``) over the keys ``K(q)`` a
+query may see (masked entries, causal or Gemma 3's sliding window, excluded),
+averaged over queries ``q >= 1``:
+
+* ``logit_std``: the population standard deviation of ``S[q, k]`` over ``K(q)``.
+* ``top_logit_margin``: the largest minus the second largest ``S[q, k]`` over ``K(q)``.
+* ``logit_z_score``: ``(max - mean) / std`` of ``S[q, k]`` over ``K(q)`` (0 where std is 0).
+
+From the attention pairs ``(q, k)`` with ``k >= 1`` (the sink at position 0 set
+aside), pooled over the probe set with the attention mass ``A[q, k]`` as weight:
+
+* ``qk_distance``: ``sum A[q, k] (q - k) / sum A[q, k]``, the mass-weighted mean distance in tokens.
+* ``qk_distance_variance``: ``sum A[q, k] (q - k - qk_distance)^2 / sum A[q, k]``.
+* ``key_token_entropy`` / ``query_token_entropy``: the entropy in bits of the token ids at the
+  *high-attention* pairs, keys and queries respectively. A pair is high-attention when
+  ``A[q, k] >= HIGH_ATTENTION`` (0.3: the query puts at least 30% of its attention on that one
+  non-BOS key, so at most three keys per query); each pair counts with weight ``A[q, k]``, and
+  ``p(t)`` is the share of that mass whose key (query) token is ``t``. Low values: the head fires
+  on a few specific tokens. NaN where a head has no high-attention pair.
+
 Relation to TransformerLens ``head_detector.detect_head`` ("mul" measure, no
 exclusions): for one prompt of ``n`` tokens detect_head divides the summed
 attention on its detection pattern by ``sum A = n`` (all rows, row 0
@@ -33,10 +54,12 @@ duplicate_token * n_dup / n``; on BOS + distinct random tokens repeated,
 ``detect_head("induction_head") = induction * L / (2L + 1)``. The tests check
 these identities to 1e-5.
 
-The forward pass hooks only ``blocks.{l}.attn.hook_pattern``; each layer's
-pattern is reduced to running sums inside its hook and dropped, so no
-activation cache of all layers is ever held. The pass stops right after the
-last layer's pattern (skipping the last MLP and the unembedding).
+The induction pass hooks only ``blocks.{l}.attn.hook_pattern``; a text pass
+adds ``hook_attn_scores`` (and, for the direct copying score of
+:mod:`headvis_core.atlas.direct_copying`, ``hook_z`` and the norms' scales).
+Each layer's tensors are reduced to running sums inside their hooks and
+dropped, so no activation cache of all layers is ever held. The pass stops at
+the last hook it needs (never running the unembedding).
 """
 
 
@@ -48,14 +71,18 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from headvis_core.atlas.direct_copying import DirectCopyingSums
 from headvis_core.data.probes import InductionProbe
 from headvis_core.hooks import pattern_hook, run_with_hooks
 from headvis_core.progress import ProgressCallback, report
 
 TEXT_METRICS = ("previous_token", "duplicate_token", "attention_sink", "self_attention", "entropy",
                 "mean_distance", "max_attention_no_bos", "local_attention")
-ATTENTION_METRICS = ("previous_token", "induction") + TEXT_METRICS[1:]
+SCORE_METRICS = ("logit_std", "top_logit_margin", "logit_z_score")
+PAIR_METRICS = ("qk_distance", "qk_distance_variance", "query_token_entropy", "key_token_entropy")
+ATTENTION_METRICS = ("previous_token", "induction") + TEXT_METRICS[1:] + SCORE_METRICS
 LOCAL_WINDOW = 4  # current token and the three before it
+HIGH_ATTENTION = 0.3  # a (query, key >= 1) pair at or above this attention counts for the token entropies
 
 
 # ---------------------------------------------------------------------------
@@ -149,6 +176,81 @@ def received_attention(pattern: Float[torch.Tensor, "batch head query key"],
     return out
 
 
+def allowed_keys(scores: Float[torch.Tensor, "batch head query key"]) -> torch.Tensor:
+    """``[batch, head, query, key]`` bool: the keys the mask lets each query see.
+
+    The bridge's attention fills masked scores (causal, sliding window) with the dtype's most
+    negative value before ``hook_attn_scores`` fires; ``-inf`` is treated the same way.
+    """
+    return scores > torch.finfo(scores.dtype).min / 2
+
+
+def score_metric_sums(scores: Float[torch.Tensor, "batch head query key"]
+                      ) -> tuple[dict[str, torch.Tensor], float]:
+    """Sums over (batch, query >= 1) of ``logit_std``, ``top_logit_margin``, ``logit_z_score``, ``{name: [head]}``.
+
+    Args:
+        scores: one layer's pre-softmax scores (``hook_attn_scores``), masked entries at the dtype's minimum.
+    Returns:
+        the sums and the number of queries summed.
+    """
+    allowed = allowed_keys(scores)[:, :, 1:]
+    S = scores[:, :, 1:].double()
+    n_heads = scores.shape[1]
+    if S.shape[2] == 0:
+        return {name: S.new_zeros(n_heads) for name in SCORE_METRICS}, 0.0
+    n_allowed = allowed.sum(-1).clamp(min=1)
+    kept = S.masked_fill(~allowed, 0.0)
+    mean = kept.sum(-1) / n_allowed
+    variance = ((S - mean[..., None]).masked_fill(~allowed, 0.0) ** 2).sum(-1) / n_allowed
+    std = variance.sqrt()
+    top2 = S.masked_fill(~allowed, -torch.inf).topk(min(2, S.shape[-1]), dim=-1).values
+    top = top2[..., 0]
+    # a query that sees a single key has no second score: its margin is 0
+    margin = torch.where(allowed.sum(-1) >= 2, top - top2[..., -1], torch.zeros_like(top))
+    z_score = torch.where(std > 0, (top - mean) / std.clamp(min=1e-300), torch.zeros_like(top))
+    sums = {"logit_std": std.sum((0, 2)), "top_logit_margin": margin.sum((0, 2)),
+            "logit_z_score": z_score.sum((0, 2))}
+    return sums, float(S.shape[0] * S.shape[2])
+
+
+def distance_moments(pattern: Float[torch.Tensor, "batch head query key"]) -> Float[torch.Tensor, "3 head"]:
+    """``[3, head]``: ``sum A[q, k]``, ``sum A[q, k] (q - k)`` and ``sum A[q, k] (q - k)^2`` over keys ``k >= 1``."""
+    A = pattern.double()[..., 1:].sum(0)  # [head, query, key >= 1]
+    n = pattern.shape[-1]
+    pos = torch.arange(n, device=pattern.device, dtype=torch.float64)
+    distance = (pos[:, None] - pos[None, 1:]).clamp(min=0)  # [query, key >= 1]; A is 0 where k > q
+    return torch.stack([A.sum((1, 2)), (A * distance).sum((1, 2)), (A * distance ** 2).sum((1, 2))])
+
+
+def high_attention_token_mass(pattern: Float[torch.Tensor, "batch head query key"],
+                              token_index: Int[torch.Tensor, "batch pos"],
+                              n_ids: int) -> tuple[Float[torch.Tensor, "head n_ids"],
+                                                   Float[torch.Tensor, "head n_ids"]]:
+    """``(query side, key side)``, each ``[head, n_ids]``: the attention mass of the high-attention pairs
+    (``A[q, k] >= HIGH_ATTENTION``, ``k >= 1``) per token id at the query, and at the key."""
+    A = pattern.float()[..., 1:]
+    high = A * (A >= HIGH_ATTENTION)  # [batch, head, query, key >= 1]
+    n_heads = A.shape[1]
+    by_key = high.sum(2)  # [batch, head, key >= 1]
+    by_query = high[:, :, 1:].sum(3)  # [batch, head, query >= 1]: query 0 sees no key >= 1
+    index = token_index.to(A.device)
+    key_mass = A.new_zeros(n_heads, n_ids).index_add_(1, index[:, 1:].reshape(-1),
+                                                       by_key.permute(1, 0, 2).reshape(n_heads, -1))
+    query_mass = A.new_zeros(n_heads, n_ids).index_add_(1, index[:, 1:].reshape(-1),
+                                                         by_query.permute(1, 0, 2).reshape(n_heads, -1))
+    return query_mass, key_mass
+
+
+def entropy_bits(mass: Float[torch.Tensor, "... n"]) -> Float[torch.Tensor, "..."]:
+    """Entropy in bits of the distribution ``mass / mass.sum(-1)``; NaN where the mass is all zero."""
+    mass = mass.double()
+    total = mass.sum(-1, keepdim=True)
+    p = mass / total.clamp(min=1e-300)
+    entropy = -torch.special.xlogy(p, p).sum(-1) / np.log(2.0)
+    return torch.where(total[..., 0] > 0, entropy, torch.nan)
+
+
 # ---------------------------------------------------------------------------
 # Running the model
 # ---------------------------------------------------------------------------
@@ -203,28 +305,78 @@ def _batches(sequences: Sequence[torch.Tensor], batch_size: int) -> list[torch.T
     return out
 
 
+class _StopPass(Exception):
+    """Raised in the last hook a pass needs: nothing after it is computed."""
+
+
+def run_until(model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: dict[str, Callable[[torch.Tensor], None]],
+              last: str) -> None:
+    """Run ``tokens`` calling ``hooks[name](activation)`` at each named hook, and stop after ``last`` fires."""
+    def fire(activation: torch.Tensor, hook: Any, name: str) -> None:
+        hooks[name](activation.detach())
+        if name == last:
+            raise _StopPass()
+
+    try:
+        run_with_hooks(model, tokens.to(model.cfg.device), [(name, partial(fire, name=name)) for name in hooks],
+                       return_type=None)
+    except _StopPass:
+        pass
+
+
 class _MetricSums:
     """Per-layer sums and query counts of every attention metric, and attention received per token id."""
 
-    def __init__(self, n_layers: int, n_heads: int, seen_ids: torch.Tensor):
+    def __init__(self, model: Any, seen_ids: torch.Tensor, direct_copying: bool = True):
+        n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+        self.n_layers = n_layers
         self.sums = {name: torch.zeros(n_layers, n_heads, dtype=torch.float64) for name in ATTENTION_METRICS}
         self.counts = {name: torch.zeros(n_layers, dtype=torch.float64) for name in ATTENTION_METRICS}
         self.seen_ids = seen_ids
         self.received = torch.zeros(n_layers, n_heads, len(seen_ids), dtype=torch.float32)
+        self.moments = torch.zeros(n_layers, 3, n_heads, dtype=torch.float64)
+        self.high_query = torch.zeros(n_layers, n_heads, len(seen_ids), dtype=torch.float32)
+        self.high_key = torch.zeros(n_layers, n_heads, len(seen_ids), dtype=torch.float32)
+        self.copying = DirectCopyingSums(model) if direct_copying else None
 
     def add_text(self, model: Any, tokens: torch.Tensor) -> None:
         """One hooked pass over a batch of real text: every text metric and the attention received."""
         earlier_same = earlier_occurrences(tokens)
         token_index = torch.searchsorted(self.seen_ids, tokens)
 
-        def on_text(layer: int, pattern: torch.Tensor) -> None:
+        def on_scores(layer: int, scores: torch.Tensor) -> None:
+            layer_sums, n_queries = score_metric_sums(scores)
+            for name, value in layer_sums.items():
+                self.sums[name][layer] += value.cpu()
+                self.counts[name][layer] += n_queries
+
+        def on_pattern(layer: int, pattern: torch.Tensor) -> None:
             layer_sums, layer_counts = text_metric_sums(pattern, tokens, earlier_same)
             for name, value in layer_sums.items():
                 self.sums[name][layer] += value.double().cpu()
                 self.counts[name][layer] += layer_counts[name]
             self.received[layer] += received_attention(pattern, token_index, len(self.seen_ids)).cpu()
+            self.moments[layer] += distance_moments(pattern).cpu()
+            query_mass, key_mass = high_attention_token_mass(pattern, token_index, len(self.seen_ids))
+            self.high_query[layer] += query_mass.cpu()
+            self.high_key[layer] += key_mass.cpu()
+            if self.copying is not None:
+                self.copying.on_pattern(layer, pattern)
 
-        for_each_layer_pattern(model, tokens, on_text)
+        hooks: dict[str, Callable[[torch.Tensor], None]] = {}
+        for layer in range(self.n_layers):
+            hooks[f"blocks.{layer}.attn.hook_attn_scores"] = partial(on_scores, layer)
+            hooks[pattern_hook(layer)] = partial(on_pattern, layer)
+        last = pattern_hook(self.n_layers - 1)
+        if self.copying is not None:
+            self.copying.begin(tokens)
+            for layer in range(self.n_layers):
+                hooks[f"blocks.{layer}.attn.hook_z"] = partial(self.copying.on_z, layer)
+                if self.copying.post[layer] is not None:
+                    hooks[f"blocks.{layer}.ln1_post.hook_scale"] = partial(self.copying.on_post_scale, layer)
+            hooks["ln_final.hook_scale"] = self.copying.on_final_scale
+            last = "ln_final.hook_scale"
+        run_until(model, tokens, hooks, last)
 
     def add_induction(self, model: Any, tokens: torch.Tensor, probe: InductionProbe) -> None:
         """One hooked pass over a batch of the induction probe: the induction stripe."""
@@ -235,11 +387,22 @@ class _MetricSums:
 
         for_each_layer_pattern(model, tokens, on_induction)
 
+    def pair_metrics(self) -> dict[str, np.ndarray]:
+        mass, first, second = self.moments.unbind(1)  # each [layer, head]
+        mean = torch.where(mass > 0, first / mass.clamp(min=1e-300), torch.nan)
+        variance = torch.where(mass > 0, (second / mass.clamp(min=1e-300) - mean ** 2).clamp(min=0), torch.nan)
+        return {"qk_distance": mean.numpy(), "qk_distance_variance": variance.numpy(),
+                "query_token_entropy": entropy_bits(self.high_query).numpy(),
+                "key_token_entropy": entropy_bits(self.high_key).numpy()}
+
     def finish(self, top_k: int, had_text: bool) -> AttentionMetrics:
         values = {}
         for name in ATTENTION_METRICS:
             n = self.counts[name][:, None]
             values[name] = torch.where(n > 0, self.sums[name] / n.clamp(min=1), torch.nan).numpy()
+        values.update(self.pair_metrics())
+        if self.copying is not None:
+            values["direct_copying"] = self.copying.finish()
         k = min(top_k, len(self.seen_ids))
         total_received = self.received.sum(-1, keepdim=True).clamp(min=1e-12)
         shares, index = (self.received / total_received).topk(k, dim=-1)
@@ -252,9 +415,12 @@ class _MetricSums:
 
 
 def attention_metrics(model: Any, text_sequences: Sequence[torch.Tensor], induction: Optional[InductionProbe],
-                      batch_size: int = 16, top_k: int = 10,
+                      batch_size: int = 16, top_k: int = 10, direct_copying: bool = True,
                       progress: Optional[ProgressCallback] = None) -> AttentionMetrics:
     """All attention-pattern metrics for every head, from one hooked pass per batch.
+
+    ``values`` holds :data:`ATTENTION_METRICS`, :data:`PAIR_METRICS` and (with ``direct_copying``)
+    ``direct_copying`` (:mod:`headvis_core.atlas.direct_copying`), each ``[layer, head]``.
 
     Args:
         text_sequences: token tensors ``[pos]`` or ``[batch, pos]`` of real text (BOS first); sequences of
@@ -262,14 +428,13 @@ def attention_metrics(model: Any, text_sequences: Sequence[torch.Tensor], induct
         induction: the repeated-random-token probe, or ``None`` to leave ``induction`` as NaN.
         batch_size: sequences per forward pass (bounds the memory of one layer's pattern).
     """
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     text_batches = _batches(text_sequences, batch_size)
     # Attention received is kept per token id that occurs in the probe, not per vocabulary entry.
     if text_batches:
         seen_ids = torch.unique(torch.cat([b[:, 1:].reshape(-1) for b in text_batches]))
     else:
         seen_ids = torch.zeros(1, dtype=torch.long)
-    metric_sums = _MetricSums(n_layers, n_heads, seen_ids)
+    metric_sums = _MetricSums(model, seen_ids, direct_copying=direct_copying)
     induction_batches = [] if induction is None else _batches([induction.tokens], batch_size)
     total = max(1, len(text_batches) + len(induction_batches))
     for done, tokens in enumerate(text_batches):

@@ -8,6 +8,7 @@ from headvis_core.data.prompt_library import load_all_prompt_sets
 from headvis_core.heads import HeadRef, all_heads
 from headvis_core.lab.positions import induction_key
 from headvis_core.lab.prompt_lab import analyse_prompt
+from headvis_core.limits import check_prompt_memory
 from headvis_core.tokens import token_labels, tokenize_prompt
 from headvis_core.viz.patterns import attention_heatmap
 from headvis_core.viz.prompt_lab import head_grid_picker, pair_figure
@@ -57,6 +58,7 @@ cut = st.checkbox(f"Cut a prompt longer than the context ({info.n_ctx} tokens) i
                   key="lab_cut")
 with ui.user_errors():
     prompt = tokenize_prompt(model, text, truncate=cut)
+    check_prompt_memory(model, prompt.n_tokens)  # every pattern of a long prompt may not fit: refuse first
 if prompt.truncated_from:
     st.warning(f"The prompt was {prompt.truncated_from} tokens long; only its first {prompt.n_tokens} are used.")
 labels = token_labels(prompt.str_tokens)

@@ -5,6 +5,8 @@ import streamlit as st
 import headvis_ui as ui
 from headvis_core.atlas.run import METRIC_COLUMNS, compute_atlas, corpus_files
 from headvis_core.compare.run import compare_atlases
+from headvis_core.data.roots import resolve_app_corpus
+from headvis_core.limits import check_atlas_memory
 from headvis_core.models.loader import load_model
 from headvis_core.models.registry import KNOWN_MODELS
 from headvis_core.store.kinds import ATLAS, atlas_inputs
@@ -28,6 +30,7 @@ def stored_atlas(model_key: str, folder: str | None, n_seqs: int, seq_len: int, 
         progress = ui.progress_bar(f"Atlas of {label}")
     try:
         def compute():
+            check_atlas_memory(_loaded, n_seqs, seq_len)  # refuse before running what cannot fit
             return compute_atlas(_loaded.model, folder=folder, n_seqs=n_seqs, seq_len=seq_len,
                                  model_name=_loaded.info.name, progress=progress)
 
@@ -58,9 +61,10 @@ name_b = typed.strip() if choice == OTHER else choice
 if not name_b:
     st.info("Choose model B (a short name, or 'other' and an HF id or a local checkpoint directory), then Compare.")
     st.stop()
-folder = folder_text.strip() or None
 info = loaded.info
 with ui.user_errors():
+    # A folder from the URL or the text box is read only under the allowed corpus roots.
+    folder = resolve_app_corpus(folder_text, allow_datasets=False) if folder_text.strip() else None
     if folder is not None:
         corpus_files(folder)  # a bad folder fails before the second model loads
     if name_b.lower() == info.name.lower():

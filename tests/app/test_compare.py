@@ -1,3 +1,5 @@
+import pytest
+
 from tests.app import bound_params
 from tests.conftest import app_test
 
@@ -48,10 +50,23 @@ def test_other_checkpoint_directory_that_does_not_exist_is_a_clear_error(tmp_pat
     assert at.error and "not a directory" in at.error[0].value
 
 
-def test_bad_corpus_folder_and_hostile_url_values(tmp_path):
+def test_bad_corpus_folder_and_hostile_url_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADVIS_CORPUS_ROOTS", str(tmp_path))
     at = compare_page(b="tiny-gpt2", corpus=str(tmp_path / "nope")).run()
     assert not at.exception
-    assert at.error and "does not exist" in at.error[0].value
+    assert at.error and "There is no corpus" in at.error[0].value
     at = app_test(PAGE, model="tiny-llama", b="<script>alert(1)</script>", n="1e400", len="-3").run()
     assert not at.exception and not at.error
     assert at.selectbox(key="b").value == ""  # not a known model: the page asks for one
+
+
+@pytest.mark.parametrize("folder", ["/", "/etc", "../../../../etc"])
+def test_a_url_corpus_outside_the_allowed_roots_is_refused_before_anything_loads(folder, tmp_path, monkeypatch):
+    from headvis_core.atlas import run as atlas_run
+
+    monkeypatch.setenv("HEADVIS_CORPUS_ROOTS", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(atlas_run, "compute_atlas", lambda *args, **kwargs: calls.append(1))
+    at = compare_page(b="tiny-gpt2", corpus=folder).run()
+    assert not at.exception and calls == []
+    assert at.error and "allowed corpus roots" in at.error[0].value

@@ -1,3 +1,5 @@
+import pytest
+
 from headvis_core.heads import HeadRef
 from tests.app import bound_params
 from tests.conftest import app_test
@@ -104,3 +106,29 @@ def test_each_head_links_to_the_attribution_of_the_chosen_edge():
     links = [m.value for m in at.markdown if "Edge_attribution?" in m.value]
     assert len(links) == 1
     assert "Edge_attribution?model=tiny-llama&prompt=abcabc&layer=1&head=2&q=5&k=3" in links[0]
+
+
+def test_a_prompt_over_the_memory_cap_is_refused_before_the_model_runs(monkeypatch):
+    from headvis_core.lab import prompt_lab
+
+    calls = []
+    monkeypatch.setattr(prompt_lab, "analyse_prompt", lambda *args, **kwargs: calls.append(1))
+    monkeypatch.setenv("HEADVIS_MEMORY_CAP_GB", "0.01")  # under what this process already holds
+    at = app_test(PAGE, prompt="abcabc", heads="0.0").run()
+    assert not at.exception and calls == []
+    assert "this prompt (7 tokens) needs about" in at.error[0].value.lower()
+    assert "over the limit of" in at.error[0].value and not iframes(at)
+
+
+@pytest.mark.real_model
+def test_an_8192_token_prompt_on_smollm2_is_refused_with_the_estimate(monkeypatch):
+    from headvis_core.lab import prompt_lab
+
+    at = app_test(PAGE, model="smollm2-135m", timeout=300, heads="0.0").run()
+    calls = []
+    monkeypatch.setattr(prompt_lab, "analyse_prompt", lambda *args, **kwargs: calls.append(1))
+    at.checkbox(key="lab_cut").check()  # cut at the context: 8192 tokens
+    at.text_area(key="prompt").set_value(" a" * 9000).run()
+    assert not at.exception and calls == []
+    message = at.error[0].value
+    assert "8192 tokens" in message and "needs about" in message and "attention patterns" in message

@@ -7,6 +7,7 @@ from transformer_lens.head_detector import detect_head
 
 from headvis_core.atlas.metrics import (
     ATTENTION_METRICS,
+    SCORE_METRICS,
     attention_metrics,
     earlier_occurrences,
     for_each_layer_pattern,
@@ -97,11 +98,14 @@ def test_received_attention_adds_up_per_token_id():
     torch.testing.assert_close(fast.double(), slow, rtol=1e-5, atol=1e-6)
 
 
+PATTERN_METRICS = tuple(name for name in ATTENTION_METRICS if name not in SCORE_METRICS)  # scores: own tests
+
+
 def reference_metrics(model, sequences, probe):
     """Full run_with_cache per sequence, then Python loops per head: the naive way."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    sums = {name: np.zeros((n_layers, n_heads)) for name in ATTENTION_METRICS}
-    counts = {name: 0 for name in ATTENTION_METRICS}
+    sums = {name: np.zeros((n_layers, n_heads)) for name in PATTERN_METRICS}
+    counts = {name: 0 for name in PATTERN_METRICS}
     patterns = []  # per sequence: [layer, head, q, k]
     for seq in sequences:
         _, cache = model.run_with_cache(seq)
@@ -119,7 +123,7 @@ def reference_metrics(model, sequences, probe):
             sums["induction"][layer, h] = sum(float(pattern[b, h, p + L + k, p + k + 1])
                                               for b in range(pattern.shape[0]) for k in range(L))
     counts["induction"] = probe.tokens.shape[0] * L
-    return {name: sums[name] / counts[name] for name in ATTENTION_METRICS}, patterns
+    return {name: sums[name] / counts[name] for name in PATTERN_METRICS}, patterns
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
@@ -131,7 +135,7 @@ def test_batched_metrics_equal_full_cache_python_loops(fixture, request):
     probe = induction_probe(model, n_seqs=3, half_len=6, seed=3)
     fast = attention_metrics(model, sequences, probe, batch_size=2)
     slow, patterns = reference_metrics(model, sequences, probe)
-    for name in ATTENTION_METRICS:
+    for name in PATTERN_METRICS:
         np.testing.assert_allclose(fast.values[name], slow[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert fast.values["previous_token"].shape == (model.cfg.n_layers, model.cfg.n_heads)
     # top attended tokens: each head's share of attention (positions >= 1) per token id

@@ -87,6 +87,50 @@ def _check_slots_defined(spec: SweepSpec, template: ParsedTemplate, known: set[s
                          f"such as {undefined[0]}=1000..1999 or {undefined[0]}=a,b,c.")
 
 
+def _slots_used(spec: SweepSpec, defs: dict[str, SlotDef]) -> set[str]:
+    """The slots the template, the answers, greater-than or the positions use, with the slots they need."""
+    used = set(parse_template(spec.template).slot_names)
+    for answer in spec.answers:
+        if answer:
+            used |= set(parse_template(answer, allow_blank=True).slot_names)
+    if spec.greater_than:
+        used.add(spec.greater_than)
+    for position in (spec.query, spec.key, spec.answer_at):
+        if position:
+            name = parse_position(position).name
+            if name:
+                used.add(name)
+    for slot in defs.values():  # a list file's slot is used where any of its fields is
+        if slot.records and used & set(slot.companions()):
+            used.add(slot.name)
+    frontier = list(used)
+    while frontier:  # a derived slot uses its base
+        slot = defs.get(frontier.pop())
+        if slot is not None and slot.base and slot.base not in used:
+            used.add(slot.base)
+            frontier.append(slot.base)
+    return used
+
+
+def check_slots_used(spec: SweepSpec, folder: Path = PROMPTS_DIR) -> None:
+    """Refuse a slot the template, answers and positions never use: it would turn a curve into a grid.
+
+    :func:`expand_values` (so :func:`build_plan`) calls it; the CLI calls it before loading a model.
+    """
+    _refuse_unused_slots(spec, define_slots(spec.slots, folder))
+
+
+def _refuse_unused_slots(spec: SweepSpec, defs: dict[str, SlotDef]) -> None:
+    used = _slots_used(spec, defs)
+    unused = [name for name in defs if name not in used]
+    if unused:
+        many = len(unused) > 1
+        raise InputError(f"Slot{'s' if many else ''} {', '.join(unused)} {'are' if many else 'is'} defined but "
+                         "not used in the template, the answers or the positions; each value would repeat the "
+                         "same prompt (an unused slot turns the sweep into a grid). Remove "
+                         f"{'them' if many else 'it'} or use {{{unused[0]}}} in the template.")
+
+
 def _sweep_axes(defs: dict[str, SlotDef]) -> tuple[list[str], list[str]]:
     """``(swept slots, axes)``: the axes are the swept slots with more than one value (at most two)."""
     swept = [name for name in defs if defs[name].swept]
@@ -126,6 +170,7 @@ def expand_values(spec: SweepSpec, sample: Optional[int] = None, seed: int = 0,
     for clash in set(companions) & set(defs):
         raise InputError(f"Slot {clash!r} is defined twice: by hand and as a field of {companions[clash]!r}'s list.")
     _check_slots_defined(spec, template, set(defs) | set(companions))
+    _refuse_unused_slots(spec, defs)
     order = ordered_slots(defs, list(companions))
     swept, axes = _sweep_axes(defs)
     sizes = [len(defs[name]) for name in swept]

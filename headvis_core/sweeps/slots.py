@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from headvis_core.data.prompt_library import PROMPTS_DIR
+from headvis_core.data.text import read_text_file
 from headvis_core.errors import InputError
 
 MAX_VALUES = 100_000
@@ -37,6 +38,8 @@ SLOT_NAME = r"[A-Za-z_]\w*"
 _RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*(?::\s*(\d+))?\s*$")
 _SLICE = re.compile(rf"^\s*({SLOT_NAME})\s*\[\s*(-?\d*)\s*(:?)\s*(-?\d*)\s*\]\s*$")
 _OFFSET = re.compile(rf"^\s*({SLOT_NAME})\s*([+-])\s*(\d+)\s*$")
+# two dots with no list separator, file or brackets around them: meant as a range (year=a..b, year=1..2:x)
+_LOOKS_LIKE_RANGE = re.compile(r"^[^@,|\[\]]*\.\.[^,|]*$")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ def parse_slot(spec: str, folder: Path = PROMPTS_DIR) -> SlotDef:
     match = _RANGE.match(definition)
     if match:
         return _range_slot(name, definition, *match.groups())
+    refuse_malformed_range(name, definition)
     match = _SLICE.match(definition)
     if match and not definition.strip().startswith("@"):
         base, start, colon, stop = match.groups()
@@ -108,6 +112,17 @@ def parse_slot(spec: str, folder: Path = PROMPTS_DIR) -> SlotDef:
     if any(item == "" for item in items):
         raise InputError(f"Slot {name!r} has an empty value in {definition!r}; remove the extra {separator!r}.")
     return SlotDef(name, "list", definition, values=tuple(items))
+
+
+def refuse_malformed_range(name: str, definition: str) -> None:
+    """Refuse a definition written as a range whose ends are not whole numbers (``year=a..b``).
+
+    It would otherwise be a list of one value, the literal text ``a..b``. A list
+    holding such text (``x=a..b,c``) stays a list.
+    """
+    if _LOOKS_LIKE_RANGE.match(definition) and not _RANGE.match(definition):
+        raise InputError(f"Slot {name}: {definition.strip()!r} is not a range of whole numbers; write "
+                         f"START..STOP[:STEP] with whole numbers, for example {name}=1000..1999:10.")
 
 
 def _range_slot(name: str, definition: str, start_text: str, stop_text: str, step_text: Optional[str]) -> SlotDef:
@@ -131,13 +146,17 @@ def _file_slot(name: str, definition: str, folder: Path) -> SlotDef:
     if path is None or root not in path.resolve().parents:
         known = sorted(p.name for p in root.glob("*") if p.suffix in (".json", ".txt"))
         raise InputError(f"Slot {name}: no list file {stem!r} in prompts/ (there are: {', '.join(known)}).")
+    text, _ = read_text_file(path, f"Slot {name}: the list file {path.name}")  # UTF-8 or Windows-1252
     if path.suffix == ".json":
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"Slot {name}: {path.name} is not valid JSON ({err}).") from None
         items = _json_list(raw, key, name, path.name)
     else:
         if key:
             raise InputError(f"Slot {name}: {path.name} is a plain list; write @{stem} without a key.")
-        items = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+        items = [line.strip() for line in text.splitlines()
                  if line.strip() and not line.lstrip().startswith("#")]
     if not items:
         raise InputError(f"Slot {name}: the list {reference!r} is empty.")
@@ -152,21 +171,29 @@ def _file_slot(name: str, definition: str, folder: Path) -> SlotDef:
     return SlotDef(name, "file", definition, values=tuple(str(item) for item in items))
 
 
+def _json_lists(raw: Any) -> list[str]:
+    """Names of the lists of a JSON list file (top level and under ``"lists"``), for messages."""
+    if not isinstance(raw, dict):
+        return []
+    nested = raw.get("lists") if isinstance(raw.get("lists"), dict) else {}
+    return sorted(k for k, v in {**raw, **nested}.items() if isinstance(v, list))
+
+
 def _json_list(raw: Any, key: str, name: str, filename: str) -> list:
     if not key:
         if isinstance(raw, list):
             return raw
-        lists = sorted(k for k, v in {**raw, **raw.get("lists", {})}.items() if isinstance(v, list))
+        lists = _json_lists(raw)
         raise InputError(f"Slot {name}: say which list of {filename} to use, e.g. @{Path(filename).stem}:"
-                         f"{lists[0] if lists else 'key'} (lists: {', '.join(lists)}).")
-    for scope in (raw, raw.get("lists", {}) if isinstance(raw, dict) else {}):
+                         f"{lists[0] if lists else 'key'} (lists: {', '.join(lists) or 'none'}).")
+    nested = raw.get("lists", {}) if isinstance(raw, dict) else {}
+    for scope in (raw, nested):
         value = scope
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, list):
             return value
-    lists = sorted(k for k, v in {**raw, **raw.get("lists", {})}.items() if isinstance(v, list))
-    raise InputError(f"Slot {name}: {filename} has no list {key!r} (lists: {', '.join(lists)}).")
+    raise InputError(f"Slot {name}: {filename} has no list {key!r} (lists: {', '.join(_json_lists(raw)) or 'none'}).")
 
 
 def derive(slot: SlotDef, base_text: str) -> str:

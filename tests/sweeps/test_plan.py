@@ -3,7 +3,7 @@
 import pytest
 
 from headvis_core.errors import InputError
-from headvis_core.sweeps.plan import SweepSpec, build_plan, expand_values, tokenization_report
+from headvis_core.sweeps.plan import SweepSpec, build_plan, check_slots_used, expand_values, tokenization_report
 from headvis_core.sweeps.presets import preset
 from headvis_core.sweeps.slots import MAX_VALUES
 
@@ -35,6 +35,26 @@ def test_expand_refuses_undefined_and_loops():
         expand_values(SweepSpec("{a} {b} {y}", ("y=1..2", "a=b+1", "b=a+1")))
     with pytest.raises(InputError, match="At most two slots"):
         expand_values(SweepSpec("{a}{b}{c}", ("a=1..2", "b=1..2", "c=1..2")))
+
+
+def test_an_unused_slot_is_refused_in_the_plan_itself(tiny_gpt2):
+    """An extra slot the template never uses would repeat every prompt per value (a grid instead of a curve)."""
+    spec = SweepSpec("In {year} it ended.", ("year=1..3", "noun=war,feud"))
+    with pytest.raises(InputError, match="noun is defined but not used"):
+        check_slots_used(spec)
+    with pytest.raises(InputError, match="noun is defined but not used"):
+        expand_values(spec)
+    with pytest.raises(InputError, match="noun is defined but not used"):
+        build_plan(tiny_gpt2.model, spec)
+    # used by an answer, a position, greater-than, a derived slot or a list file's companion field: all fine
+    check_slots_used(SweepSpec("In {year} it", ("year=1..3", "noun=war,feud"), answers=(" {noun}",)))
+    check_slots_used(SweepSpec("In {year} the {noun}", ("year=1..3", "noun=a,b"), key="noun:first"))
+    check_slots_used(SweepSpec(GREATER_THAN, ("year=1702..1798", "XX=year[:2]", "YY=year[2:]", "noun=war"),
+                               greater_than="YY"))
+    check_slots_used(SweepSpec("{city} in {year}", ("year=1..2", "city=@sweeps:foreign_cities")))
+    check_slots_used(SweepSpec("Visit {country} in {year}", ("year=1..2", "city=@sweeps:foreign_cities")))
+    with pytest.raises(InputError, match="XX, YY are defined but not used"):
+        check_slots_used(SweepSpec("In {year}", ("year=1..3", "XX=year[:2]", "YY=year[2:]")))
 
 
 def test_expand_refuses_too_many_values_and_samples():

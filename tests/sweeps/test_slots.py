@@ -52,7 +52,33 @@ def test_text_list_file_and_folder_escape(tmp_path):
     ("last=1..3", "reserved"),
     ("noun=war,,feud", "empty value"),
     ("year=", "no values"),
+    ("year=a..b", "not a range of whole numbers"),
+    ("year=1000..x", "not a range of whole numbers"),
+    ("year=1..10:x", "not a range of whole numbers"),
 ])
 def test_bad_slot_definitions(spec, message):
     with pytest.raises(InputError, match=message):
         parse_slot(spec)
+
+
+def test_text_like_a_range_inside_a_list_stays_a_list():
+    assert parse_slot("x=a..b,c").values == ("a..b", "c")
+
+
+def test_list_files_are_read_like_any_text_file(tmp_path):
+    """A Latin-1 list file reads as Windows-1252 (as the corpus reader does); binary and broken JSON are refused."""
+    (tmp_path / "cafes.txt").write_bytes("caf\u00e9\ncr\u00e8me\n".encode("latin-1"))
+    (tmp_path / "utf8.txt").write_text("\ufeffna\u00efve\n", encoding="utf-8")  # a BOM is dropped
+    (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    (tmp_path / "broken.json").write_text('{"names": ["a", ')
+    (tmp_path / "number.json").write_text("3")
+    assert parse_slot("c=@cafes.txt", folder=tmp_path).values == ("caf\u00e9", "cr\u00e8me")
+    assert parse_slot("w=@utf8.txt", folder=tmp_path).values == ("na\u00efve",)
+    with pytest.raises(InputError, match="binary"):
+        parse_slot("i=@image.txt", folder=tmp_path)
+    with pytest.raises(InputError, match="not valid JSON"):
+        parse_slot("n=@broken:names", folder=tmp_path)
+    with pytest.raises(InputError, match="say which list"):
+        parse_slot("n=@number", folder=tmp_path)
+    with pytest.raises(InputError, match="no list 'names'"):
+        parse_slot("n=@number:names", folder=tmp_path)

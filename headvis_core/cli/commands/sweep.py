@@ -8,7 +8,6 @@ Example (the year-range test on SmolLM2)::
 """
 
 import argparse
-import re
 
 from headvis_core.cli.main import (
     add_cache_argument,
@@ -22,61 +21,24 @@ from headvis_core.cli.main import (
 )
 from headvis_core.errors import InputError
 
-# a definition that looks like a range (two dots) but whose ends are not whole numbers, e.g. year=a..b
-_NOT_A_RANGE = re.compile(r"^[^@,|\[\]]*\.\.[^,|]*$")
-_WHOLE_RANGE = re.compile(r"^\s*-?\d+\s*\.\.\s*-?\d+\s*(?::\s*\d+)?\s*$")
-
 
 def slot_argument(text: str) -> str:
     """An argparse type for ``--slot NAME=VALUES``: text decoded, and a range of non-numbers refused.
 
-    ``year=a..b`` would otherwise be a list of one value, the literal text ``a..b``.
+    ``year=a..b`` would otherwise be a list of one value, the literal text ``a..b``
+    (:func:`headvis_core.sweeps.slots.refuse_malformed_range`, which the slot parser applies too).
     """
+    from headvis_core.sweeps.slots import refuse_malformed_range
+
     text = text_argument(text)
     name, sep, definition = text.partition("=")
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is not a slot: write NAME=VALUES, for example year=1000..1999")
-    if _NOT_A_RANGE.match(definition) and not _WHOLE_RANGE.match(definition):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: {definition.strip()!r} is not a range of whole numbers; write START..STOP[:STEP] "
-            "with whole numbers, for example year=1000..1999:10")
+    try:
+        refuse_malformed_range(name.strip(), definition)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return text
-
-
-def check_slots_used(spec) -> None:
-    """Refuse a slot the template, answers and positions never use: it would turn a curve into a grid."""
-    from headvis_core.sweeps.positions import parse_position
-    from headvis_core.sweeps.slots import define_slots
-    from headvis_core.sweeps.template import parse_template
-
-    defs = define_slots(spec.slots)
-    used = set(parse_template(spec.template).slot_names)
-    for answer in spec.answers:
-        if answer:
-            used |= set(parse_template(answer, allow_blank=True).slot_names)
-    if spec.greater_than:
-        used.add(spec.greater_than)
-    for position in (spec.query, spec.key):
-        if position:
-            name = parse_position(position).name
-            if name:
-                used.add(name)
-    for slot in defs.values():  # a list file's slot is used where any of its fields is
-        if slot.records and used & set(slot.companions()):
-            used.add(slot.name)
-    frontier = list(used)
-    while frontier:  # a derived slot uses its base
-        slot = defs.get(frontier.pop())
-        if slot is not None and slot.base and slot.base not in used:
-            used.add(slot.base)
-            frontier.append(slot.base)
-    unused = [name for name in defs if name not in used]
-    if unused:
-        names = ", ".join(unused)
-        raise InputError(f"Slot{'s' if len(unused) > 1 else ''} {names} {'are' if len(unused) > 1 else 'is'} "
-                         "defined but not used in the template, the answers or the positions; each value would "
-                         "repeat the same prompt (an unused slot turns the sweep into a grid). Remove "
-                         f"{'them' if len(unused) > 1 else 'it'} or use {{{unused[0]}}} in the template.")
 
 
 def _list_presets() -> int:
@@ -126,8 +88,8 @@ def _run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, "--out")
     figure_path = check_output_file(args.figure, "--figure")
     spec, chosen = _spec_from_args(args)
-    expand_values(spec, sample=args.sample, seed=args.seed)  # bad slots fail before the model loads
-    check_slots_used(spec)
+    # bad, undefined or unused slots (sweeps.plan.check_slots_used) fail before the model loads
+    expand_values(spec, sample=args.sample, seed=args.seed)
     loaded = load_model_from_args(args)
     info = loaded.info
     if args.heads is not None:

@@ -23,7 +23,7 @@ from headvis_core.progress import ProgressCallback, report, scaled
 from headvis_core.store.results import cached
 
 STORE_KIND = "tour_step"
-TOUR_FORMAT = 3  # bump when a step's computation changes, so stored steps are recomputed
+TOUR_FORMAT = 4  # bump when a step's computation changes, so stored steps are recomputed
 
 
 @dataclass

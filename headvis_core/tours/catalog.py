@@ -52,7 +52,7 @@ IOI = Tour("ioi", "Indirect object identification", "'When Mary and John went to
          "total effect from one backward pass; the top ones are then mean-ablated exactly.", f"{WANG}; {NANDA}",
          "ioi:name_movers", {"n_prompts": 8, "candidates": 10, "refine": 10, "atlas_seqs": 16, "atlas_len": 64}),
     Step("s_inhibition", "S-inhibition heads", "Which earlier heads write into the name movers' queries (and those "
-         "of the two heads with the largest direct effect) what makes them avoid the subject: every edge into "
+         "of the three heads with the largest direct effect) what makes them avoid the subject: every edge into "
          "these queries is ranked by attribution patching, the top ones are path-patched exactly.",
          f"{WANG}; {NANDA}", "ioi:s_inhibition", {"n_prompts": 8, "top_edges": 8}),
     Step("feeders", "Induction and duplicate-token heads", "At the repeated name, induction and duplicate-token "
@@ -61,8 +61,9 @@ IOI = Tour("ioi", "Indirect object identification", "'When Mary and John went to
                                                "atlas_len": 64}),
     Step("roles", "Roles next to GPT-2 small's", "The roles found here beside the published circuit of GPT-2 "
          "small, by relative depth.", WANG, "ioi:roles_table", {}),
-    Step("faithfulness", "Faithfulness of the circuit", "Mean-ablate every head outside the found circuit (over the "
-         "ABC prompts) and compare the logit difference with the full model's.", WANG, "ioi:faithfulness",
+    Step("faithfulness", "Faithfulness of the circuit", "Mean-ablate every head outside the found circuit (the roles "
+         "found and the three heads with the largest direct effect; over the ABC prompts) and compare the logit "
+         "difference with the full model's.", WANG, "ioi:faithfulness",
          {"n_prompts": 8}),
 ))
 

@@ -32,6 +32,7 @@ from headvis_core.viz.tours import bar_figure, depth_figure, grouped_bars, head_
 
 MIN_SHARE = 0.05  # path patching: share of the clean - corrupted gap an edge must carry to count
 MAX_ROLE_HEADS = 3
+N_DIRECT = 3  # heads with the largest direct effect, kept in the circuit whatever their attention
 MIN_IO_ATTENTION = 0.1  # attention from the last token to the indirect object that counts as attending to it
 PUBLISHED_MODEL = "gpt2"
 
@@ -189,7 +190,7 @@ def name_movers(model: Any, found: dict, model_name: str = "", n_prompts: int = 
     sentence += (f"Attribution patching ranked all {n_layers * n_heads} heads in {estimate.seconds:.1f} s; mean-"
                  f"ablating its top {refine} exactly, {top.label} lowers the logit difference most, by "
                  f"{top.importance:.2f} (of {exact.clean['logit_diff']:.2f}); estimate vs exact: {fit.summary}.")
-    found = {"name_movers": chosen, "direct_heads": [str(h) for h in heads[:2]], "top_drop_head": str(top.label),
+    found = {"name_movers": chosen, "direct_heads": [str(h) for h in heads[:N_DIRECT]], "top_drop_head": str(top.label),
              "top_drop": float(top.importance),
              "full_logit_diff": float(exact.clean["logit_diff"]), "estimate_spearman": fit.spearman,
              "estimate_top_overlap": fit.top_k_overlap}
@@ -206,7 +207,7 @@ def _patch_table(model: Any, prompts: Any, edges: list[Edge]) -> tuple[pd.DataFr
 
 def s_inhibition(model: Any, found: dict, model_name: str = "", n_prompts: int = 8, seed: int = 0,
                  top_edges: int = 8) -> StepResult:
-    # The name movers' queries, and those of the two heads with the largest direct effect (which on some
+    # The name movers' queries, and those of the heads with the largest direct effect (which on some
     # models write the answer without passing every name-mover test).
     labels = dict.fromkeys(found.get("name_movers", []) + found.get("direct_heads", []))
     receivers = [r for r in (HeadRef.from_label(h) for h in labels) if r.layer > 0]
@@ -241,8 +242,9 @@ def s_inhibition(model: Any, found: dict, model_name: str = "", n_prompts: int =
 
 def induction_duplicate_feeders(model: Any, found: dict, model_name: str = "", n_prompts: int = 8, seed: int = 0,
                                 per_role: int = 3, atlas_seqs: int = 16, atlas_len: int = 64) -> StepResult:
-    receivers = [HeadRef.from_label(h) for h in found.get("s_inhibition", [])] or \
-        [HeadRef.from_label(h) for h in found.get("name_movers", [])]
+    labels = found.get("s_inhibition", []) or list(dict.fromkeys(found.get("name_movers", [])
+                                                                  + found.get("direct_heads", [])))
+    receivers = [HeadRef.from_label(h) for h in labels]
     link = page_link("Circuit_graph", model_name, kinds="v", measure="z", heads=",".join(map(str, receivers)))
     if not receivers:
         return StepResult(sentence="No S-inhibition or name-mover heads to trace back from.", convincing=False,
@@ -284,6 +286,7 @@ def induction_duplicate_feeders(model: Any, found: dict, model_name: str = "", n
 
 ROLE_KEYS = (("name mover", "name_movers"), ("S-inhibition", "s_inhibition"), ("induction", "induction_feeders"),
              ("duplicate token", "duplicate_feeders"))
+CIRCUIT_KEYS = tuple(key for _, key in ROLE_KEYS) + ("direct_heads",)
 
 
 def roles_table(model: Any, found: dict, model_name: str = "") -> StepResult:
@@ -315,7 +318,7 @@ def roles_table(model: Any, found: dict, model_name: str = "") -> StepResult:
 
 
 def faithfulness(model: Any, found: dict, model_name: str = "", n_prompts: int = 8, seed: int = 0) -> StepResult:
-    circuit = sorted({HeadRef.from_label(h) for _, key in ROLE_KEYS for h in found.get(key, [])})
+    circuit = sorted({HeadRef.from_label(h) for key in CIRCUIT_KEYS for h in found.get(key, [])})
     prompts = tour_prompts(model, n_prompts, seed)
     ablation = abc_mean_ablation(model, prompts)
     everything = all_heads(int(model.cfg.n_layers), int(model.cfg.n_heads))

@@ -84,3 +84,26 @@ def test_the_prompt_lab_and_the_ablation_page_keep_their_own_prompts():
     assert not at.exception and at.text_area(key="prompt").value == "abcabc"
     at.switch_page("pages/4_Ablation.py").run()
     assert not at.exception and at.text_area(key="prompt").value == "xyz"
+
+
+def test_home_lists_stored_results_of_the_loaded_model_with_links_that_reopen_them(tmp_path, monkeypatch):
+    from urllib.parse import parse_qs, urlsplit
+
+    monkeypatch.setenv("HEADVIS_STORE_DIR", str(tmp_path / "store"))  # only what this test stores
+    empty = app_test("Home.py", model="tiny-llama").run()
+    assert not empty.exception and any("Nothing stored yet" in c.value for c in empty.caption)
+    ablation = app_test("pages/4_Ablation.py", model="tiny-llama", prompt="abcab abc").run()
+    ablation.button(key="abl_run").click().run()
+    assert not ablation.exception and not ablation.error
+    home = app_test("Home.py", model="tiny-llama").run()
+    assert not home.exception and not home.error
+    links = [m.value for m in home.markdown if m.value.startswith("[kl ranking, computed ")]
+    assert len(links) == 1 and "took " in links[0] and "](Ablation?" in links[0]
+    query = {k: v[0] for k, v in parse_qs(urlsplit(links[0].split("](", 1)[1][:-1]).query).items()}
+    assert query["model"] == "tiny-llama" and query["prompt"] == "abcab abc" and query["mode"] == "kl"
+    reopened = app_test("pages/4_Ablation.py", **query).run()  # following the link: no button pressed
+    assert not reopened.exception and not reopened.error
+    assert any(c.value.startswith("This result: computed at ") and "from the store" in c.value
+               for c in reopened.caption)
+    other = app_test("Home.py", model="tiny-gpt2").run()  # another model: its own (empty) list
+    assert not other.exception and not any(m.value.startswith("[kl ranking") for m in other.markdown)

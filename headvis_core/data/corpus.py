@@ -8,6 +8,11 @@ A corpus is one of:
 * a Hugging Face dataset name (``name``, ``name:config`` or ``name:config:split``),
   streamed, where there is network; offline this fails at once with a clear message.
 
+A folder's subfolders and files that cannot be read (permissions, a file
+that vanished) are skipped and listed in ``skipped``, like binary files. The
+filesystem root and the system folders (``/proc``, ``/sys``, ``/dev``) are
+refused: walking them would take very long and read no text.
+
 Files are read as UTF-8; a file that is not valid UTF-8 but is valid
 Windows-1252 (which covers Latin-1 text, common in old corpora) is read as
 that and counted in ``recoded``. Files that are binary (a NUL byte in the
@@ -41,12 +46,13 @@ DOCUMENT_SEPARATOR = "\n\n"
 
 
 FALLBACK_ENCODING = "cp1252"
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # never a corpus (nor, in the CLI, an output folder)
 
 
 @dataclass(frozen=True)
 class SkippedFile:
     path: str
-    reason: str  # "binary" or "not text in UTF-8 or Windows-1252"
+    reason: str  # "binary", "not text in UTF-8 or Windows-1252" or "unreadable ..." (file or folder)
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,7 @@ def open_corpus(spec: str, text_field: str = "text", hf_split: str = "train") ->
         raise InputError("No corpus given: give a folder of .txt files, a .txt or .jsonl file, "
                          "or a Hugging Face dataset name.")
     path = Path(spec).expanduser()
+    refuse_system_path(spec, path)
     if path.is_dir():
         return _open_folder(spec, path, text_field)
     if path.is_file():
@@ -160,17 +167,57 @@ def open_corpus(spec: str, text_field: str = "text", hf_split: str = "train") ->
     return _open_hf(spec, text_field, hf_split)
 
 
+def is_system_path(path: Path) -> bool:
+    """Whether ``path`` (symbolic links resolved) is the filesystem root or in a system folder."""
+    resolved = path.expanduser().resolve()
+    return resolved == Path(resolved.anchor) or any(resolved == Path(folder) or resolved.is_relative_to(folder)
+                                                    for folder in SYSTEM_FOLDERS)
+
+
+def refuse_system_path(spec: str, path: Path) -> None:
+    """:class:`InputError` for ``/`` and the system folders (and files in them) as a corpus."""
+    if is_system_path(path):
+        raise InputError(f"The corpus {spec!r} is the whole filesystem or a system folder "
+                         f"({', '.join(SYSTEM_FOLDERS)}): give the folder that holds your text files.")
+
+
+def _unreadable(err: OSError, what: str = "") -> str:
+    return f"unreadable{what} ({err.strerror or err})"
+
+
+def _folder_candidates(root: Path, skipped: list[SkippedFile]) -> list[Path]:
+    """Text and JSONL files under ``root`` (hidden names left out), sorted; unreadable subfolders skipped."""
+    def note_unreadable(err: OSError) -> None:
+        where = Path(err.filename) if err.filename else root
+        relative = where.relative_to(root) if where.is_relative_to(root) else where
+        skipped.append(SkippedFile(f"{relative}/", _unreadable(err, " folder")))
+
+    found = []
+    for folder, subfolders, names in os.walk(root, onerror=note_unreadable):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]  # not walked at all
+        found.extend(Path(folder) / name for name in names
+                     if not name.startswith(".") and name.lower().endswith(TEXT_SUFFIXES + JSONL_SUFFIXES))
+    return sorted(found)
+
+
 def _open_folder(spec: str, root: Path, text_field: str) -> Corpus:
-    candidates = sorted(p for p in root.rglob("*")
-                        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
-                        and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    files, skipped, recoded = [], [], []
-    for path in candidates:
-        reason, encoding = _check_file(path)
+    skipped: list[SkippedFile] = []
+    files, recoded, total_bytes = [], [], 0
+    for path in _folder_candidates(root, skipped):
+        relative = str(path.relative_to(root))
+        try:
+            if not path.is_file():  # a dangling link, a folder named like a text file
+                continue
+            reason, encoding = _check_file(path)
+            size = path.stat().st_size
+        except OSError as err:  # permissions, a file removed meanwhile
+            skipped.append(SkippedFile(relative, _unreadable(err)))
+            continue
         if reason:
-            skipped.append(SkippedFile(str(path.relative_to(root)), reason))
-        elif path.stat().st_size > 0:
+            skipped.append(SkippedFile(relative, reason))
+        elif size > 0:
             files.append(path)
+            total_bytes += size
             if encoding == FALLBACK_ENCODING:
                 recoded.append(str(path))
     if not files:
@@ -178,7 +225,7 @@ def _open_folder(spec: str, root: Path, text_field: str) -> Corpus:
                if skipped else "")
         raise InputError(f"The folder {spec!r} holds no readable, non-empty .txt or .jsonl files{why}.")
     return Corpus(spec=spec, kind="folder", files=tuple(files), skipped=tuple(skipped), recoded=tuple(recoded),
-                  total_bytes=sum(p.stat().st_size for p in files), text_field=text_field,
+                  total_bytes=total_bytes, text_field=text_field,
                   fingerprint=_file_fingerprint(files, root) + f":{text_field}")
 
 

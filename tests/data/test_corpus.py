@@ -1,9 +1,12 @@
 import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import headvis_core.data.corpus as corpus_module
 from headvis_core.data.corpus import DOCUMENT_SEPARATOR, encode, iter_window_batches, iter_windows, open_corpus
 from headvis_core.errors import InputError
 
@@ -114,3 +117,57 @@ def test_shared_corpus_opens(corpus_dir):
     corpus = open_corpus(str(corpus_dir / "gutenberg"))
     assert len(corpus.files) == 13 and not corpus.skipped  # README has no .txt suffix
     assert {p.split("/")[-1] for p in corpus.recoded} == {"chesterton-ball.txt", "shakespeare-caesar.txt"}
+
+
+def test_unreadable_subfolders_and_files_are_skipped_with_a_note(folder, monkeypatch):
+    """Permission errors are simulated (the tests may run as root, who reads everything)."""
+    (folder / "locked").mkdir()
+    (folder / "locked" / "secret.txt").write_text("never read")
+    (folder / "locked_file.txt").write_text("never read either")
+    real_scandir, real_looks_binary = os.scandir, corpus_module._looks_binary
+
+    def scandir(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    def looks_binary(path):
+        if path.name == "locked_file.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_looks_binary(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(corpus_module, "_looks_binary", looks_binary)
+    corpus = open_corpus(str(folder))
+    assert [p.name for p in corpus.files] == ["a.txt", "c.jsonl", "latin1.txt", "b.txt"]
+    reasons = {s.path: s.reason for s in corpus.skipped}
+    assert reasons["locked/"] == "unreadable folder (Permission denied)"
+    assert reasons["locked_file.txt"] == "unreadable (Permission denied)"
+    assert "skipped 4 unreadable" in corpus.description
+
+
+def test_an_unreadable_root_folder_is_an_input_error(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("text")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(InputError, match=r"no readable.*\./ is unreadable folder \(Permission denied\)"):
+        open_corpus(str(tmp_path))
+
+
+@pytest.mark.parametrize("spec", ["/", "/proc", "/sys/kernel", "/dev", "/dev/null", "/proc/self/status",
+                                  "/proc/../"])
+def test_the_filesystem_root_and_system_folders_are_refused(spec):
+    with pytest.raises(InputError, match="whole filesystem or a system folder"):
+        open_corpus(spec)
+
+
+def test_a_link_into_a_system_folder_is_refused(tmp_path):
+    (tmp_path / "innocent").symlink_to("/proc")
+    with pytest.raises(InputError, match="system folder"):
+        open_corpus(str(tmp_path / "innocent"))

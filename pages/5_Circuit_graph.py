@@ -19,9 +19,9 @@ from headvis_core.circuits.graph import (
 from headvis_core.circuits.path_patching import path_patch
 from headvis_core.circuits.published_roles import published_roles_for
 from headvis_core.data.prompt_pairs import induction_prompt_pairs, ioi_prompts
-from headvis_core.errors import InputError
+from headvis_core.errors import HeadVisError, InputError
 from headvis_core.heads import parse_heads
-from headvis_core.store import cached
+from headvis_core.store import cached, peek
 from headvis_core.store.kinds import (
     COMPOSITION,
     IO_SCORES,
@@ -181,6 +181,19 @@ if st.button(f"Path-patch {len(candidates)} edge{'s' if len(candidates) != 1 els
     st.session_state[PATCH_STATE] = {"model": ui.model_key(loaded), "table": outcome.table, "outcome": outcome,
                                      "stored": stored_patching}
     st.rerun()
+if candidates and not (patch_state and patch_state["model"] == ui.model_key(loaded)):
+    # A check stored for these settings (an earlier session, a restarted app) shows at once.
+    try:
+        pairs = (ioi_prompts(loaded.model, int(n_prompts)) if prompt_set == "ioi"
+                 else induction_prompt_pairs(loaded.model, int(n_prompts)))
+        found = peek(PATH_PATCHING, loaded, path_patching_inputs(pairs, candidates, direction))
+    except HeadVisError:  # prompts this model cannot make: the button says why
+        found = None
+    if found is not None:
+        patch_state = {"model": ui.model_key(loaded), "table": found.value.table, "outcome": found.value,
+                       "stored": found}
+        st.session_state[PATCH_STATE] = patch_state
+        st.rerun()  # the graph above lays the stored effects over its edges
 if patch_state and patch_state["model"] == ui.model_key(loaded):
     outcome = patch_state["outcome"]
     ui.show_stored(patch_state["stored"], "Path patching")

@@ -178,7 +178,7 @@ def test_composition_scores_come_from_the_store_on_reopening_and_recompute_compu
                for c in reopened.caption)
 
 
-def test_path_patching_asked_again_comes_from_the_store(monkeypatch):
+def test_a_stored_path_patching_check_shows_at_once_in_a_new_session(monkeypatch):
     from headvis_core.circuits import path_patching
 
     calls = []
@@ -188,14 +188,24 @@ def test_path_patching_asked_again_comes_from_the_store(monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(path_patching, "path_patch", counted)
-    for _session in range(2):
-        at = app_test(PAGE, model="tiny-gpt2").run()
+    def setup(at):
         at.selectbox(key="graph_patch_set").set_value("induction")
         at.number_input(key="graph_patch_n").set_value(3)
         at.number_input(key="graph_patch_edges").set_value(2)
-        at.button(key="graph_patch_run").click().run()
-        assert not at.exception and not _errors(at)
-        assert len(at.dataframe[1].value) == 2
-    assert len(calls) <= 1  # 0 where an earlier test stored the same check
-    assert any(c.value.startswith("Path patching: computed at") and "from the store" in c.value for c in at.caption)
+        return at.run()
+
+    monkeypatch.setattr(path_patching, "path_patch", counted)
+    at = setup(app_test(PAGE, model="tiny-gpt2", fold="false").run())
+    at.button(key="graph_patch_run").click().run()
+    assert not at.exception and not _errors(at) and len(calls) == 1
+    patched = at.dataframe[1].value
+    assert len(patched) == 2
+    reopened = setup(app_test(PAGE, model="tiny-gpt2", fold="false").run())  # a new session, no button pressed
+    assert not reopened.exception and not _errors(reopened) and len(calls) == 1
+    pd.testing.assert_frame_equal(reopened.dataframe[1].value, patched)
+    assert any(c.value.startswith("Path patching: computed at") and "from the store" in c.value
+               for c in reopened.caption)
+    other = app_test(PAGE, model="tiny-gpt2", fold="false").run()
+    other.radio(key="graph_patch_direction").set_value("denoising")
+    other = setup(other)  # the other direction: not stored, so nothing is shown
+    assert not other.exception and len(other.dataframe) == 1 and len(calls) == 1

@@ -197,7 +197,6 @@ if mode == "targeted":
         st.caption("Leave the token empty to use each prompt's own alternative (IOI: the subject S).")
 
 
-
 def request():
     """The prompts, the store's inputs for the chosen mode, and the settings kept with the result."""
     prompts = build_prompts()
@@ -221,11 +220,11 @@ def show_stored_result(stored, prompts, settings) -> None:
     ui.remember(STORED_KEY, loaded, stored)
 
 
-def compute_estimate(prompts, ablation, preview):
-    """The estimate of every head, shown at once in ``preview``, then its top heads ablated exactly."""
+def compute_estimate(prompts, ablation, slot):
+    """The estimate of every head, shown at once in ``slot``, then its top heads ablated exactly."""
     estimate = estimate_heads(model, prompts, ablation, metric=metric,
                               progress=ui.progress_bar("Attribution patching: every head at once"))
-    with preview.container():
+    with slot.container():
         st.markdown(f"**Estimate of every head** ({estimate.passes}, {estimate.seconds:.1f} s; {estimate.note}). "
                     f"Now ablating its top {refine} heads exactly...")
         st.plotly_chart(importance_heatmap(estimate, title="Estimated importance (attribution patching)"),
@@ -250,15 +249,15 @@ if run or recompute:
             check_ablation_memory(model, prompts, mode)  # refuse before running what cannot fit
             ablation = make_ablation(model, kind, prompts)
             if mode == "estimate":
-                return compute_estimate(prompts, ablation, preview)
+                return compute_estimate(prompts, ablation, estimate_slot)
             bar = ui.progress_bar("Ablating heads")
             if mode == "kl":
                 return rank_heads_by_ablation(model, prompts, ablation, metric=metric, top_n=10, progress=bar)
             return targeted_search(model, prompts, alternative, ablation, budget=budget, progress=bar)
 
-        preview = st.empty()
+        estimate_slot = st.empty()  # the estimate shows here while its top heads are refined
         stored = cached(STORE_KINDS[mode], loaded, inputs, compute, refresh=recompute, link=page_link())
-        preview.empty()
+        estimate_slot.empty()
         show_stored_result(stored, prompts, settings)
         state[PEEKED] = (STORE_KINDS[mode], inputs_digest(inputs))
 else:

@@ -107,7 +107,9 @@ def run_step(model: Any, tour: Tour, index: int, found: dict[str, Any], model_na
     if use_store:
         inputs = {"format": TOUR_FORMAT, "tour": tour.key, "step": step.key, "function": step.function,
                   "settings": step.settings, "found": found, "model_name": model_name}
-        stored = cached(STORE_KIND, loaded if loaded is not None else model, inputs, compute, refresh=refresh)
+        link = {"page": "pages/9_Tours.py", "query": {"tour": tour.key, "step": str(index + 1)}}
+        stored = cached(STORE_KIND, loaded if loaded is not None else model, inputs, compute, refresh=refresh,
+                        link=link)
         result = stored.value
         result.from_store = stored.from_store
         result.notes = list(result.notes) + list(stored.notes)

@@ -9,6 +9,7 @@ import pytest
 
 from headvis_core.atlas.run import compute_atlas
 from headvis_core.errors import InputError
+from headvis_core.store.results import default_store
 from headvis_core.tours.base import StepResult, run_step, run_tour
 from headvis_core.tours.catalog import TOURS, get_tour
 from headvis_core.tours.export import html_text, notebook_text, write_export
@@ -43,6 +44,8 @@ def test_induction_tour_on_a_random_model_says_it_finds_nothing(tiny_llama):
     # A second visit reads every step from the store, with the same findings.
     again = run_tour(tiny_llama.model, tour, model_name="tiny-llama", loaded=tiny_llama)
     assert all(r.from_store for r in again)
+    links = [e.link for e in default_store().entries(kind="tour_step")]
+    assert {"page": "pages/9_Tours.py", "query": {"tour": "induction", "step": "3"}} in links
     assert [r.sentence for r in again] == [r.sentence for r in results]
     found: dict = {}
     fresh = run_step(tiny_llama.model, tour, 0, found, model_name="tiny-llama", refresh=True)

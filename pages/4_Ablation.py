@@ -356,6 +356,9 @@ elif experiment.mode == "estimate":
     m2.metric(f"Top-{a.top_k} overlap", f"{a.top_k_overlap} of {a.top_k}",
               help="Heads in both the estimate's and the exact top k, among the heads ablated exactly.")
     m3.metric("Heads compared", a.n_heads)
+    if a.n_heads <= a.top_k:
+        st.caption(f"With {a.n_heads} heads refined, the top-{a.top_k} overlap compares the refined heads with "
+                   "themselves; refine more heads than that for an overlap that can tell the rankings apart.")
     left, right = st.columns(2)
     with left:
         fig = importance_heatmap(estimate, title="Estimated importance of every head (attribution patching)")

@@ -280,6 +280,7 @@ def test_the_estimate_mode_shows_every_head_the_refined_ones_and_their_agreement
     rho = refined.agreement.to_dict()["spearman"]
     assert metrics["Spearman (estimate vs exact)"] == ("undefined" if rho is None else f"{rho:.2f}")
     assert metrics["Top-5 overlap"] == f"{refined.agreement.top_k_overlap} of 5"
+    assert any("compares the refined heads with themselves" in c.value for c in at.caption)  # 5 refined <= 10
     assert table["exact"].dropna().tolist() == pytest.approx(refined.table["exact"].dropna().tolist())
     charts = at.get("plotly_chart")
     assert len(charts) == 2  # the estimate's heatmap and estimate against exact

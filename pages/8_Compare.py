@@ -9,7 +9,7 @@ from headvis_core.data.roots import resolve_app_corpus
 from headvis_core.limits import check_atlas_memory
 from headvis_core.models.loader import load_model
 from headvis_core.models.registry import KNOWN_MODELS
-from headvis_core.store.kinds import ATLAS, atlas_inputs
+from headvis_core.store.kinds import ATLAS, atlas_inputs, atlas_link
 from headvis_core.store.results import cached
 from headvis_core.viz.atlas import AXES
 from headvis_core.viz.compare import comparison_report_html, delta_heatmap, depth_figure, pairs_figure, side_by_side
@@ -23,20 +23,19 @@ def second_model(name: str, device: str, dtype: str):
     return load_model(name, device=device, dtype=dtype)
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def stored_atlas(model_key: str, folder: str | None, n_seqs: int, seq_len: int, _loaded, label: str):
-    slot = st.empty()
-    with slot.container():
-        progress = ui.progress_bar(f"Atlas of {label}")
-    try:
-        def compute():
-            check_atlas_memory(_loaded, n_seqs, seq_len)  # refuse before running what cannot fit
-            return compute_atlas(_loaded.model, folder=folder, n_seqs=n_seqs, seq_len=seq_len,
-                                 model_name=_loaded.info.name, progress=progress)
+def stored_atlas(loaded_model, folder: str | None, n_seqs: int, seq_len: int, label: str, refresh: bool):
+    """The model's atlas from the result store (shared with the Head atlas page and the CLI), or computed."""
+    slot, progress = ui.lazy_progress(f"Atlas of {label}")  # drawn only when computing
 
-        return cached(ATLAS, _loaded, atlas_inputs(folder, n_seqs, seq_len, None, 0), compute).value
-    finally:
-        slot.empty()
+    def compute():
+        check_atlas_memory(loaded_model, n_seqs, seq_len)  # refuse before running what cannot fit
+        return compute_atlas(loaded_model.model, folder=folder, n_seqs=n_seqs, seq_len=seq_len,
+                             model_name=loaded_model.info.name, progress=progress)
+
+    stored = cached(ATLAS, loaded_model, atlas_inputs(folder, n_seqs, seq_len, None, 0), compute, refresh=refresh,
+                    link=atlas_link(folder, n_seqs, seq_len))  # Home lists it under its own model
+    slot.empty()
+    return stored
 
 
 loaded = ui.page_setup("Compare models")
@@ -62,6 +61,7 @@ if not name_b:
     st.info("Choose model B (a short name, or 'other' and an HF id or a local checkpoint directory), then Compare.")
     st.stop()
 info = loaded.info
+recompute = ui.recompute_button("compare_recompute")
 with ui.user_errors():
     # A folder from the URL or the text box is read only under the allowed corpus roots.
     folder = resolve_app_corpus(folder_text, allow_datasets=False) if folder_text.strip() else None
@@ -72,8 +72,13 @@ with ui.user_errors():
     else:
         with st.spinner(f"Loading {name_b} (a second model, beside {info.name})..."):
             loaded_b = second_model(name_b, info.device, info.dtype)
-    atlas_a = stored_atlas(ui.model_key(loaded), folder, int(n_seqs), int(seq_len), loaded, f"A: {info.name}")
-    atlas_b = stored_atlas(ui.model_key(loaded_b), folder, int(n_seqs), int(seq_len), loaded_b, f"B: {name_b}")
+    stored_a = stored_atlas(loaded, folder, int(n_seqs), int(seq_len), f"A: {info.name}", recompute)
+    stored_b = stored_atlas(loaded_b, folder, int(n_seqs), int(seq_len), f"B: {name_b}",
+                            recompute and loaded_b is not loaded)
+atlas_a, atlas_b = stored_a.value, stored_b.value
+ui.show_stored(stored_a, f"Atlas of A ({info.name})")
+if loaded_b is not loaded:
+    ui.show_stored(stored_b, f"Atlas of B ({name_b})")
 comparison = compare_atlases(atlas_a, atlas_b, info.name, name_b)
 matching = comparison.matching
 

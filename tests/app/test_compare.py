@@ -70,3 +70,27 @@ def test_a_url_corpus_outside_the_allowed_roots_is_refused_before_anything_loads
     at = compare_page(b="tiny-gpt2", corpus=folder).run()
     assert not at.exception and calls == []
     assert at.error and "allowed corpus roots" in at.error[0].value
+
+
+def test_both_atlases_come_from_the_store_on_reopening_and_recompute_computes_them(tmp_path, monkeypatch):
+    from headvis_core.atlas import run as atlas_run
+
+    monkeypatch.setenv("HEADVIS_STORE_DIR", str(tmp_path / "store"))
+    calls = []
+    real = atlas_run.compute_atlas
+
+    def counted(model, **kwargs):
+        calls.append(kwargs["model_name"])
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(atlas_run, "compute_atlas", counted)
+    at = compare_page(b="tiny-gpt2").run()
+    assert not at.exception and not at.error and sorted(calls) == ["tiny-gpt2", "tiny-llama"]
+    reopened = compare_page(b="tiny-gpt2").run()  # a new session
+    assert not reopened.exception and not reopened.error and len(calls) == 2
+    captions = [c.value for c in reopened.caption if c.value.startswith("Atlas of ")]
+    assert len(captions) == 2 and all("from the store" in c for c in captions)
+    reopened.button(key="compare_recompute").click().run()
+    assert not reopened.exception and len(calls) == 4
+    atlas_page = app_test("pages/1_Head_atlas.py", model="tiny-llama", n=4, len=24).run()  # the same atlas
+    assert not atlas_page.exception and len(calls) == 4

@@ -12,7 +12,7 @@ import headvis_core.scan.run as scan_run
 from headvis_core.data.corpus import iter_windows, open_corpus
 from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.heads import HeadRef
-from headvis_core.hooks import capture, pattern_hook
+from headvis_core.hooks import capture, forward, pattern_hook
 from headvis_core.scan import ScanParams, list_scans, load_scan, run_scan
 from headvis_core.scan.state import ScanState, score_bins
 from headvis_core.scan.store import MANIFEST
@@ -150,6 +150,26 @@ def test_token_averages_and_distance_histogram_match_the_reference(scanned):
             assert list(table.mean_attention) == sorted(table.mean_attention, reverse=True)
         expected = ref["distance"][i] / ref["distance"][i].sum()
         assert result.distance_histogram(head) == pytest.approx(expected, rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
+def test_the_scan_pass_stops_at_the_last_layers_pattern(name, request, text_dir, tmp_path):
+    """No last MLP, final norm or unembedding: the scan needs no logits (a plain forward runs all three)."""
+    loaded = request.getfixturevalue(name)
+    model = loaded.model
+    ran = []
+    parts = {"last MLP": model.blocks[-1].mlp, "final norm": model.ln_final, "unembedding": model.unembed}
+    handles = [module.register_forward_hook(lambda *args, label=label: ran.append(label))
+               for label, module in parts.items()]
+    try:
+        run_scan(loaded, open_corpus(str(text_dir)), ScanParams(window_len=8, max_windows=8), out_dir=tmp_path,
+                 batch_size=4)
+        assert ran == []
+        forward(model, torch.tensor([[1, 2, 3]]))
+        assert sorted(ran) == sorted(parts)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_memory_does_not_grow_with_the_corpus(tiny_llama, text_dir, tmp_path):

@@ -3,7 +3,9 @@
 The corpus is cut into windows of ``window_len`` tokens (BOS put in front
 where the model uses one) and run through the model in batches. A hook on
 each layer's ``hook_pattern`` reduces the ``[batch, head, query, key]``
-pattern at once, so no pattern outlives its layer. For every head it keeps:
+pattern at once, so no pattern outlives its layer, and the pass stops at the
+last layer's pattern (no last MLP, final norm or unembedding: a scan needs no
+logits). For every head it keeps:
 
 * **window score**: each window's maximum attention weight, excluding the
   row and the column of position 0 (the BOS/first token, where heads park
@@ -39,8 +41,9 @@ All state (:mod:`headvis_core.scan.state`) has a fixed size set by the model
 and the parameters, whatever the corpus size. Results live under
 ``results_dir("scans")/<key>`` where the key hashes model + corpus
 fingerprint + parameters (:mod:`headvis_core.scan.store`). Progress is
-checkpointed every ``checkpoint_seconds``; re-running after an interruption
-resumes from the last checkpoint with the same result.
+checkpointed every ``checkpoint_seconds`` and when the scan is interrupted
+(Ctrl-C, a Streamlit rerun, an error): every batch merged so far is saved.
+Re-running resumes from the checkpoint with the same result.
 """
 
 

@@ -199,12 +199,19 @@ def check_atlas_memory(model: Any, n_seqs: int, seq_len: int, n_induction_seqs: 
     (peak RSS of ``atlas --n-seqs 4 --batch-size 4 --n-induction-seqs 4``, 0.55 GiB after loading):
     1.22 GiB at 16 tokens (estimate 1.3), 1.84 GiB at 1024 (estimate 2.0), 2.71 GiB at 2048 (3.8).
     """
-    tokens = min(int(seq_len), ModelDims.of(model).n_ctx)
+    dims = ModelDims.of(model)
+    tokens = min(int(seq_len), dims.n_ctx)
     n_induction = n_induction_seqs or max(4, int(n_seqs) // 4)
     batch = min(int(batch_size), max(int(n_seqs), n_induction))
+    # The HeadVis score metrics reduce one layer's pre-softmax scores in float64 (about four
+    # [batch, head, query, key] temporaries), and the direct copying score holds one float32
+    # [batch, head, query, key] logit table plus the unembedding rows with the final norm's gain
+    # folded in (built in float64, kept in float32).
+    per_layer = batch * dims.n_heads * tokens * tokens * (4 * 8 + 2 * 4)
+    unembedding = dims.d_vocab * dims.d_model * (8 + 4)
     return check_forward(model, batch, tokens, f"the atlas ({batch} sequences of {tokens} tokens per pass)",
-                         logits=False, extra_bytes=weight_bytes(model) * 3 // 2,
-                         extra_label="weight copies", cap_gb=cap_gb)
+                         logits=False, extra_bytes=weight_bytes(model) * 3 // 2 + per_layer + unembedding,
+                         extra_label="weight copies and score temporaries", cap_gb=cap_gb)
 
 
 def check_scan_memory(model: Any, window_len: int, batch_size: int, max_windows: Optional[int] = None,

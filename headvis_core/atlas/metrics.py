@@ -292,7 +292,7 @@ class AttentionMetrics:
     notes: list[str] = field(default_factory=list)
 
 
-def _batches(sequences: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+def length_batches(sequences: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
     """Group ``[1, pos]`` / ``[batch, pos]`` tensors by length and cut them into ``[<=batch_size, pos]`` batches."""
     by_len: dict[int, list[torch.Tensor]] = {}
     for seq in sequences:
@@ -428,14 +428,14 @@ def attention_metrics(model: Any, text_sequences: Sequence[torch.Tensor], induct
         induction: the repeated-random-token probe, or ``None`` to leave ``induction`` as NaN.
         batch_size: sequences per forward pass (bounds the memory of one layer's pattern).
     """
-    text_batches = _batches(text_sequences, batch_size)
+    text_batches = length_batches(text_sequences, batch_size)
     # Attention received is kept per token id that occurs in the probe, not per vocabulary entry.
     if text_batches:
         seen_ids = torch.unique(torch.cat([b[:, 1:].reshape(-1) for b in text_batches]))
     else:
         seen_ids = torch.zeros(1, dtype=torch.long)
     metric_sums = _MetricSums(model, seen_ids, direct_copying=direct_copying)
-    induction_batches = [] if induction is None else _batches([induction.tokens], batch_size)
+    induction_batches = [] if induction is None else length_batches([induction.tokens], batch_size)
     total = max(1, len(text_batches) + len(induction_batches))
     for done, tokens in enumerate(text_batches):
         report(progress, done / total, f"real text: batch {done + 1} of {len(text_batches)}")

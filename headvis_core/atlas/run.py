@@ -22,6 +22,7 @@ import torch
 from headvis_core.atlas.classes import classify_heads
 from headvis_core.atlas.copying import DEFAULT_MAX_VOCAB, copying_scores
 from headvis_core.atlas.metrics import AttentionMetrics, attention_metrics, layer_patterns
+from headvis_core.atlas.retrieval import RetrievalPrompt, load_retrieval_prompts, prompts_that_fit, retrieval_scores
 from headvis_core.data.corpus import TEXT_SUFFIXES, encode, file_encoding, open_corpus
 from headvis_core.data.probes import induction_probe
 from headvis_core.data.prompt_library import load_all_prompt_sets
@@ -60,6 +61,25 @@ METRICS: tuple[MetricInfo, ...] = (
                                            "(position 0 excluded)"),
     MetricInfo("copying", "copying (OV)", "sum / sum of |eigenvalues| of the full OV circuit W_E W_V W_O W_U "
                                           "(Elhage et al. 2021), in [-1, 1]"),
+    MetricInfo("direct_copying", "copying (direct, on text)",
+               "on the probe text, how much the head's output (through the frozen final norm and W_U) raises the "
+               "logit of the token it attends to over the other context tokens, attention-weighted, in logits"),
+    MetricInfo("retrieval", "retrieval", "attention from the last token of a factual prompt to its entity span "
+                                         "(prompts/retrieval.json), mean over prompts"),
+    MetricInfo("logit_std", "logit std", "standard deviation of the pre-softmax scores over the keys a query may "
+                                         "see, mean over queries (HeadVis)"),
+    MetricInfo("top_logit_margin", "top logit margin", "largest minus second-largest pre-softmax score of a "
+                                                       "query, mean over queries (HeadVis)"),
+    MetricInfo("logit_z_score", "logit z-score", "(max - mean) / std of a query's pre-softmax scores, mean over "
+                                                 "queries (HeadVis)"),
+    MetricInfo("qk_distance", "q-k distance", "query position minus key position, mean weighted by attention "
+                                              "mass, position 0 excluded (HeadVis)"),
+    MetricInfo("qk_distance_variance", "q-k distance variance", "variance of q - k weighted by attention mass, "
+                                                                "position 0 excluded (HeadVis)"),
+    MetricInfo("query_token_entropy", "query-token entropy", "entropy (bits) of the query tokens of pairs with "
+                                                             "attention >= 0.3 to a key past position 0 (HeadVis)"),
+    MetricInfo("key_token_entropy", "key-token entropy", "entropy (bits) of the key tokens (past position 0) "
+                                                         "receiving attention >= 0.3 (HeadVis)"),
 )
 METRIC_COLUMNS = tuple(m.column for m in METRICS)
 ATLAS_METRIC_LABELS = {m.column: m.label for m in METRICS}
@@ -254,6 +274,7 @@ def _examples(model: Any, probe: ProbeSet, seed: int) -> dict[str, ExamplePatter
 
 def run_atlas(model: Any, probe: ProbeSet, n_induction_seqs: Optional[int] = None, batch_size: int = 16,
               max_vocab: Optional[int] = DEFAULT_MAX_VOCAB, seed: int = 0, model_name: str = "",
+              retrieval_prompts: Optional[list[RetrievalPrompt]] = None,
               progress: Optional[ProgressCallback] = None) -> AtlasResult:
     """Metrics, behaviours and passport material for every head of ``model`` on ``probe``.
 
@@ -263,6 +284,8 @@ def run_atlas(model: Any, probe: ProbeSet, n_induction_seqs: Optional[int] = Non
             ``(seq_len - 1) // 2`` tokens.
         batch_size: sequences per forward pass.
         max_vocab: vocabulary sample size for the copying score (exact below it).
+        retrieval_prompts: factual prompts with entity spans for the retrieval score (default the curated
+            ``prompts/retrieval.json``).
     """
     started = time.time()
     if not probe.sequences:
@@ -272,8 +295,18 @@ def run_atlas(model: Any, probe: ProbeSet, n_induction_seqs: Optional[int] = Non
     bos = bos_token_id(model) is not None
     half = max(2, (probe.seq_len - bos) // 2)
     induction = induction_probe(model, n_induction, half, seed=seed)
+    retrieval_prompts, too_long = prompts_that_fit(model, retrieval_prompts or load_retrieval_prompts())
     metrics = attention_metrics(model, probe.sequences, induction, batch_size=batch_size,
-                                progress=scaled(progress, 0.0, 0.85))
+                                progress=scaled(progress, 0.0, 0.8))
+    if retrieval_prompts:
+        metrics.values["retrieval"] = retrieval_scores(model, retrieval_prompts, batch_size=batch_size,
+                                                       progress=scaled(progress, 0.8, 0.85))
+    else:
+        metrics.values["retrieval"] = np.full((n_layers, n_heads), np.nan)
+    if too_long:
+        metrics.notes.append(f"{too_long} retrieval prompt{'s were' if too_long > 1 else ' was'} longer than the "
+                             f"model's context of {int(model.cfg.n_ctx)} tokens and left out"
+                             + ("; retrieval scores are undefined (NaN)." if not retrieval_prompts else "."))
     copying = copying_scores(model, max_vocab=max_vocab, seed=seed, progress=scaled(progress, 0.85, 0.93))
     report(progress, 0.94, "examples for the passport cards")
     examples = _examples(model, probe, seed)
@@ -297,6 +330,7 @@ def run_atlas(model: Any, probe: ProbeSet, n_induction_seqs: Optional[int] = Non
     report(progress, 1.0, "done")
     probe_text = (f"{probe.describe()}; induction: {n_induction} sequences of BOS + 2 x {half} random tokens"
                   if bos else f"{probe.describe()}; induction: {n_induction} sequences of 2 x {half} random tokens")
+    probe_text += f"; retrieval: {len(retrieval_prompts)} factual prompts with entity spans"
     return AtlasResult(table=table, model_name=model_name, n_layers=n_layers, n_heads=n_heads, probe=probe_text,
                        notes=notes, top_tokens=_top_tokens(model, metrics), examples=examples,
                        seconds=round(time.time() - started, 2))

@@ -11,8 +11,8 @@ from headvis_core.atlas.classes import (
     rules_table,
 )
 
-QUIET = dict(previous_token=0.05, induction=0.01, duplicate_token=0.05, copying=0.0, local_attention=0.1,
-             attention_sink=0.3)
+QUIET = dict(previous_token=0.05, induction=0.01, duplicate_token=0.05, copying=0.0, direct_copying=0.0,
+             retrieval=0.0, local_attention=0.1, attention_sink=0.3)
 
 
 def table(*rows):
@@ -21,10 +21,10 @@ def table(*rows):
 
 def test_each_behaviour_is_found_by_its_own_score():
     t = classify_heads(table(dict(previous_token=0.9, local_attention=0.95), dict(induction=0.8),
-                             dict(duplicate_token=0.6), dict(copying=0.99), dict(local_attention=0.9),
-                             dict(attention_sink=0.97), {}))
-    assert list(t.behaviour) == ["previous-token", "induction", "duplicate-token", "copying", "local/positional",
-                                 "attention-sink", UNCLASSIFIED]
+                             dict(duplicate_token=0.6), dict(direct_copying=0.4), dict(retrieval=0.6),
+                             dict(local_attention=0.9), dict(attention_sink=0.97), dict(copying=0.99), {}))
+    assert list(t.behaviour) == ["previous-token", "induction", "duplicate-token", "copying", "retrieval",
+                                 "local/positional", "attention-sink", UNCLASSIFIED, UNCLASSIFIED]
     # a previous-token head is local too, but local/positional counts only what is not the previous token
     assert "local/positional" not in t.behaviours[0]
 
@@ -41,7 +41,7 @@ def test_confidence_rule_at_threshold_and_saturation():
 
 
 def test_several_behaviours_and_the_sink_only_when_nothing_else_holds():
-    t = classify_heads(table(dict(induction=0.75, copying=0.95, attention_sink=0.9), dict(attention_sink=0.9)))
+    t = classify_heads(table(dict(induction=0.75, direct_copying=0.35, attention_sink=0.9), dict(attention_sink=0.9)))
     assert t.behaviour[0] == "induction"
     held = [part.split()[0] for part in t.behaviours[0].split(", ")]
     assert set(held) == {"induction", "copying", "attention-sink"}
@@ -58,7 +58,7 @@ def test_unclassified_confidence_says_how_far_below_the_thresholds():
 
 def test_confidences_stay_in_unit_interval_and_grow_with_the_score():
     rng = np.random.default_rng(0)
-    rows = [{name: float(rng.uniform(-1 if name == "copying" else 0, 1)) for name in QUIET} for _ in range(60)]
+    rows = [{name: float(rng.uniform(-1 if "copying" in name else 0, 1)) for name in QUIET} for _ in range(60)]
     rows[0]["duplicate_token"] = np.nan  # no repeated tokens in the probe
     conf = behaviour_confidences(table(*rows))
     assert ((conf >= 0) & (conf <= 1)).all().all()

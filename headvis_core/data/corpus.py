@@ -35,7 +35,6 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from headvis_core.errors import InputError
-from headvis_core.models.loader import hub_reachable
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
@@ -249,6 +248,9 @@ def _open_hf(spec: str, text_field: str, hf_split: str) -> Corpus:
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else hf_split
+    # imported here: the loader brings in torch, which reading local files (and the CLI's checks) never need
+    from headvis_core.models.loader import hub_reachable
+
     if not hub_reachable():
         raise InputError(f"{spec!r} is not a file or folder here, so it was taken as a Hugging Face dataset "
                          "name, which needs the network, and this machine cannot reach the hub. Give a folder "

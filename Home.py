@@ -25,6 +25,14 @@ PAGES = [
     ("pages/9_Tours.py", "Tours", "the induction, IOI and greater-than circuits found live, step by step"),
 ]
 
+
+def settings_text(inputs: dict) -> str:
+    """The short settings of a stored result (numbers, flags, short names), to tell results of a kind apart."""
+    shown = [f"{key} {value}" for key, value in inputs.items()
+             if isinstance(value, (int, float, bool)) or (isinstance(value, str) and 0 < len(value) <= 40)]
+    return ", ".join(shown[:5])
+
+
 loaded = ui.page_setup("HeadVis Workbench", icon=":material/hub:")
 st.markdown(
     "Study what individual attention heads do: their behaviour across a whole data distribution (the "
@@ -57,10 +65,12 @@ if not entries:
                "by the command line) is kept here and reopens at once.")
 for entry in entries:
     when = f"{entry.kind.replace('_', ' ')}, computed {entry.computed_at_text} (took {entry.compute_seconds:.1f} s)"
+    settings = settings_text(entry.inputs)
+    when += f": {settings}" if settings else ""
     if entry.link:
         ui.link_to_page(entry.link["page"], when, {"model": loaded.info.name, **entry.link.get("query", {})})
     else:
-        st.markdown(f"{when} (computed with command-line settings that no page has)")
+        st.text(f"{when} (computed with command-line settings that no page has)")  # plain: no markup
 
 st.subheader("The classic circuits in GPT-2 small")
 st.markdown(

@@ -98,7 +98,7 @@ def test_home_lists_stored_results_of_the_loaded_model_with_links_that_reopen_th
     home = app_test("Home.py", model="tiny-llama").run()
     assert not home.exception and not home.error
     links = [m.value for m in home.markdown if m.value.startswith("[kl ranking, computed ")]
-    assert len(links) == 1 and "took " in links[0] and "](Ablation?" in links[0]
+    assert len(links) == 1 and "took " in links[0] and "metric kl" in links[0] and "](Ablation?" in links[0]
     query = {k: v[0] for k, v in parse_qs(urlsplit(links[0].split("](", 1)[1][:-1]).query).items()}
     assert query["model"] == "tiny-llama" and query["prompt"] == "abcab abc" and query["mode"] == "kl"
     reopened = app_test("pages/4_Ablation.py", **query).run()  # following the link: no button pressed

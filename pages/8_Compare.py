@@ -5,7 +5,7 @@ import streamlit as st
 import headvis_ui as ui
 from headvis_core.atlas.run import METRIC_COLUMNS, compute_atlas, corpus_files
 from headvis_core.compare.run import compare_atlases
-from headvis_core.data.roots import resolve_app_corpus
+from headvis_core.data.roots import allowed_roots, resolve_app_corpus
 from headvis_core.limits import check_atlas_memory
 from headvis_core.models.loader import load_model
 from headvis_core.models.registry import KNOWN_MODELS
@@ -38,6 +38,10 @@ def stored_atlas(loaded_model, folder: str | None, n_seqs: int, seq_len: int, la
     return stored
 
 
+CORPUS_HELP = ("The app reads corpora only under the allowed corpus roots: "
+               + ", ".join(str(root) for root in allowed_roots())
+               + ". A name like gutenberg is looked up under each root; the operator sets the roots with "
+                 "HEADVIS_CORPUS_ROOTS.")
 loaded = ui.page_setup("Compare models")
 st.caption("Model A is the sidebar's model. Both models' head atlases are measured on the same probe text, their "
            "behaviours compared by relative depth, and their heads paired one to one by metric profile. Two "
@@ -51,7 +55,8 @@ with st.form("compare_inputs"):
     typed = cols[1].text_input("Model B: HF id or local directory", key="b_other", bind="query-params",
                                placeholder="/path/to/checkpoint")
     folder_text = cols[2].text_input("Corpus folder (empty: the built-in prompts)", key="corpus",
-                                     bind="query-params", placeholder="/path/to/folder/of/text/files")
+                                     bind="query-params", placeholder="gutenberg, or a folder under an allowed root",
+                                     help=CORPUS_HELP)
     n_seqs = cols[3].number_input("Sequences", 1, 1024, 64, key="n", bind="query-params")
     seq_len = cols[4].number_input("Tokens each", 8, 8192, 128, key="len", bind="query-params")
     st.form_submit_button("Compare")

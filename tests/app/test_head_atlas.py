@@ -179,3 +179,10 @@ def test_an_atlas_too_large_for_memory_is_refused_with_the_estimate(monkeypatch)
     assert not at.exception
     assert calls == []
     assert any("needs about" in e.value and "over the limit of" in e.value for e in at.error)
+
+
+def test_a_corpus_named_under_the_default_roots_is_read(corpus_dir, monkeypatch):
+    monkeypatch.delenv("HEADVIS_CORPUS_ROOTS", raising=False)  # the default roots: ../shared/corpus first
+    at = atlas_page(corpus="gutenberg").run()
+    assert not at.exception and not at.error
+    assert any(f"folder {corpus_dir / 'gutenberg'}" in c.value for c in at.caption)

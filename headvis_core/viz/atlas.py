@@ -16,7 +16,7 @@ AXES = ("layer", "head") + METRIC_COLUMNS
 COLOURS = ("behaviour",) + AXES
 BEHAVIOUR_COLOURS = {
     "induction": "#d62728", "previous-token": "#1f77b4", "duplicate-token": "#9467bd", "copying": "#2ca02c",
-    "local/positional": "#ff7f0e", "attention-sink": "#8c564b", UNCLASSIFIED: "#b0b0b0",
+    "retrieval": "#17becf", "local/positional": "#ff7f0e", "attention-sink": "#8c564b", UNCLASSIFIED: "#b0b0b0",
 }
 
 

@@ -118,10 +118,14 @@ Computed in {result.seconds:.1f} s.</p>{notes}
 <h2>Behaviours</h2>{_table_html(summary_rows, ["behaviour", "heads"])}
 <details><summary>How heads are classified</summary>{_table_html(rule_rows, ["behaviour", "score", "threshold",
 "saturation", "meaning"])}<p>Confidence = (1 + strength) / 2 x (1 + rarity) / 2, strength = how far past the
-threshold towards saturation, rarity = fraction of other heads scoring lower.</p></details>
+threshold towards saturation, rarity = fraction of other heads scoring lower. Each threshold is at least the
+largest score of any head of a baseline model (SmolLM2-135M with every attention weight shuffled), so chance
+structure earns no label.</p></details>
 <details><summary>Metric definitions</summary>{_table_html(metric_rows, ["column", "name", "definition"])}</details>
 <h2>Overview</h2>{_figure(head_scatter(table, "previous_token", "induction"))}
-{_figure(head_scatter(table, "attention_sink", "copying"))}
+{_figure(head_scatter(table, "copying", "direct_copying"))}
+{_figure(head_scatter(table, "retrieval", "direct_copying"))}
+{_figure(head_scatter(table, "logit_z_score", "key_token_entropy"))}
 <h2>Layer breakdown</h2>{_figure(behaviour_counts(table))}{heatmaps}
 <h2>Passport cards</h2><p>Open a card to draw the head's attention pattern.</p>{cards}
 <script type="application/json" id="atlas-patterns">{_json_for_script(_pattern_data(result))}</script>

@@ -207,3 +207,27 @@ def test_folder_probe_set_reads_latin1_files_as_the_corpus_reader_does(tiny_gpt2
     (tmp_path / "latin1.txt").write_bytes("café résumé naïve".encode("cp1252"))
     probe = folder_probe_set(tiny_gpt2.model, tmp_path, n_seqs=1, seq_len=64)
     assert tiny_gpt2.model.tokenizer.decode(probe.sequences[0][0, 1:]) == "café résumé naïve"
+
+
+def test_cli_takes_retrieval_prompts_with_marked_spans(tmp_path, capsys):
+    prompts = tmp_path / "facts.txt"
+    prompts.write_text("The [Louvre] is a museum in\n[Mozart] was born in the city of\n", encoding="utf-8")
+    out = tmp_path / "metrics.csv"
+    status = cli_main(["atlas", "--model", "tiny-gpt2", "--out", str(out), "--n-seqs", "2", "--seq-len", "24",
+                       "--retrieval-prompts", str(prompts), "--no-cache"])
+    assert status == 0
+    table = pd.read_csv(out)
+    assert {"retrieval", "direct_copying", "logit_std", "key_token_entropy", "qk_distance"} <= set(table)
+    assert table.retrieval.notna().all()
+    assert "top retrieval:" in capsys.readouterr().out
+
+
+def test_cli_refuses_a_bad_retrieval_prompt_file_before_loading(tmp_path, capsys):
+    prompts = tmp_path / "facts.txt"
+    prompts.write_text("no span marked here\n", encoding="utf-8")
+    status = cli_main(["atlas", "--model", "tiny-gpt2", "--out", str(tmp_path / "x.csv"),
+                       "--retrieval-prompts", str(prompts)])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "square brackets" in err and "Traceback" not in err
+    assert not (tmp_path / "x.csv").exists()

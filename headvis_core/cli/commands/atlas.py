@@ -32,6 +32,11 @@ def _atlas(args: argparse.Namespace) -> int:
         raise InputError(f"--seq-len {args.seq_len} is too short: use at least {MIN_SEQ_LEN} tokens.")
     out = check_output_file(args.out, "--out")
     report_path = check_output_file(args.report, "--report")
+    retrieval_prompts = None
+    if args.retrieval_prompts is not None:  # a bad prompt file fails before the model loads
+        from headvis_core.atlas.retrieval import load_retrieval_prompts
+
+        retrieval_prompts = load_retrieval_prompts(args.retrieval_prompts)
     if args.corpus is not None:  # a bad folder fails before the model loads
         check_corpus_arg(args.corpus)
         with corpus_read_errors(args.corpus):
@@ -42,11 +47,14 @@ def _atlas(args: argparse.Namespace) -> int:
     def compute():
         return compute_atlas(loaded.model, folder=args.corpus, n_seqs=args.n_seqs, seq_len=args.seq_len,
                              n_induction_seqs=args.n_induction_seqs, batch_size=args.batch_size, seed=args.seed,
-                             model_name=loaded.info.name, progress=tqdm_progress("head atlas"))
+                             model_name=loaded.info.name, retrieval_prompts=retrieval_prompts,
+                             progress=tqdm_progress("head atlas"))
 
     inputs = atlas_inputs(args.corpus, args.n_seqs, args.seq_len, args.n_induction_seqs, args.seed)
+    if retrieval_prompts is not None:  # the user's prompts and spans are part of what the atlas was computed on
+        inputs["retrieval_prompts"] = [[p.text, p.span] for p in retrieval_prompts]
     # the page computes with the default induction set and seed: only then does its URL reopen this atlas
-    page_settings = args.n_induction_seqs is None and args.seed == 0
+    page_settings = args.n_induction_seqs is None and args.seed == 0 and retrieval_prompts is None
     link = atlas_link(args.corpus, args.n_seqs, args.seq_len) if page_settings else None
     stored = cached(ATLAS, loaded, inputs, compute, refresh=args.no_cache, link=link)
     report_stored(stored, "atlas")
@@ -61,7 +69,7 @@ def _atlas(args: argparse.Namespace) -> int:
 
         atomic_write_text(report_path, atlas_report_html(result))
         print(f"report -> {args.report}")
-    for metric in ("induction", "previous_token"):
+    for metric in ("induction", "previous_token", "direct_copying", "retrieval"):
         best = ", ".join(f"{int(r.layer)}.{int(r['head'])} ({r[metric]:.3f})"
                          for _, r in top_heads(result.table, metric).iterrows())
         print(f"top {metric}: {best}")
@@ -83,6 +91,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-induction-seqs", type=positive_int, default=None,
                         help="repeated-random-token sequences for the induction score (default n-seqs / 4)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass (default 16)")
+    parser.add_argument("--retrieval-prompts", metavar="FILE",
+                        help="factual prompts with entity spans for the retrieval score: a text file with one prompt "
+                             "per line and the span in brackets ('The [Eiffel Tower] is located in the city of'), "
+                             "or JSON like prompts/retrieval.json (default: that file)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     add_cache_argument(parser)
     parser.set_defaults(func=_atlas)

@@ -56,9 +56,14 @@ run_tab, open_tab = st.tabs(["Run a scan", f"Open a stored scan ({len(stored)})"
 with run_tab:
     allowed_corpora = list_corpora()  # the app reads corpora only under the operator's allowed roots
     default_corpus = str(allowed_corpora[0]) if allowed_corpora else ""
+    if allowed_corpora:
+        st.selectbox("Allowed corpora", allowed_corpora, index=None, key="ex_corpus_pick", format_func=str,
+                     placeholder="Pick a folder under the allowed corpus roots...",
+                     on_change=lambda: state.update(ex_corpus=str(state.ex_corpus_pick or state.ex_corpus)))
     corpus_spec = st.text_input("Corpus", default_corpus, key="ex_corpus",
-                                help="A folder of .txt files, a .txt or .jsonl file (field 'text'), or a Hugging Face "
-                                     "dataset name (needs the network).")
+                                help="A folder of .txt files or a .txt or .jsonl file (field 'text') under the "
+                                     "allowed corpus roots (set by the operator: HEADVIS_CORPUS_ROOTS), or a "
+                                     "Hugging Face dataset name (needs the network).")
     r1, r2, r3 = st.columns(3)
     window_len = r1.number_input("Tokens per window", 2, min(info.n_ctx - 1, 1024), min(64, info.n_ctx - 1),
                                  key="ex_window")

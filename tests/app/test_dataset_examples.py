@@ -135,3 +135,12 @@ def test_a_scan_over_the_memory_cap_is_refused_before_it_runs(scans_dir, text_di
     assert not at.exception
     assert any("needs about" in e.value and "over the limit of" in e.value for e in at.error)
     assert not scans_dir.exists() or not any(scans_dir.iterdir())
+
+
+def test_picking_an_allowed_corpus_fills_the_corpus_box(text_dir, tmp_path, monkeypatch):
+    (text_dir / "sub").mkdir()
+    at = app_test(PAGE).run()
+    picker = at.selectbox(key="ex_corpus_pick")
+    assert [str(p) for p in picker.options] == [str(text_dir), str(text_dir / "sub")]
+    picker.select_index(1).run()
+    assert not at.exception and at.text_input(key="ex_corpus").value == str(text_dir / "sub")

@@ -4,9 +4,17 @@ This is the only module besides the pages that imports streamlit; all
 analysis lives in :mod:`headvis_core`. A page typically does::
 
     loaded = ui.page_setup("Head atlas")
+    recompute = ui.recompute_button("atlas_recompute")
+    slot, progress = ui.lazy_progress("Head atlas")  # no bar for a stored result
     with ui.user_errors():
-        result = cached_analysis(ui.model_key(loaded), ..., _model=loaded.model)
-    st.plotly_chart(figure(result)); ui.download_table(result.table, "atlas.csv")
+        stored = cached(ATLAS, loaded, atlas_inputs(...), compute, refresh=recompute, link=atlas_link(...))
+    slot.empty()
+    ui.show_stored(stored, "Head atlas")  # when it was computed; the store's notes as warnings
+    st.plotly_chart(figure(stored.value)); ui.download_table(stored.value.table, "atlas.csv")
+
+Results go through the persistent result store (:mod:`headvis_core.store`), so a reopened page,
+URL or restarted app shows them at once; pages whose work runs on a button ``peek`` at the store
+for the form as it stands.
 """
 
 import contextlib

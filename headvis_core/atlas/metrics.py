@@ -15,8 +15,9 @@ sum to 1, ``k <= q``), ``t`` the tokens of that sequence.
 * ``attention_sink``: ``A[q, 0]``, attention to position 0 / BOS (Xiao et al.
   2023, "attention sinks").
 * ``self_attention``: ``A[q, q]``, attention to the current token.
-* ``entropy``: ``-sum_k A[q, k] log A[q, k] / log(q + 1)``, the entropy
-  normalised by its maximum over the ``q + 1`` visible keys (1 = uniform).
+* ``entropy``: ``-sum_k A[q, k] log A[q, k] / log(min(q + 1, W))``, the entropy
+  normalised by its maximum over the keys the query may see (``q + 1``, or the
+  ``W`` of a sliding-window layer; 1 = uniform).
 * ``mean_distance``: ``sum_k A[q, k] (q - k)``, in tokens.
 * ``max_attention_no_bos``: ``max_{1 <= k <= q} A[q, k]``, the strongest
   single attention once the sink at position 0 is set aside (as HeadVis does).
@@ -72,6 +73,7 @@ import torch
 from jaxtyping import Float, Int
 
 from headvis_core.atlas.direct_copying import DirectCopyingSums
+from headvis_core.attribution.edge import sliding_window
 from headvis_core.data.probes import InductionProbe
 from headvis_core.hooks import pattern_hook, run_with_hooks
 from headvis_core.progress import ProgressCallback, report
@@ -96,8 +98,8 @@ def earlier_occurrences(tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.T
 
 
 def text_metric_sums(pattern: Float[torch.Tensor, "batch head query key"], tokens: Int[torch.Tensor, "batch pos"],
-                     earlier_same: Optional[Float[torch.Tensor, "batch query key"]] = None
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                     earlier_same: Optional[Float[torch.Tensor, "batch query key"]] = None,
+                     window: Optional[int] = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Sums over (batch, query >= 1) of each text metric, ``{name: [head]}``, and how many queries each summed.
 
     Args:
@@ -105,6 +107,7 @@ def text_metric_sums(pattern: Float[torch.Tensor, "batch head query key"], token
         tokens: ``[batch, pos]``, the same sequences.
         earlier_same: :func:`earlier_occurrences` of ``tokens`` (computed here if not given; pass it to
             reuse it across layers).
+        window: the layer's sliding window (keys a query may see), or ``None`` for full causal attention.
     """
     A = pattern.float()
     batch, _, n, _ = A.shape
@@ -130,7 +133,8 @@ def text_metric_sums(pattern: Float[torch.Tensor, "batch head query key"], token
     }
     for name, weight in weights.items():
         sums[name] = (summed * weight.to(A.dtype)).sum((1, 2))
-    inv_log_keys = 1.0 / torch.log(pos[1:].to(A.dtype) + 1.0)  # 1 / log(q + 1) for q >= 1
+    visible = (pos[1:] + 1).to(A.dtype)  # keys query q >= 1 may see: q + 1, or the sliding window
+    inv_log_keys = 1.0 / torch.log(visible if window is None else visible.clamp(max=float(window)))
     rows = A[:, :, 1:, :]
     sums["entropy"] = -(torch.special.xlogy(rows, rows).sum(-1) * inv_log_keys).sum((0, 2))
     sums["max_attention_no_bos"] = rows[..., 1:].amax(-1).sum((0, 2))
@@ -351,7 +355,8 @@ class _MetricSums:
                 self.counts[name][layer] += n_queries
 
         def on_pattern(layer: int, pattern: torch.Tensor) -> None:
-            layer_sums, layer_counts = text_metric_sums(pattern, tokens, earlier_same)
+            layer_sums, layer_counts = text_metric_sums(pattern, tokens, earlier_same,
+                                                        window=sliding_window(model, layer))
             for name, value in layer_sums.items():
                 self.sums[name][layer] += value.double().cpu()
                 self.counts[name][layer] += layer_counts[name]

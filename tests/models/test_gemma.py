@@ -44,9 +44,6 @@ def _uniform_gemma3():
 # Atlas
 # ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="atlas.metrics.text_metric_sums normalises entropy by log(q + 1), the "
-                                       "causal key count, not by the keys a sliding window allows "
-                                       "(min(q + 1, window)); fix: pass each layer's window to it")
 def test_atlas_entropy_of_uniform_attention_over_the_allowed_keys_is_one():
     from headvis_core.atlas.metrics import attention_metrics
 

@@ -60,21 +60,39 @@ def ray_available() -> bool:
     return ray is not None
 
 
+class ProgressBoard:
+    """A Ray actor the workers tell how far each shard has got, so the driver can show one bar."""
+
+    def __init__(self) -> None:
+        self.windows: dict[int, int] = {}
+
+    def update(self, shard: int, windows: int) -> None:
+        self.windows[shard] = windows
+
+    def snapshot(self) -> dict[int, int]:
+        return dict(self.windows)
+
+
 class ShardWorker:
     """One Ray actor: a model loaded once, scanning whole shards into partial states."""
 
     def __init__(self, model_name: str, dtype: str, device: Optional[str], corpus: Corpus, params: ScanParams,
-                 threads: int):
+                 threads: int, board: Any = None):
         torch.set_num_threads(threads)
         self.loaded = load_model(model_name, device=device, dtype=dtype)
         self.corpus = corpus
         self.params = params
+        self.board = board
 
     def identity(self) -> dict[str, str]:
         return model_identity(self.loaded)
 
     def scan_shard(self, index: int, batch_size: int) -> tuple[dict[str, np.ndarray], int]:
-        state = scan_shard(self.loaded, self.corpus, self.params, index, batch_size)
+        def tell(windows: int) -> None:
+            if self.board is not None:
+                self.board.update.remote(index, windows)
+
+        state = scan_shard(self.loaded, self.corpus, self.params, index, batch_size, on_batch=tell)
         return state.to_arrays(), state.n_windows
 
 
@@ -137,21 +155,28 @@ def _stored_shards(loaded: LoadedModel, params: ScanParams, folder: Path, first:
     return found
 
 
+def _shards_done(state: ScanState) -> int:
+    """Shards merged into ``state``, which ends at a shard boundary or at the end of the windows."""
+    return -(-state.n_windows // state.params.shard_windows)
+
+
 class _Driver:
     """Submits shards to the actors, stores and merges what comes back, checkpoints the merged state."""
 
     def __init__(self, scan: _ScanRun, actors: list, batch_size: int, stored: dict[int, ScanState],
-                 progress: Optional[ProgressCallback]):
+                 progress: Optional[ProgressCallback], board: Any = None):
         params = scan.params
         self.scan, self.actors, self.batch_size, self.progress = scan, actors, batch_size, progress
         self.pending = stored  # finished shards not merged yet
-        self.merged = scan.state.n_windows // params.shard_windows  # shards in scan.state
+        self.merged = _shards_done(scan.state)  # shards in scan.state
         self.next_shard = self.merged
         self.last = None if n_shards(params) is None else n_shards(params) - 1  # known last shard
         self.in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (shard, actor)
         self.attempts: dict[int, int] = {}
         self.merge_seconds: list[float] = []
         self.consistent = True
+        self.board = board
+        self.shown = 0.0  # the bar never goes back (a retried shard starts again from 0)
 
     def _submit(self, index: int) -> None:
         load = [0] * len(self.actors)
@@ -211,9 +236,10 @@ class _Driver:
         self._merge_ready()
         self._fill()
         while self.in_flight:
-            ready, _ = ray.wait(list(self.in_flight), num_returns=1)
-            self._receive(ready[0])
-            self._fill()
+            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+            if ready:
+                self._receive(ready[0])
+                self._fill()
             self._report()
         if self.pending:
             raise HeadVisError(f"Shards {sorted(self.pending)} finished but shard {self.merged} never did.")
@@ -221,13 +247,16 @@ class _Driver:
     def _report(self) -> None:
         params, done = self.scan.params, self.scan.state.n_windows
         done += sum(s.n_windows for s in self.pending.values())
+        if self.board is not None:  # windows of the shards still running
+            running = {index for index, _ in self.in_flight.values()}
+            done += sum(n for index, n in ray.get(self.board.snapshot.remote()).items() if index in running)
         total = params.max_windows
         if self.last is not None:
             total = min(total or np.inf, (self.last + 1) * params.shard_windows)
         fraction = done / total if total else 0.0
+        self.shown = max(self.shown, min(fraction, 0.99))
         rate = (done - self.scan.resumed_from) * params.window_len / max(time.time() - self.scan.started, 1e-9)
-        report(self.progress, min(fraction, 0.99),
-               f"{done} windows, {rate:.0f} tokens/s, {len(self.actors)} workers")
+        report(self.progress, self.shown, f"{done} windows, {rate:.0f} tokens/s, {len(self.actors)} workers")
 
 
 def _actor_options(ray_module: Any, cpus_per_worker: int) -> dict[str, Any]:
@@ -270,19 +299,21 @@ def run_sharded_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = S
         scan = _ScanRun(loaded, corpus, params, folder, opened, _meta(loaded, corpus, params, key), labels,
                         checkpoint_seconds)
         boundary = -(-scan.state.n_windows // params.shard_windows) * params.shard_windows
+        boundary = min(boundary, params.max_windows or boundary)
         if scan.state.n_windows < boundary:  # a one-process checkpoint inside a shard: finish that shard here
             for _ in scan_windows(loaded, corpus, scan.state, scan.state.n_windows, boundary, batch_size):
                 pass
-            scan.state.end_shard()
-        stored = _stored_shards(loaded, params, folder, scan.state.n_windows // params.shard_windows)
+        scan.state.end_shard()  # the state now ends a shard, or the windows: merge its token summary
+        stored = _stored_shards(loaded, params, folder, _shards_done(scan.state))
         if stored:
             report(progress, 0.0, f"{len(stored)} finished shard(s) found; not redone")
         with ray_session(address, workers * cpus_per_worker) as ray_module:
             remote = ray_module.remote(**_actor_options(ray_module, cpus_per_worker))(ShardWorker)
             device = "cuda" if ray_module.cluster_resources().get("GPU", 0) >= 1 else "cpu"
-            actors = [remote.remote(loaded.info.name, loaded.info.dtype, device, corpus, params, cpus_per_worker)
-                      for _ in range(workers)]
-            driver = _Driver(scan, actors, batch_size, stored, progress)
+            board = ray_module.remote(num_cpus=0)(ProgressBoard).remote()
+            actors = [remote.remote(loaded.info.name, loaded.info.dtype, device, corpus, params, cpus_per_worker,
+                                    board) for _ in range(workers)]
+            driver = _Driver(scan, actors, batch_size, stored, progress, board)
             try:
                 loading = time.perf_counter()
                 for identity in ray_module.get([actor.identity.remote() for actor in actors]):
@@ -296,7 +327,7 @@ def run_sharded_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = S
                 driver.checkpoint()
                 raise
             finally:
-                for actor in actors:
+                for actor in actors + [board]:
                     ray_module.kill(actor)
         scan.meta.update(workers=workers, shards_received=len(driver.merge_seconds),
                          merge_seconds_per_shard=float(np.mean(driver.merge_seconds)) if driver.merge_seconds else 0.0)

@@ -14,7 +14,7 @@ empty; :meth:`ScanState.merge_state` folds partial states together exactly.
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -73,11 +73,16 @@ def scan_windows(loaded: LoadedModel, corpus: Corpus, state: ScanState, start: i
         yield state.n_windows
 
 
-def scan_shard(loaded: LoadedModel, corpus: Corpus, params: ScanParams, index: int, batch_size: int) -> ScanState:
-    """The partial state of shard ``index`` (its token summary merged: ready for ``merge_state``)."""
+def scan_shard(loaded: LoadedModel, corpus: Corpus, params: ScanParams, index: int, batch_size: int,
+               on_batch: Optional[Callable[[int], None]] = None) -> ScanState:
+    """The partial state of shard ``index`` (its token summary merged: ready for ``merge_state``).
+
+    ``on_batch(windows done in the shard)`` is called after every batch (progress).
+    """
     part = shard(index, params)
     state = new_state(loaded, params)
-    for _ in scan_windows(loaded, corpus, state, part.start, part.stop, batch_size):
-        pass
+    for done in scan_windows(loaded, corpus, state, part.start, part.stop, batch_size):
+        if on_batch is not None:
+            on_batch(done)
     state.end_shard()
     return state

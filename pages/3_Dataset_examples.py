@@ -1,5 +1,8 @@
 """Dataset examples: a head's windows across a corpus by decile, its top tokens and attention distances."""
 
+import io
+import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -8,11 +11,20 @@ import streamlit as st
 import headvis_ui as ui
 from headvis_core import scan as scans
 from headvis_core.data.corpus import open_corpus
-from headvis_core.data.roots import list_corpora, resolve_app_corpus
-from headvis_core.errors import CorruptFileError
+from headvis_core.data.roots import check_corpus_path, list_corpora, resolve_app_corpus
+from headvis_core.errors import CorruptFileError, HeadVisError
 from headvis_core.heads import HeadRef
+from headvis_core.headvis_format.custom import add_custom_sequence, delete_custom_sequence, read_custom_sequences
+from headvis_core.headvis_format.export import export_headvis
+from headvis_core.headvis_format.importer import ImportedScan, example_from_record, open_any_scan
+from headvis_core.headvis_format.links import parse_deep_link
 from headvis_core.limits import check_scan_memory
+from headvis_core.projections.clusters import delete_cluster, read_clusters, save_cluster
+from headvis_core.projections.prompt import project_prompt, stored_pairs_table
+from headvis_core.projections.run import ProjectionParams, project_scan
+from headvis_core.projections.store import load_projections
 from headvis_core.scan import store as scan_store
+from headvis_core.viz import projections as projection_figures
 from headvis_core.viz import scan as scan_figures
 from headvis_core.viz.token_view import token_view_html
 
@@ -24,12 +36,20 @@ ui.repair_url(integers=("min_count",))
 
 @st.cache_resource(max_entries=4, show_spinner="Opening the stored scan...")
 def open_scan(folder: str, stamp: tuple) -> scans.ScanResult:
-    return scans.load_scan(Path(folder))  # stamp: the files' sizes and times, so a changed file is checked again
+    # a stored scan or a HeadVis data/ tree
+    return open_any_scan(Path(folder))  # stamp: the files' sizes and times, so a changed file is checked again
+
+
+def headvis_tree(path: str) -> bool:
+    from headvis_core.headvis_format.contract import is_tree
+
+    return is_tree(Path(path).expanduser())
 
 
 def files_stamp(folder: Path) -> tuple:
     try:
-        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()))
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()
+                            if p.is_file()))
     except OSError:
         return ()
 
@@ -99,6 +119,18 @@ with open_tab:
         if partial:
             st.caption(f"{len(partial)} scan(s) are unfinished: run them again with the same settings to resume.")
 
+with open_tab:
+    tree_path = st.text_input("Or open HeadVis data (a data/ folder with config.json)", key="ex_tree",
+                              help="A tree written by export-headvis or by Neuronpedia's HeadVis pipeline, under "
+                                   "the allowed corpus roots; read without a model.")
+    if tree_path and st.button("Open HeadVis data", key="ex_open_tree"):
+        with ui.user_errors():
+            tree = check_corpus_path(tree_path)  # like a corpus: only under the allowed roots
+            if not headvis_tree(str(tree)):
+                raise CorruptFileError(f"{tree_path!r} is not HeadVis data: it needs config.json and a heads/ "
+                                       "folder.")
+            state.ex_scan_folder = str(tree)
+
 if "ex_scan_folder" not in state:
     st.info("Run a scan or open a stored one to see this head's examples.")
     st.stop()
@@ -123,7 +155,15 @@ st.caption(f"{meta['corpus']['description']}; scanned {meta['created']}. A windo
            "weight outside the row and column of position 0; deciles of that score, 10 = highest. Examples per decile "
            "are a random sample; 'Top' holds the exact highest-scoring windows.")
 
-tabs = st.tabs(["Top"] + [f"Decile {b.decile}" for b in buckets])
+link = parse_deep_link(st.query_params.to_dict(), result.n_layers, result.n_heads, len(buckets))
+for note in link.notes:
+    st.caption(note)
+labels = ["Top"] + [f"Decile {b.decile}" for b in buckets]
+opened = f"Decile {link.interval}" if "interval" in st.query_params and not link.custom else "Top"
+tabs = st.tabs(labels, default=opened)
+imported = isinstance(result, ImportedScan)
+same_model = meta["model"]["name"] == info.name and (result.n_layers, result.n_heads) == (info.n_layers,
+                                                                                           info.n_heads)
 
 
 def show_examples(examples, label: str) -> None:
@@ -142,6 +182,27 @@ for tab, bucket in zip(tabs[1:], buckets):
     with tab:
         st.caption(f"{bucket.n_windows} windows with scores {bucket.low:.3f} to {bucket.high:.3f}.")
         show_examples(bucket.examples, f"decile {bucket.decile}")
+with st.expander("Custom sequences for this head", expanded=link.custom):
+    st.caption("Prompts typed for this head, kept with the scan in HeadVis's custom_sequences shape. "
+               f"Link: ?layer={head.layer}&head={head.head}&interval=-1")
+    with ui.user_errors():
+        for seq in read_custom_sequences(folder, head):
+            st.text(f"custom {seq['sequence_id']}: {seq.get('text', ''.join(seq['tokens']))[:200]}")
+            ex = example_from_record(seq, -1)
+            ui.show_html(token_view_html(ex.str_tokens, ex.attention, selected=ex.max_query,
+                                         top_k=ex.attention.keys.shape[1]))
+            if st.button("Delete", key=f"ex_custom_delete_{seq['sequence_id']}"):
+                delete_custom_sequence(folder, head, seq["sequence_id"])
+                st.rerun()
+    custom_text = st.text_area("Add a prompt for this head", key="ex_custom_text")
+    if st.button("Add", key="ex_custom_add", disabled=not same_model,
+                 help=None if same_model else f"Needs {meta['model']['name']} loaded in the sidebar."):
+        try:  # an error here is shown without stopping the page
+            add_custom_sequence(loaded, folder, head, custom_text)
+        except HeadVisError as err:
+            st.error(str(err))
+        else:
+            st.rerun()
 ui.download_table(result.examples_table(head), f"examples_{head}.csv", label="Download examples (CSV)")
 
 st.subheader("Top tokens")
@@ -177,3 +238,65 @@ with st.expander("All heads in this scan"):
     summary = result.head_summary()
     st.dataframe(summary, hide_index=True, width="stretch")
     ui.download_table(summary, "scan_heads.csv", label="Download head summary (CSV)")
+
+with st.expander("Projections of Q, K, V and O at the top pairs (PCA)", expanded=link.tab == "pca"):
+    projections = None if imported else load_projections(folder)
+    if imported:
+        st.caption("Projections need the scan's windows and the model: open a scan made here, not HeadVis data.")
+    elif projections is None:
+        p1, p2 = st.columns(2)
+        n_pairs = p1.number_input("Top pairs per head", 10, 5000, 1000, key="ex_pca_pairs")
+        n_windows = p2.number_input("Windows run again", 1, 1000, 64, key="ex_pca_windows")
+        if st.button("Compute projections", key="ex_pca_run", disabled=not same_model,
+                     help=None if same_model else f"Needs {meta['model']['name']} loaded in the sidebar."):
+            with ui.user_errors():
+                project_scan(loaded, result, ProjectionParams(max_pairs=int(n_pairs), max_windows=int(n_windows)),
+                             progress=ui.progress_bar("Projecting"))
+                st.rerun()
+    else:
+        with ui.user_errors():
+            projection = projections.head(head)
+            table = stored_pairs_table(projection, projections.arrays["window_tokens"], result._strings)
+            v1, v2, v3 = st.columns(3)
+            kind = v1.selectbox("Kind", ["Q", "K", "V", "O"], index=3, key="ex_pca_kind")
+            colour = v2.selectbox("Colour by", projection_figures.COLOR_OPTIONS, key="ex_pca_colour")
+            dims = 3 if v3.checkbox("3-D", key="ex_pca_3d") else 2
+            prompt_text = st.text_input("Project this prompt (its pairs drawn with the saved rotation)",
+                                        key="ex_pca_prompt")
+            overlay = None
+            if prompt_text and same_model:
+                overlay = project_prompt(loaded, projection, prompt_text)
+            fig = projection_figures.projection_figure(table, kind, colour, dims, projection.fits[kind].explained,
+                                                       overlay, title=f"Head {head}: {kind} at its top pairs")
+            event = st.plotly_chart(fig, width="stretch", key="ex_pca_figure", on_select="rerun",
+                                    selection_mode=("box", "lasso"))
+            ui.download_figure(fig, f"pca_{kind}_{head}.html", label="Download projection (HTML)")
+            rows = projection_figures.selected_rows(event.selection if event else None)
+            if rows:
+                cluster_name = st.text_input(f"Name the {len(rows)} selected pairs as a cluster",
+                                             key="ex_cluster_name")
+                if st.button("Save cluster", key="ex_cluster_save"):
+                    try:
+                        save_cluster(folder, head, cluster_name, rows, len(projection.norms))
+                    except HeadVisError as err:
+                        st.error(str(err))
+            for cluster in read_clusters(folder, head):
+                c1, c2 = st.columns([4, 1])
+                c1.text(f"cluster {cluster['name']}: {len(cluster['indices'])} pairs")
+                if c2.button("Delete", key=f"ex_cluster_delete_{cluster['name']}"):
+                    delete_cluster(folder, head, cluster["name"])
+                    st.rerun()
+            ui.download_table(table, f"pca_pairs_{head}.csv", label="Download pairs (CSV)")
+
+with st.expander("Export for the HeadVis frontend"):
+    st.caption("The static data/ tree that HeadVis loads (every head, custom sequences, projections where "
+               "computed), checked against the contract, as a zip.")
+    if st.button("Prepare HeadVis data", key="ex_export", disabled=imported,
+                 help="This is HeadVis data already." if imported else None):
+        with ui.user_errors(), tempfile.TemporaryDirectory() as work:
+            export_headvis(result, Path(work) / "data", progress=ui.progress_bar("Exporting"))
+            archive = shutil.make_archive(str(Path(work) / "headvis-data"), "zip", work, "data")
+            state.ex_export_zip = io.BytesIO(Path(archive).read_bytes()).getvalue()
+    if state.get("ex_export_zip"):
+        st.download_button("Download HeadVis data (zip)", state.ex_export_zip, file_name="headvis-data.zip",
+                           mime="application/zip", key="ex_export_download")

@@ -13,7 +13,7 @@ import pytest
 
 from headvis_core.data.corpus import open_corpus
 from headvis_core.errors import InputError
-from headvis_core.scan import ScanParams, list_scans, run_scan
+from headvis_core.scan import ScanParams, list_scans, load_scan, run_scan
 from headvis_core.scan.distributed import SHARDS_DIR, ray_available, run_sharded_scan
 from tests.scan.test_shards import assert_same_arrays
 
@@ -148,9 +148,12 @@ def test_cli_scan_over_ray_and_its_bad_inputs(cluster, corpus, tmp_path, capsys)
     from headvis_core.cli.main import main
 
     args = ["scan", "--model", "tiny-gpt2", "--corpus", corpus.spec, "--out", str(tmp_path), "--window", "8",
-            "--max-windows", "16", "--shard-windows", "8", "--batch-size", "4"]
+            "--max-windows", "16", "--shard-windows", "8", "--batch-size", "4", "--token-capacity", "16"]
     assert main(args + ["--ray", "auto", "--workers", "2", "--show", "1.2"]) == 0
     out = capsys.readouterr().out
     assert "16 windows (128 tokens)" in out and "head 1.2" in out
+    [stored] = list_scans(tmp_path)
+    result = load_scan(stored.folder)
+    assert result.params.shard_windows == 8 and result.arrays["hh_ids"].shape[1] == 16
     for bad in (["--ray", "auto", "--workers", "0"], ["--shard-windows", "0"]):
         assert main(args + bad) == 2 and bad[-2] in capsys.readouterr().err

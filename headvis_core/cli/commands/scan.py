@@ -51,7 +51,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"skipped {skipped.path}: {skipped.reason}")
     params = ScanParams(window_len=args.window, max_windows=args.max_windows or None,
                         examples_per_decile=args.examples, top_examples=args.top_examples,
-                        top_k_keys=args.top_k, seed=args.seed, shard_windows=args.shard_windows)
+                        top_k_keys=args.top_k, seed=args.seed, shard_windows=args.shard_windows,
+                        token_capacity=args.token_capacity)
     loaded = load_model_from_args(args)
     params.check(loaded.info.n_ctx)
     check_scan_memory(loaded.model, params.window_len, args.batch_size, args.max_windows)
@@ -103,6 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="scan the shards on a Ray cluster: 'auto' (a running one, else a local one) or its "
                              "address; the result equals the one-process scan's (needs pip install ray==2.60.0)")
     parser.add_argument("--workers", type=positive_int, default=2, help="Ray workers with --ray (default 2)")
+    parser.add_argument("--token-capacity", type=positive_int, default=1024,
+                        help="tokens counted exactly per head for the top query/key tokens; beyond it the "
+                             "averages carry an error bound (default 1024)")
     parser.add_argument("--shard-windows", type=positive_int, default=256,
                         help="windows per shard, the unit of work and of resuming (default 256)")
     parser.add_argument("--show", action="append", metavar="LAYER.HEAD",

@@ -107,11 +107,17 @@ def fold_ln1(W_Q: Float[torch.Tensor, "layer head d_model d_head"],
 
 def effective_unembedding(model: Any,
                           token_ids: Optional[torch.Tensor] = None) -> Float[torch.Tensor, "d_model n_tokens"]:
-    """``W_U`` with the final norm's weight folded in (centred over ``d_model`` for LayerNorm), float64."""
+    """``W_U`` with the final norm's gain folded in (centred over ``d_model`` for LayerNorm), float64.
+
+    The gain is the norm's weight, or ``1 + weight`` for Gemma-style RMSNorms (``cfg.rmsnorm_uses_offset``).
+    """
     ln_final = norm_module(model.ln_final)
     W_U = model.W_U.detach()
     W_U = (W_U if token_ids is None else W_U[:, token_ids]).double().cpu()
-    U = norm_weight(ln_final, W_U.shape[0])[:, None] * W_U
+    gain = norm_weight(ln_final, W_U.shape[0])
+    if getattr(model.cfg, "rmsnorm_uses_offset", False):
+        gain = gain + 1.0
+    U = gain[:, None] * W_U
     return U - U.mean(0, keepdim=True) if is_layer_norm(ln_final) else U
 
 

@@ -77,11 +77,9 @@ def test_atlas_runs_on_one_kv_head_and_gives_finite_metrics(tiny_gemma3):
     assert np.isfinite(result.table[[m for m in MAIN_METRICS if m != "duplicate_token"]].to_numpy()).all()
 
 
-@pytest.mark.xfail(strict=True, reason="weights.effective_unembedding (and norm_weight) read the final norm's "
-                                       "weight w, but Gemma's RMSNorm scales by 1 + w (cfg.rmsnorm_uses_offset, "
-                                       "as weights.ln1_gains already handles): on tiny-gemma3, w = 0 makes every "
-                                       "copying score 0; post-attention norm gains are not folded either")
 def test_copying_score_follows_gemmas_one_plus_weight_norms(tiny_gemma3):
+    """The final norm scales by 1 + w (w = 0 at init: a gain of 1, not 0). The reference leaves out the
+    post-attention norm, as the copying score does: its gain is 1 here, but not in a trained Gemma."""
     from headvis_core.atlas.copying import copying_scores, eigenvalue_ratio
 
     model = tiny_gemma3.model

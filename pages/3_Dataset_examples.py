@@ -1,6 +1,5 @@
 """Dataset examples: a head's windows across a corpus by decile, its top tokens and attention distances."""
 
-import io
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from headvis_core.data.corpus import open_corpus
 from headvis_core.data.roots import check_corpus_path, list_corpora, resolve_app_corpus
 from headvis_core.errors import CorruptFileError, HeadVisError
 from headvis_core.heads import HeadRef
+from headvis_core.headvis_format.contract import is_tree
 from headvis_core.headvis_format.custom import add_custom_sequence, delete_custom_sequence, read_custom_sequences
 from headvis_core.headvis_format.export import export_headvis
 from headvis_core.headvis_format.importer import ImportedScan, example_from_record, open_any_scan
@@ -38,12 +38,6 @@ ui.repair_url(integers=("min_count",))
 def open_scan(folder: str, stamp: tuple) -> scans.ScanResult:
     # a stored scan or a HeadVis data/ tree
     return open_any_scan(Path(folder))  # stamp: the files' sizes and times, so a changed file is checked again
-
-
-def headvis_tree(path: str) -> bool:
-    from headvis_core.headvis_format.contract import is_tree
-
-    return is_tree(Path(path).expanduser())
 
 
 def files_stamp(folder: Path) -> tuple:
@@ -126,7 +120,7 @@ with open_tab:
     if tree_path and st.button("Open HeadVis data", key="ex_open_tree"):
         with ui.user_errors():
             tree = check_corpus_path(tree_path)  # like a corpus: only under the allowed roots
-            if not headvis_tree(str(tree)):
+            if not is_tree(tree):
                 raise CorruptFileError(f"{tree_path!r} is not HeadVis data: it needs config.json and a heads/ "
                                        "folder.")
             state.ex_scan_folder = str(tree)
@@ -182,7 +176,7 @@ for tab, bucket in zip(tabs[1:], buckets):
     with tab:
         st.caption(f"{bucket.n_windows} windows with scores {bucket.low:.3f} to {bucket.high:.3f}.")
         show_examples(bucket.examples, f"decile {bucket.decile}")
-with st.expander("Custom sequences for this head", expanded=link.custom):
+with st.expander("Custom sequences for this head", expanded=link.custom or link.tab == "custom"):
     st.caption("Prompts typed for this head, kept with the scan in HeadVis's custom_sequences shape. "
                f"Link: ?layer={head.layer}&head={head.head}&interval=-1")
     with ui.user_errors():
@@ -264,7 +258,9 @@ with st.expander("Projections of Q, K, V and O at the top pairs (PCA)", expanded
             prompt_text = st.text_input("Project this prompt (its pairs drawn with the saved rotation)",
                                         key="ex_pca_prompt")
             overlay = None
-            if prompt_text and same_model:
+            if prompt_text and not same_model:
+                st.caption(f"Projecting a prompt needs {meta['model']['name']} loaded in the sidebar.")
+            elif prompt_text:
                 overlay = project_prompt(loaded, projection, prompt_text)
             fig = projection_figures.projection_figure(table, kind, colour, dims, projection.fits[kind].explained,
                                                        overlay, title=f"Head {head}: {kind} at its top pairs")
@@ -296,7 +292,8 @@ with st.expander("Export for the HeadVis frontend"):
         with ui.user_errors(), tempfile.TemporaryDirectory() as work:
             export_headvis(result, Path(work) / "data", progress=ui.progress_bar("Exporting"))
             archive = shutil.make_archive(str(Path(work) / "headvis-data"), "zip", work, "data")
-            state.ex_export_zip = io.BytesIO(Path(archive).read_bytes()).getvalue()
-    if state.get("ex_export_zip"):
-        st.download_button("Download HeadVis data (zip)", state.ex_export_zip, file_name="headvis-data.zip",
+            state.ex_export_zip = (str(folder), Path(archive).read_bytes())
+    exported = state.get("ex_export_zip")
+    if exported and exported[0] == str(folder):  # the zip of the scan shown, not of one opened before
+        st.download_button("Download HeadVis data (zip)", exported[1], file_name="headvis-data.zip",
                            mime="application/zip", key="ex_export_download")

@@ -65,7 +65,7 @@ def test_custom_sequences_projections_export_and_headvis_data_on_the_page(scans_
     # open the exported tree as HeadVis data
     import io
     import zipfile
-    data = at.session_state["ex_export_zip"]
+    data = at.session_state["ex_export_zip"][1]
     zipfile.ZipFile(io.BytesIO(data)).extractall(tmp_path / "tree")
     at2 = app_test(PAGE, layer=0, head=1, interval="abc").run()
     at2 = at2.text_input(key="ex_tree").set_value(str(tmp_path / "tree" / "data")).run()

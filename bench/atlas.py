@@ -4,9 +4,13 @@ For each model, on the same 64 sequences x 128 tokens of real text (windows
 of ``../shared/corpus/gutenberg``, or the built-in prompts where it is
 absent):
 
-* atlas: ``run_atlas`` — all ten metrics of every head (attention metrics on
-  the text, induction on 16 x (BOS + 2 x 63) repeated random tokens, OV
-  copying from the weights, passport examples), pattern hooks only, batched.
+* atlas: ``run_atlas`` — every metric of every head (attention metrics and
+  HeadVis's pre-softmax score metrics, token entropies and q-k distances on
+  the text, the direct copying score, induction on 16 x (BOS + 2 x 63)
+  repeated random tokens, OV copying from the weights, retrieval on the 24
+  curated factual prompts, passport examples), batched; the detect_head and
+  naive columns compute only the first ten of them, so the ratios understate
+  the atlas's lead.
 * detect_head: ``transformer_lens.head_detector.detect_head`` on the same
   texts, once for each of its three head types (previous-token,
   duplicate-token, induction); it runs one full ``run_with_cache`` per

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import pandas as pd
 import torch
 
-from headvis_core.atlas.classes import RULES, classify_heads
+from headvis_core.atlas.classes import classify_heads, rules_for
 from headvis_core.atlas.run import AtlasResult, ProbeSet, run_atlas
 from headvis_core.progress import ProgressCallback
 
@@ -46,10 +46,10 @@ def baseline_atlas(model: Any, probe: ProbeSet, seed: int = 0,
     return run_atlas(shuffled_heads_copy(model, seed), probe, seed=seed, progress=progress, **kwargs)
 
 
-def baseline_maxima(baseline: pd.DataFrame) -> pd.DataFrame:
+def baseline_maxima(baseline: pd.DataFrame, model_name: str = "") -> pd.DataFrame:
     """Per rule: the baseline's largest score, and the current threshold (is it above every baseline head?)."""
     rows = []
-    for rule in RULES:
+    for rule in rules_for(model_name):
         score = rule.score(baseline)
         rows.append({"behaviour": rule.behaviour, "score": rule.score_label, "baseline max": float(score.max()),
                      "baseline 99th pct": float(score.quantile(0.99)), "threshold": rule.threshold,
@@ -67,9 +67,9 @@ def main(argv: list[str]) -> int:
     probe = build_probe_set(model, folder)
     real = run_atlas(model, probe, model_name=name)
     baseline = baseline_atlas(model, probe)
-    print(baseline_maxima(baseline.table).to_string(index=False))
-    print("classes, model:   ", classify_heads(real.table).behaviour.value_counts().to_dict())
-    print("classes, baseline:", classify_heads(baseline.table).behaviour.value_counts().to_dict())
+    print(baseline_maxima(baseline.table, name).to_string(index=False))
+    print("classes, model:   ", classify_heads(real.table, name).behaviour.value_counts().to_dict())
+    print("classes, baseline:", classify_heads(baseline.table, name).behaviour.value_counts().to_dict())
     return 0
 
 

@@ -82,6 +82,10 @@ METRICS: tuple[MetricInfo, ...] = (
                                                          "receiving attention >= 0.3 (HeadVis)"),
 )
 METRIC_COLUMNS = tuple(m.column for m in METRICS)
+# Metrics on a scale two models share (fractions of attention, normalised entropy, the OV ratio in [-1, 1]);
+# the others count tokens, logits or bits, which depend on the tokenizer and the unembedding.
+COMPARABLE_METRICS = ("previous_token", "induction", "duplicate_token", "attention_sink", "self_attention",
+                      "entropy", "max_attention_no_bos", "local_attention", "copying")
 ATLAS_METRIC_LABELS = {m.column: m.label for m in METRICS}
 MAIN_METRICS = ("previous_token", "induction", "duplicate_token", "copying", "attention_sink", "entropy")
 
@@ -314,7 +318,7 @@ def run_atlas(model: Any, probe: ProbeSet, n_induction_seqs: Optional[int] = Non
     columns = {"layer": layer_index.ravel(), "head": head_index.ravel()}
     for name in METRIC_COLUMNS:
         columns[name] = (copying if name == "copying" else metrics.values[name]).ravel().astype(float)
-    table = classify_heads(pd.DataFrame(columns))
+    table = classify_heads(pd.DataFrame(columns), model_name)
     notes = list(probe.notes) + list(metrics.notes)
     if n_heads * n_layers == 1:
         notes.append("This model has a single attention head: there is nothing to rank it against, so percentiles "

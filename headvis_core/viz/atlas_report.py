@@ -103,7 +103,7 @@ def atlas_report_html(result: AtlasResult, title: str = "") -> str:
     title = title or f"Head atlas: {result.model_name or 'model'}"
     notes = "".join(f"<div class='note'>{html.escape(n)}</div>" for n in result.notes)
     metric_rows = [[m.column, m.label, m.definition] for m in METRICS]
-    rules = rules_table()
+    rules = rules_table(result.model_name)
     rule_rows = [[r.behaviour, r.score, f"{r.threshold:g}", f"{r.saturation:g}", r.meaning] for r in rules.itertuples()]
     summary = table.behaviour.value_counts()
     summary_rows = [[name, int(count)] for name, count in summary.items()]

@@ -80,3 +80,17 @@ def test_rules_table_lists_every_behaviour():
     rules = rules_table()
     assert list(rules.behaviour) == list(BEHAVIOURS)
     assert (rules.threshold < rules.saturation).all()
+
+
+def test_a_model_with_its_own_calibration_gets_its_thresholds():
+    from headvis_core.atlas.classes import MODEL_THRESHOLDS, rules_for
+
+    raised = MODEL_THRESHOLDS["gemma-3-270m"]["retrieval"]
+    default = {r.behaviour: r for r in RULES}["retrieval"].threshold
+    assert raised > default
+    score = (default + raised) / 2  # past the default threshold, short of Gemma's
+    heads = table(dict(retrieval=score), {})
+    assert classify_heads(heads).behaviour[0] == "retrieval"
+    assert classify_heads(heads, "gemma-3-270m").behaviour[0] == UNCLASSIFIED
+    assert all(r.threshold < r.saturation for r in rules_for("gemma-3-270m"))
+    assert rules_table("gemma-3-270m").set_index("behaviour").threshold["retrieval"] == raised

@@ -206,9 +206,9 @@ def check_atlas_memory(model: Any, n_seqs: int, seq_len: int, n_induction_seqs: 
     # The HeadVis score metrics reduce one layer's pre-softmax scores in float64 (about four
     # [batch, head, query, key] temporaries), and the direct copying score holds one float32
     # [batch, head, query, key] logit table plus the unembedding rows with the final norm's gain
-    # folded in (built in float64, kept in float32).
+    # folded in (float32; the bridge's W_U view is a second copy while they are built).
     per_layer = batch * dims.n_heads * tokens * tokens * (4 * 8 + 2 * 4)
-    unembedding = dims.d_vocab * dims.d_model * (8 + 4)
+    unembedding = dims.d_vocab * dims.d_model * 4 * 2
     return check_forward(model, batch, tokens, f"the atlas ({batch} sequences of {tokens} tokens per pass)",
                          logits=False, extra_bytes=weight_bytes(model) * 3 // 2 + per_layer + unembedding,
                          extra_label="weight copies and score temporaries", cap_gb=cap_gb)

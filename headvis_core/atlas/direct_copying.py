@@ -38,12 +38,12 @@ def final_unembedding_rows(model: Any) -> Float[torch.Tensor, "vocab d_model"]:
     """``[vocab, d_model]``: each token's unembedding row with the final norm's gain folded in
     (and centred over ``d_model`` where the final norm is a LayerNorm, which centres its input)."""
     weight, _, centre = norm_parameters(model.ln_final)
-    rows = model.W_U.detach().double().T
+    rows = model.W_U.detach().float().T  # float32: a float64 copy of a 49k-token unembedding is 226 MB
     if weight is not None:
-        rows = rows * weight
+        rows = rows * weight.float()
     if centre:
         rows = rows - rows.mean(-1, keepdim=True)
-    return rows.float()
+    return rows.contiguous()
 
 
 class DirectCopyingSums:

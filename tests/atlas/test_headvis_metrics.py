@@ -208,11 +208,11 @@ def test_smollm2_direct_copying_singles_out_the_layer_23_heads(smollm2):
     from headvis_core.atlas.run import builtin_probe_set
 
     model = smollm2.model
-    probe = builtin_probe_set(model, n_seqs=24, seq_len=64)
-    values = attention_metrics(model, probe.sequences, None, batch_size=8).values
+    probe = builtin_probe_set(model)  # the calibration's probe: every built-in prompt, about 1,700 tokens
+    values = attention_metrics(model, probe.sequences, None, batch_size=16).values
     copying = values["direct_copying"]
-    top = {tuple(int(i) for i in np.unravel_index(index, copying.shape)) for index in np.argsort(copying.ravel())[-5:]}
-    assert (23, 4) in top and len({head for layer, head in top if layer == 23}) >= 3
-    assert copying[23, 4] > 0.2 and np.median(copying) < 0.02
+    top = [tuple(int(i) for i in np.unravel_index(index, copying.shape)) for index in np.argsort(copying.ravel())[-5:]]
+    assert top[-1] == (23, 4) and copying[23, 4] > 0.3
+    assert sum(layer == 23 for layer, _ in top) >= 3 and np.median(copying) < 0.02
     for name in SCORE_METRICS + PAIR_METRICS:
         assert np.isfinite(values[name]).all(), name

@@ -1,10 +1,12 @@
 """Matching heads across two models by their metric profiles.
 
 Each head is a vector of atlas metrics (:data:`MATCH_METRICS`: the metrics
-whose values are comparable across models: fractions of attention in [0, 1],
-normalised entropy, and the OV copying score in [-1, 1]; the mean distance
-is left out because it is counted in tokens, and two tokenizers cut the same
-text into different numbers of tokens). The distance between two heads is the
+whose values are comparable across models and share one scale: fractions of
+attention in [0, 1], normalised entropy, and the OV copying score in [-1, 1].
+Left out: distances counted in tokens (two tokenizers cut the same text into
+different numbers of tokens), pre-softmax score statistics (in logit units,
+which differ between models) and token entropies in bits; on one scale with
+the fractions they would decide the matching alone). The distance between two heads is the
 Euclidean distance between their vectors; an undefined metric (NaN, e.g.
 duplicate-token on text with no repeats) counts as 0 in both models.
 
@@ -30,7 +32,9 @@ from scipy.spatial.distance import cdist
 from headvis_core.atlas.run import METRIC_COLUMNS
 from headvis_core.compare.depth import relative_depth
 
-MATCH_METRICS = tuple(m for m in METRIC_COLUMNS if m != "mean_distance")
+MATCH_METRICS = tuple(m for m in ("previous_token", "induction", "duplicate_token", "attention_sink",
+                                   "self_attention", "entropy", "max_attention_no_bos", "local_attention",
+                                   "retrieval", "copying") if m in METRIC_COLUMNS)
 
 
 @dataclass

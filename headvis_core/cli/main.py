@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
 from headvis_core.cli import commands
+from headvis_core.data.corpus import SYSTEM_FOLDERS, open_corpus
 from headvis_core.errors import HeadVisError, InputError
 from headvis_core.models.registry import DEFAULT_MODEL
 
-SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
 EXIT_USER_ERROR = 2
 
 
@@ -165,18 +165,6 @@ def check_output_dir(raw: Optional[str], option: str = "--out") -> Optional[Path
     return path
 
 
-def check_corpus_arg(spec: Optional[str]) -> None:
-    """Refuse ``/`` and the system folders (``/proc``, ``/sys``, ``/dev``) as a corpus: walking them file by
-    file would take very long (the CLI otherwise reads any folder the user names)."""
-    text = (spec or "").strip()
-    if text:
-        resolved = Path(text).expanduser().resolve()
-        if resolved == Path(resolved.anchor) or any(resolved == Path(f) or resolved.is_relative_to(f)
-                                                    for f in SYSTEM_FOLDERS):
-            raise InputError(f"--corpus {spec!r} is the whole filesystem or a system folder: give the folder "
-                             "that holds your text files.")
-
-
 @contextlib.contextmanager
 def corpus_read_errors(spec: str) -> Iterator[None]:
     """A corpus folder that cannot be read (permissions, a vanished file) is an error message."""
@@ -188,10 +176,7 @@ def corpus_read_errors(spec: str) -> Iterator[None]:
 
 
 def open_corpus_arg(spec: str, text_field: str = "text"):
-    """``open_corpus`` for a corpus the user named, after :func:`check_corpus_arg`."""
-    from headvis_core.data.corpus import open_corpus
-
-    check_corpus_arg(spec)
+    """``open_corpus`` for a corpus the user named (it refuses ``/`` and the system folders itself)."""
     with corpus_read_errors(spec):
         return open_corpus(spec, text_field=text_field)
 

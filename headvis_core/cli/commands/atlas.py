@@ -9,7 +9,6 @@ import argparse
 from headvis_core.cli.main import (
     add_cache_argument,
     add_model_arguments,
-    check_corpus_arg,
     check_output_file,
     corpus_read_errors,
     load_model_from_args,
@@ -38,7 +37,6 @@ def _atlas(args: argparse.Namespace) -> int:
 
         retrieval_prompts = load_retrieval_prompts(args.retrieval_prompts)
     if args.corpus is not None:  # a bad folder fails before the model loads
-        check_corpus_arg(args.corpus)
         with corpus_read_errors(args.corpus):
             corpus_files(args.corpus)
     loaded = load_model_from_args(args)

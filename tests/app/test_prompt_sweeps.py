@@ -109,6 +109,8 @@ def test_selected_head_can_be_added():
     ({"heads": "7.7"}, "out of range"),
     ({"query": "year:first-60"}, "does not exist for 30 of 30 values"),
     ({"template": "x" * 300 + " {year}"}, "longer than the model's context"),
+    ({"slots": "year=a..b"}, "not a range of whole numbers"),
+    ({"slots": "year=1000..1029\nnoun=war,peace"}, "noun is defined but"),
     ({"slots": ""}, "Define at least one slot"),
 ])
 def test_bad_input_shows_clear_errors(change, message):

@@ -40,7 +40,7 @@ from headvis_core.progress import ProgressCallback, report
 from headvis_core.scan import store
 from headvis_core.scan.params import ScanParams
 from headvis_core.scan.result import ScanResult
-from headvis_core.scan.run import _key_lock, _meta, _open_state, _ScanRun, new_state
+from headvis_core.scan.run import _key_lock, _meta, _open_state, _ScanRun, interrupts_deferred, new_state
 from headvis_core.scan.shards import n_shards, scan_shard, scan_windows, shard_batch_size
 from headvis_core.scan.state import ScanState
 from headvis_core.scan.store import model_identity, read_stage, scan_key, write_stage
@@ -218,9 +218,10 @@ class _Driver:
     def _merge_ready(self) -> None:
         while self.merged in self.pending:
             self.consistent = False  # an interruption inside a merge must not save a half-merged state
-            self.scan.state.merge_state(self.pending[self.merged])
-            del self.pending[self.merged]
-            self.merged += 1
+            with interrupts_deferred():  # a Ctrl-C waits for the merge, then the merged state is saved
+                self.scan.state.merge_state(self.pending[self.merged])
+                del self.pending[self.merged]
+                self.merged += 1
             self.consistent = True
         if time.time() - self.scan.last_checkpoint >= self.scan.checkpoint_seconds:
             self.checkpoint()

@@ -256,10 +256,20 @@ def test_gemma_shape_sliding_layers_and_ioi_prediction(gemma3):
     assert int(probs.argmax()) == mary[0]
 
 
-def test_gemma_known_heads_from_the_atlas(gemma3):
-    from headvis_core.atlas.run import compute_atlas, top_heads
+SMALL_ATLAS = dict(n_seqs=16, seq_len=64, max_vocab=4096)
 
-    result = compute_atlas(gemma3.model, n_seqs=16, seq_len=64, max_vocab=4096)
+
+@pytest.fixture(scope="module")
+def gemma_atlas(gemma3):
+    from headvis_core.atlas.run import compute_atlas
+
+    return compute_atlas(gemma3.model, model_name="gemma-3-270m", **SMALL_ATLAS)
+
+
+def test_gemma_known_heads_from_the_atlas(gemma_atlas):
+    from headvis_core.atlas.run import top_heads
+
+    result = gemma_atlas
 
     def top(metric: str, n: int) -> list[str]:
         return [f"{int(r.layer)}.{int(r['head'])}" for _, r in top_heads(result.table, metric, n).iterrows()]
@@ -268,3 +278,15 @@ def test_gemma_known_heads_from_the_atlas(gemma3):
     assert top("previous_token", 2) == ["2.3", "4.1"]
     behaviours = result.table.set_index(["layer", "head"]).behaviour
     assert behaviours[(5, 1)] == "induction" and behaviours[(2, 3)] == "previous-token"
+
+
+def test_smollm2_and_gemma_pair_their_strongest_induction_and_previous_token_heads(smollm2, gemma_atlas):
+    from headvis_core.atlas.run import compute_atlas
+    from headvis_core.compare.run import compare_atlases
+
+    smollm2_atlas = compute_atlas(smollm2.model, model_name="smollm2-135m", **SMALL_ATLAS)
+    comparison = compare_atlases(smollm2_atlas, gemma_atlas, "smollm2-135m", "gemma-3-270m")
+    pairs = comparison.matching.pairs.set_index(["layer_b", "head_b"])
+    assert len(pairs) == 72 and len(comparison.matching.unmatched) == 270 - 72
+    assert pairs.loc[(5, 1), "behaviour_a"] == "induction" and pairs.loc[(5, 1), "induction_a"] > 0.6
+    assert pairs.loc[(2, 3), "previous_token_a"] > 0.3 or pairs.loc[(4, 1), "previous_token_a"] > 0.3

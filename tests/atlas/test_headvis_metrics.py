@@ -112,7 +112,14 @@ def test_pair_metrics_equal_the_per_pair_definitions():
 def test_attn_scores_hook_holds_masked_pre_softmax_scores(fixture, request):
     """What the score metrics read: softmax of hook_attn_scores is hook_pattern, and masked keys are at the
     dtype's minimum (the causal mask everywhere; Gemma 3's sliding window of 8 on layers 0-1 too)."""
-    model = request.getfixturevalue(fixture).model
+    check_pre_softmax_scores(request.getfixturevalue(fixture).model, sliding=fixture == "tiny_gemma3")
+
+
+def test_smollm2_attn_scores_hook_holds_masked_pre_softmax_scores(smollm2):
+    check_pre_softmax_scores(smollm2.model, sliding=False)
+
+
+def check_pre_softmax_scores(model, sliding):
     tokens = torch.randint(1, 200, (2, 20), generator=torch.Generator().manual_seed(0))
     _, cache = model.run_with_cache(tokens)
     pos = torch.arange(20)
@@ -121,7 +128,7 @@ def test_attn_scores_hook_holds_masked_pre_softmax_scores(fixture, request):
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
         torch.testing.assert_close(scores.softmax(-1), pattern, rtol=0, atol=1e-6)
         expected = pos[None, :] <= pos[:, None]
-        if fixture == "tiny_gemma3" and layer < 2:
+        if sliding and layer < 2:
             expected &= pos[:, None] - pos[None, :] < 8
         masked = scores == torch.finfo(scores.dtype).min
         assert torch.equal(~masked, expected.expand_as(masked))

@@ -85,7 +85,7 @@ METRIC_COLUMNS = tuple(m.column for m in METRICS)
 # Metrics on a scale two models share (fractions of attention, normalised entropy, the OV ratio in [-1, 1]);
 # the others count tokens, logits or bits, which depend on the tokenizer and the unembedding.
 COMPARABLE_METRICS = ("previous_token", "induction", "duplicate_token", "attention_sink", "self_attention",
-                      "entropy", "max_attention_no_bos", "local_attention", "copying")
+                      "entropy", "max_attention_no_bos", "local_attention", "retrieval", "copying")
 ATLAS_METRIC_LABELS = {m.column: m.label for m in METRICS}
 MAIN_METRICS = ("previous_token", "induction", "duplicate_token", "copying", "attention_sink", "entropy")
 

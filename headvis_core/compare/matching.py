@@ -29,12 +29,10 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
-from headvis_core.atlas.run import METRIC_COLUMNS
+from headvis_core.atlas.run import COMPARABLE_METRICS
 from headvis_core.compare.depth import relative_depth
 
-MATCH_METRICS = tuple(m for m in ("previous_token", "induction", "duplicate_token", "attention_sink",
-                                   "self_attention", "entropy", "max_attention_no_bos", "local_attention",
-                                   "retrieval", "copying") if m in METRIC_COLUMNS)
+MATCH_METRICS = COMPARABLE_METRICS
 
 
 @dataclass

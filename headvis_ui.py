@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
+from headvis_core.data.roots import allowed_roots
 from headvis_core.errors import HeadVisError, InputError
 from headvis_core.heads import HeadRef
 from headvis_core.models.loader import LoadedModel, load_model
@@ -351,6 +352,19 @@ def download_figure(fig, filename: str, label: str = "Download figure (HTML)") -
     html = fig.to_html(include_plotlyjs=True, full_html=True)
     st.download_button(label, html.encode("utf-8"), file_name=filename, mime="text/html",
                        key=f"download-{filename}")
+
+
+def corpus_roots() -> list[Path]:
+    """The folders the app may read corpora from: ``$HEADVIS_CORPUS_ROOTS``, else the operator's setting
+    ``corpus_roots = ["/data/texts", ...]`` in ``.streamlit/secrets.toml``, else the defaults of
+    :func:`headvis_core.data.roots.allowed_roots`."""
+    try:
+        configured = st.secrets.get("corpus_roots")
+    except Exception:  # no secrets file, or one Streamlit cannot parse: the defaults
+        configured = None
+    if isinstance(configured, str):
+        configured = [configured]
+    return allowed_roots([str(c) for c in configured] if configured else None)
 
 
 def page_url(page_file: str, query: dict[str, Any]) -> str:

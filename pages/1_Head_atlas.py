@@ -7,7 +7,7 @@ import headvis_ui as ui
 from headvis_core.atlas.classes import rules_table
 from headvis_core.atlas.run import METRIC_COLUMNS, METRICS, compute_atlas, passport
 from headvis_core.atlas.selection import opening_head
-from headvis_core.data.roots import allowed_roots, resolve_app_corpus
+from headvis_core.data.roots import resolve_app_corpus
 from headvis_core.heads import HeadRef
 from headvis_core.limits import check_atlas_memory
 from headvis_core.store import cached
@@ -30,7 +30,7 @@ def cached_report(store_key: str, _result) -> bytes:
 
 
 CORPUS_HELP = ("The app reads corpora only under the allowed corpus roots: "
-               + ", ".join(str(root) for root in allowed_roots())
+               + ", ".join(str(root) for root in ui.corpus_roots())
                + ". A name like gutenberg is looked up under each root; the operator sets the roots with "
                  "HEADVIS_CORPUS_ROOTS.")
 loaded = ui.page_setup("Head atlas")
@@ -53,7 +53,7 @@ recompute = ui.recompute_button("atlas_recompute")
 slot, progress = ui.lazy_progress("Head atlas")  # drawn only when computing, not for a stored atlas
 with ui.user_errors():
     # A folder from the URL or the text box is read only under the allowed corpus roots.
-    folder = resolve_app_corpus(folder_text, allow_datasets=False) if folder_text.strip() else None
+    folder = resolve_app_corpus(folder_text, ui.corpus_roots(), allow_datasets=False) if folder_text.strip() else None
 
     def compute():
         check_atlas_memory(loaded, int(n_seqs), int(seq_len))  # refuse before running what cannot fit

@@ -68,7 +68,7 @@ if url_scan and "ex_scan_folder" not in state:
 
 run_tab, open_tab = st.tabs(["Run a scan", f"Open a stored scan ({len(stored)})"])
 with run_tab:
-    allowed_corpora = list_corpora()  # the app reads corpora only under the operator's allowed roots
+    allowed_corpora = list_corpora(ui.corpus_roots())  # the app reads corpora only under the operator's allowed roots
     default_corpus = str(allowed_corpora[0]) if allowed_corpora else ""
     if allowed_corpora:
         st.selectbox("Allowed corpora", allowed_corpora, index=None, key="ex_corpus_pick", format_func=str,
@@ -87,7 +87,8 @@ with run_tab:
     per_decile = r3.number_input("Examples per decile", 1, 20, 4, key="ex_per_decile")
     if st.button("Run scan", type="primary", key="ex_run"):
         with ui.user_errors():
-            corpus = open_corpus(resolve_app_corpus(corpus_spec))  # a path outside the allowed roots: refused
+            # a path outside the allowed roots is refused
+            corpus = open_corpus(resolve_app_corpus(corpus_spec, ui.corpus_roots()))
             for skipped in corpus.skipped:
                 st.warning(f"Skipped {skipped.path}: {skipped.reason}.")
             if corpus.recoded:
@@ -119,7 +120,7 @@ with open_tab:
                                    "the allowed corpus roots; read without a model.")
     if tree_path and st.button("Open HeadVis data", key="ex_open_tree"):
         with ui.user_errors():
-            tree = check_corpus_path(tree_path)  # like a corpus: only under the allowed roots
+            tree = check_corpus_path(tree_path, ui.corpus_roots())  # like a corpus: only under the allowed roots
             if not is_tree(tree):
                 raise CorruptFileError(f"{tree_path!r} is not HeadVis data: it needs config.json and a heads/ "
                                        "folder.")

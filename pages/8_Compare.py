@@ -5,7 +5,7 @@ import streamlit as st
 import headvis_ui as ui
 from headvis_core.atlas.run import METRIC_COLUMNS, compute_atlas, corpus_files
 from headvis_core.compare.run import compare_atlases
-from headvis_core.data.roots import allowed_roots, resolve_app_corpus
+from headvis_core.data.roots import resolve_app_corpus
 from headvis_core.limits import check_atlas_memory
 from headvis_core.models.loader import load_model
 from headvis_core.models.registry import KNOWN_MODELS
@@ -39,7 +39,7 @@ def stored_atlas(loaded_model, folder: str | None, n_seqs: int, seq_len: int, la
 
 
 CORPUS_HELP = ("The app reads corpora only under the allowed corpus roots: "
-               + ", ".join(str(root) for root in allowed_roots())
+               + ", ".join(str(root) for root in ui.corpus_roots())
                + ". A name like gutenberg is looked up under each root; the operator sets the roots with "
                  "HEADVIS_CORPUS_ROOTS.")
 loaded = ui.page_setup("Compare models")
@@ -69,7 +69,7 @@ info = loaded.info
 recompute = ui.recompute_button("compare_recompute")
 with ui.user_errors():
     # A folder from the URL or the text box is read only under the allowed corpus roots.
-    folder = resolve_app_corpus(folder_text, allow_datasets=False) if folder_text.strip() else None
+    folder = resolve_app_corpus(folder_text, ui.corpus_roots(), allow_datasets=False) if folder_text.strip() else None
     if folder is not None:
         corpus_files(folder)  # a bad folder fails before the second model loads
     if name_b.lower() == info.name.lower():

@@ -186,3 +186,16 @@ def test_a_corpus_named_under_the_default_roots_is_read(corpus_dir, monkeypatch)
     at = atlas_page(corpus="gutenberg").run()
     assert not at.exception and not at.error
     assert any(f"folder {corpus_dir / 'gutenberg'}" in c.value for c in at.caption)
+
+
+def test_the_operator_setting_in_secrets_names_the_allowed_corpus_roots(tmp_path, monkeypatch):
+    monkeypatch.delenv("HEADVIS_CORPUS_ROOTS", raising=False)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("The cat sat on the mat. " * 200, encoding="utf-8")
+    at = app_test(PAGE, corpus=str(texts), n=2, len=16)
+    at.secrets["corpus_roots"] = [str(tmp_path)]
+    at.run()
+    assert not at.exception and not at.error
+    refused = app_test(PAGE, corpus=str(texts), n=2, len=16).run()  # no setting: the defaults refuse it
+    assert any("allowed" in e.value for e in refused.error)

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from headvis_core.attribution.edge import sliding_window
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.hooks import capture, exclusive, pattern_hook
@@ -212,6 +213,9 @@ def run_sweep(model: Any, plan: SweepPlan, heads: Sequence[HeadRef], predictions
     keep_supported = _accepts_logits_to_keep(model)
     device = getattr(model.cfg, "device", "cpu")
     n_shared = shared_prefix_length(plan, predictions) if share_prefix else 0
+    windows = [w for w in (sliding_window(model, layer) for layer in range(int(model.cfg.n_layers))) if w]
+    if windows and min(windows) < max(len(ids) for ids in plan.token_ids) + extra:
+        n_shared = 0  # cached prefix keys escape the sliding-window mask (tests/models/test_gemma.py): run whole
     prefix_cache = _prefix_cache(model, plan.token_ids[0][:n_shared]) if n_shared >= 2 else None
     if prefix_cache is None:
         n_shared = 0

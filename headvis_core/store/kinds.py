@@ -11,6 +11,9 @@ times), so an edited corpus is not taken for the old one.
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from headvis_core.atlas.run import METRIC_COLUMNS
+from headvis_core.data.corpus import open_corpus
+from headvis_core.data.prompt_library import load_all_prompt_sets
 from headvis_core.heads import HeadRef
 
 ATLAS = "atlas"
@@ -22,22 +25,25 @@ TARGETED = "targeted_search"
 SWEEP = "sweep"
 ATTRIBUTION = "attribution"
 ESTIMATE = "ablation_estimate"
+TOUR_STEP = "tour_step"
 
-KINDS = (ATLAS, COMPOSITION, IO_SCORES, PATH_PATCHING, KL_RANKING, TARGETED, SWEEP, ATTRIBUTION, ESTIMATE)
+KINDS = (ATLAS, COMPOSITION, IO_SCORES, PATH_PATCHING, KL_RANKING, TARGETED, SWEEP, ATTRIBUTION, ESTIMATE,
+         TOUR_STEP)
 
 
 def atlas_inputs(folder: Optional[str | Path], n_seqs: int, seq_len: int, n_induction_seqs: Optional[int],
                  seed: int) -> dict[str, Any]:
-    """The head atlas (:func:`headvis_core.atlas.run.compute_atlas`) on the built-in prompts or a folder."""
-    from headvis_core.data.corpus import open_corpus
-    from headvis_core.data.prompt_library import load_all_prompt_sets
+    """The head atlas (:func:`headvis_core.atlas.run.compute_atlas`) on the built-in prompts or a folder.
 
+    The metric columns are part of the key, so an atlas stored before a metric was added is not
+    shown as current.
+    """
     if folder is None:
         probe, content = "built-in prompts", [p.text for s in load_all_prompt_sets() for p in s.prompts]
     else:
         probe, content = str(Path(str(folder)).expanduser().resolve()), open_corpus(str(folder)).fingerprint
     return {"probe": probe, "probe_content": content, "n_seqs": n_seqs, "seq_len": seq_len,
-            "n_induction_seqs": n_induction_seqs, "seed": seed}
+            "n_induction_seqs": n_induction_seqs, "seed": seed, "metrics": list(METRIC_COLUMNS)}
 
 
 def atlas_link(folder: Optional[str | Path], n_seqs: int, seq_len: int) -> dict[str, Any]:

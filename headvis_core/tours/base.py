@@ -20,9 +20,10 @@ import pandas as pd
 
 from headvis_core.errors import InputError
 from headvis_core.progress import ProgressCallback, report, scaled
+from headvis_core.store.kinds import TOUR_STEP
 from headvis_core.store.results import cached
 
-STORE_KIND = "tour_step"
+STORE_KIND = TOUR_STEP
 TOUR_FORMAT = 4  # bump when a step's computation changes, so stored steps are recomputed
 
 

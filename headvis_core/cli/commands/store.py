@@ -57,5 +57,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action = actions.add_parser(name, help=help_text)
         action.add_argument("--model", type=text_argument, help="only results of this model name")
         action.add_argument("--kind", type=text_argument,
-                            help=f"only results of this kind ({', '.join(KINDS)}, tour_step, ...)")
+                            help=f"only results of this kind ({', '.join(KINDS)})")
         action.set_defaults(func=func)

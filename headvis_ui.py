@@ -33,7 +33,7 @@ from headvis_core.data.roots import allowed_roots
 from headvis_core.errors import HeadVisError, InputError
 from headvis_core.heads import HeadRef
 from headvis_core.models.loader import LoadedModel, load_model
-from headvis_core.models.offline import is_fetched
+from headvis_core.models.offline import fetch_offline_model, is_fetched, offline_spec, terms_notice
 from headvis_core.models.registry import DEFAULT_MODEL, KNOWN_MODELS
 from headvis_core.progress import ProgressCallback
 
@@ -153,16 +153,33 @@ def _model_picker() -> tuple[str, str, str]:
     return name, device, dtype
 
 
+def _accept_licence_terms(key: str) -> Optional[bool]:
+    """Before the first fetch of a model under licence terms (Gemma), the user reads and accepts them.
+
+    ``True`` once accepted, ``False`` where the model has no terms, ``None`` (after showing the terms
+    and a checkbox) while they are not accepted.
+    """
+    if not offline_spec(key).needs_acceptance:
+        return False
+    st.info(terms_notice(key))
+    if st.checkbox("I have read and accept these terms", key=f"accept_terms_{key}"):
+        return True
+    st.warning("The model is fetched once you accept its terms.")
+    return None
+
+
 def load_sidebar_model() -> Optional[LoadedModel]:
     """Draw the model picker and return the loaded model, or ``None`` after showing why not."""
     name, device, dtype = _model_picker()
     known = KNOWN_MODELS.get(name.lower())
     try:
         if known is not None and known.kind == "offline" and not is_fetched(known.target):
-            from headvis_core.models.offline import fetch_offline_model
-
+            accepted = _accept_licence_terms(known.target)
+            if accepted is None:
+                return None
             with st.status(f"First start: fetching {name} (about 30 s, once)", expanded=True):
-                fetch_offline_model(known.target, progress=progress_bar("Fetching the offline model"))
+                fetch_offline_model(known.target, progress=progress_bar("Fetching the offline model"),
+                                    accept_terms=accepted)
         with st.spinner(f"Loading {name}..."):
             loaded = _load_cached(name, device, dtype)
     except HeadVisError as err:

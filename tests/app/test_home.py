@@ -107,3 +107,40 @@ def test_home_lists_stored_results_of_the_loaded_model_with_links_that_reopen_th
                for c in reopened.caption)
     other = app_test("Home.py", model="tiny-gpt2").run()  # another model: its own (empty) list
     assert not other.exception and not any(m.value.startswith("[kl ranking") for m in other.markdown)
+
+
+def test_a_model_under_licence_terms_is_fetched_only_after_they_are_accepted(monkeypatch):
+    import headvis_ui
+    from headvis_core.errors import ModelLoadError
+
+    fetches = []
+
+    def fetch(key, progress=None, accept_terms=False):
+        fetches.append((key, accept_terms))
+        raise ModelLoadError("fetch stopped by the test")
+
+    monkeypatch.setattr(headvis_ui, "is_fetched", lambda key: False)
+    monkeypatch.setattr(headvis_ui, "terms_notice", lambda key: "Gemma is under the Gemma Terms of Use.")
+    monkeypatch.setattr(headvis_ui, "fetch_offline_model", fetch)
+    at = app_test("Home.py", model="gemma-3-270m").run()
+    assert not at.exception and fetches == []
+    assert any("Gemma Terms of Use" in i.value for i in at.info)
+    at.checkbox(key="accept_terms_gemma-3-270m").check().run()
+    assert fetches == [("gemma-3-270m", True)]
+    assert any("fetch stopped by the test" in e.value for e in at.error)
+
+
+def test_a_model_without_terms_is_fetched_without_asking(monkeypatch):
+    import headvis_ui
+    from headvis_core.errors import ModelLoadError
+
+    fetches = []
+
+    def fetch(key, progress=None, accept_terms=False):
+        fetches.append((key, accept_terms))
+        raise ModelLoadError("fetch stopped by the test")
+
+    monkeypatch.setattr(headvis_ui, "is_fetched", lambda key: False)
+    monkeypatch.setattr(headvis_ui, "fetch_offline_model", fetch)
+    at = app_test("Home.py", model="smollm2-135m").run()
+    assert not at.exception and fetches == [("smollm2-135m", False)] and not at.checkbox

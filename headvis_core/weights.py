@@ -90,6 +90,35 @@ def ln1_gains(model: Any) -> Optional[Float[torch.Tensor, "layer d_model"]]:
     return torch.stack(scales)
 
 
+def qk_norm_gains(model: Any) -> Optional[tuple[Float[torch.Tensor, "layer d_head"],
+                                                  Float[torch.Tensor, "layer d_head"]]]:
+    """Effective gains of the query and key norms (QK-norm, as in Gemma 3), or ``None`` where the model
+    has none (or per-head ones this folding does not handle).
+
+    QK-norm rescales each head's query and key by a gain over ``d_head`` (``1 + weight`` for Gemma-style
+    norms) after dividing them by their own per-token RMS. The gain is a fixed linear map and folds into
+    ``W_Q``/``W_K``; the per-token division does not (see :func:`headvis_core.circuits.composition.head_weights`).
+    """
+    d_head = int(model.cfg.d_head)
+    per_layer: dict[str, list[torch.Tensor]] = {"q": [], "k": []}
+    for block in model.blocks:
+        attn = block.attn
+        per_head = getattr(attn, "_qk_norm_per_head", False)
+        if per_head or getattr(attn, "_qk_norm_phase", "post_reshape") != "post_reshape":
+            return None
+        for side in ("q", "k"):
+            norm = attn._modules.get(f"{side}_norm")
+            weight = getattr(norm, "weight", None)
+            if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (d_head,):
+                return None
+            offset = getattr(norm, "uses_weight_offset", None)
+            if offset is None:
+                offset = bool(getattr(model.cfg, "rmsnorm_uses_offset", False))
+            gain = weight.detach().float()
+            per_layer[side].append(gain + 1.0 if offset else gain)
+    return torch.stack(per_layer["q"]), torch.stack(per_layer["k"])
+
+
 def fold_ln1(W_Q: Float[torch.Tensor, "layer head d_model d_head"],
              W_K: Float[torch.Tensor, "layer head d_model d_head"],
              W_V: Float[torch.Tensor, "layer head d_model d_head"],

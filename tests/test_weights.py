@@ -28,3 +28,23 @@ def test_effective_embedding_is_what_ln1_makes_of_each_token(tiny_gpt2, tiny_lla
             real = ln1(W_E) - ln1(torch.zeros_like(W_E))
         torch.testing.assert_close(effective_embedding(model, 1), real.double(), rtol=1e-4, atol=1e-5)
         assert effective_unembedding(model).shape == (64, 257)
+
+
+def test_qk_norm_gains_fold_into_the_query_and_key_weights():
+    from headvis_core.circuits.composition import head_weights
+    from headvis_core.models.loader import load_model
+    from headvis_core.weights import qk_norm_gains
+
+    model = load_model("tiny-gemma3", device="cpu").model
+    q_norm = model.blocks[1].attn._modules["q_norm"]
+    with torch.no_grad():
+        q_norm.weight.copy_(torch.linspace(-0.5, 2.0, q_norm.weight.numel()))
+    q_gain, k_gain = qk_norm_gains(model)
+    assert torch.allclose(q_gain[1], 1.0 + q_norm.weight.detach().float())  # Gemma's gain is 1 + weight
+    assert torch.allclose(k_gain[0], torch.ones_like(k_gain[0]))  # zero-initialised weights: gain 1
+    folded = head_weights(model, fold_ln=True)
+    raw = head_weights(model, fold_ln=False)
+    ln1 = 1.0 + model.blocks[1].ln1.weight.detach().float()
+    expected = raw.W_Q[1] * ln1[None, :, None] * q_gain[1][None, None, :]
+    torch.testing.assert_close(folded.W_Q[1], expected)
+    assert qk_norm_gains(load_model("tiny-llama", device="cpu").model) is None

@@ -46,7 +46,7 @@ from jaxtyping import Float
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.progress import ProgressCallback, report
-from headvis_core.weights import expand_kv_heads, fold_ln1, ln1_gains
+from headvis_core.weights import expand_kv_heads, fold_ln1, ln1_gains, qk_norm_gains
 
 KINDS = ("q", "k", "v")
 KIND_NAMES = {"q": "Q-composition", "k": "K-composition", "v": "V-composition"}
@@ -140,8 +140,30 @@ def head_weights(model: Any, fold_ln: bool = True, dtype: torch.dtype = torch.fl
                 note = (f"Layer norm is folded here ({what}), as TransformerLens process_weights would; "
                         "the shared model keeps its raw weights.")
                 folded = True
+            W_Q, W_K, qk_note = _fold_qk_norm(model, W_Q, W_K)
+            note += qk_note
+        if any(hasattr(block, "ln1_post") for block in model.blocks):
+            note += (" The attention output passes a norm before the residual stream (Gemma); its per-token "
+                     "scale is not modelled, so V-composition is approximate.")
     return HeadWeights(W_Q=W_Q.contiguous(), W_K=W_K.contiguous(), W_V=W_V.contiguous(),
                        W_O=W_O.contiguous(), ln_folded=folded, folding_note=note, n_kv_heads=n_kv)
+
+
+def _fold_qk_norm(model: Any, W_Q: torch.Tensor, W_K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """QK-norm's gains folded into ``W_Q``/``W_K`` (``[layer, head, d_model, d_head]``), with what it leaves out.
+
+    QK-norm also divides each query and key by its own RMS, token by token, which no weight-only score can
+    model: Q/K composition then says whether one head writes into the subspace another head's queries or
+    keys read, not how strongly it moves that head's attention (edge attribution measures that).
+    """
+    gains = qk_norm_gains(model)
+    if gains is None:
+        return W_Q, W_K, ""
+    q_gain, k_gain = (g.to(W_Q.dtype)[:, None, None, :] for g in gains)  # [layer, 1, 1, d_head]
+    note = (" QK-norm gains are folded into W_Q/W_K; its per-token division of queries and keys is not, so "
+            "Q/K composition shows which heads write into the subspace a head reads, not how strongly they move "
+            "its attention (edge attribution measures that).")
+    return W_Q * q_gain, W_K * k_gain, note
 
 
 def _reading_factors(weights: HeadWeights, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,6 +90,23 @@ def ln1_gains(model: Any) -> Optional[Float[torch.Tensor, "layer d_model"]]:
     return torch.stack(scales)
 
 
+def post_attention_norm_gains(model: Any) -> Optional[Float[torch.Tensor, "layer d_model"]]:
+    """Gains of the norm that the attention output passes before it joins the residual stream
+    (``ln1_post``, Gemma 2/3; ``1 + weight`` for Gemma-style norms), or ``None`` where there is none."""
+    gains = []
+    for block in model.blocks:
+        norm = block._modules.get("ln1_post")
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+            return None
+        offset = getattr(norm, "uses_weight_offset", None)
+        if offset is None:
+            offset = bool(getattr(model.cfg, "rmsnorm_uses_offset", False))
+        gain = weight.detach().float()
+        gains.append(gain + 1.0 if offset else gain)
+    return torch.stack(gains)
+
+
 def qk_norm_gains(model: Any) -> Optional[tuple[Float[torch.Tensor, "layer d_head"],
                                                   Float[torch.Tensor, "layer d_head"]]]:
     """Effective gains of the query and key norms (QK-norm, as in Gemma 3), or ``None`` where the model

@@ -57,6 +57,7 @@ from headvis_core.weights import (
     norm_module,
     norm_weight,
     normalised_rows,
+    post_attention_norm_gains,
 )
 
 DEFAULT_MAX_VOCAB = 65536
@@ -85,9 +86,14 @@ def ov_weights(model: Any) -> tuple[Float[torch.Tensor, "layer head d_model d_he
                                    Float[torch.Tensor, "layer head d_head d_model"]]:
     """``(W_V [layer, head, d_model, d_head], W_O [layer, head, d_head, d_model])`` per query head (GQA expanded).
 
-    In the model's dtype, on the CPU (callers convert one layer at a time, to keep memory down).
+    In the model's dtype, on the CPU (callers convert one layer at a time, to keep memory down). Where the
+    attention output passes a norm before the residual stream (Gemma's ``ln1_post``), its gain is folded
+    into ``W_O``; its per-token division is left out, like the final norm's (a positive factor).
     """
     W_O = model.W_O.detach().cpu()
+    post_gains = post_attention_norm_gains(model)
+    if post_gains is not None:
+        W_O = W_O * post_gains.to(W_O.dtype)[:, None, None, :]
     return expand_kv_heads(model.W_V.detach().cpu(), W_O.shape[1]), W_O
 
 

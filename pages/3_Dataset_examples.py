@@ -9,6 +9,7 @@ import streamlit as st
 
 import headvis_ui as ui
 from headvis_core import scan as scans
+from headvis_core.attribution.edge import EdgeSpec, attribution_link_for_window
 from headvis_core.data.corpus import open_corpus
 from headvis_core.data.roots import check_corpus_path, list_corpora, resolve_app_corpus
 from headvis_core.errors import CorruptFileError, HeadVisError
@@ -169,6 +170,11 @@ def show_examples(examples, label: str) -> None:
         st.text(f"window {ex.window_index}: score {ex.score:.3f} at {pair}")  # plain text: tokens are not markdown
         html = token_view_html(ex.str_tokens, ex.attention, selected=ex.max_query, top_k=params.top_k_keys)
         ui.show_html(html)
+        if same_model and not imported:  # an imported tree's windows carry no token ids
+            edge = attribution_link_for_window(loaded.model, ex.token_ids, EdgeSpec(head, ex.max_query, ex.max_key))
+            if edge is not None:
+                ui.link_to_page(edge["page"], f"Why does {head} attend here? Attribution of this edge",
+                                {"model": info.name, **edge["query"]})
 
 
 with tabs[0]:

@@ -245,6 +245,19 @@ def attribution_link(text: str, edge: EdgeSpec, sae_dir: str = "", sae_side: str
     return {"page": "pages/7_Edge_attribution.py", "query": query}
 
 
+def attribution_link_for_window(model: Any, token_ids: Sequence[int], edge: EdgeSpec) -> Optional[dict[str, Any]]:
+    """The Edge attribution page's URL for an edge of a corpus window (a scan example), or ``None``.
+
+    The page takes text, so the window (its position 0 being BOS) is decoded and must tokenize back to
+    the very same ids for the positions to mean the same tokens; a window cut inside a word often does not.
+    """
+    ids = [int(t) for t in token_ids]
+    text = model.tokenizer.decode(ids[1:])
+    if not text.strip() or model.to_tokens(text)[0].tolist() != ids:
+        return None
+    return attribution_link(text, edge)
+
+
 def save_json(result: EdgeAttribution, path: str | Path) -> Path:
     path = Path(path)
     path.write_text(json.dumps(result.as_json(), indent=1, ensure_ascii=False), encoding="utf-8")

@@ -144,3 +144,11 @@ def test_picking_an_allowed_corpus_fills_the_corpus_box(text_dir, tmp_path, monk
     assert [str(p) for p in picker.options] == [str(text_dir), str(text_dir / "sub")]
     picker.select_index(1).run()
     assert not at.exception and at.text_input(key="ex_corpus").value == str(text_dir / "sub")
+
+
+def test_an_example_links_to_the_attribution_of_its_strongest_edge(scans_dir, text_dir):
+    at = run_scan_on_page(app_test(PAGE, layer=1, head=2).run(), text_dir)
+    assert not at.exception and not at.error
+    links = [m.value for m in at.markdown if "Edge_attribution?" in m.value]
+    assert links, "no example links to its edge"
+    assert all("model=tiny-llama" in link and "layer=1&head=2" in link for link in links)

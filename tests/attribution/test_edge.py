@@ -5,7 +5,7 @@ import json
 import pytest
 
 from headvis_core.attribution import EdgeSpec, attribute_edge, attribute_edges
-from headvis_core.attribution.edge import save_json
+from headvis_core.attribution.edge import attribution_link_for_window, save_json
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.models.loader import load_model
@@ -63,3 +63,12 @@ def test_json_has_the_issue_keys(tiny_gpt2, tmp_path):
     assert sum(kinds.values()) == pytest.approx(data["score"], rel=1e-4, abs=1e-6)
     heads = sum(row["value"] for row in data["key_side"] if row["component"].startswith("L0H"))
     assert kinds["attention heads"] == pytest.approx(heads, abs=1e-9)
+
+
+def test_a_window_links_to_its_edge_only_where_its_text_tokenizes_back_to_the_same_ids(tiny_llama):
+    model = tiny_llama.model
+    ids = model.to_tokens("abc abd")[0].tolist()
+    edge = EdgeSpec(HeadRef(1, 2), 5, 2)
+    link = attribution_link_for_window(model, ids, edge)
+    assert link["query"] == {"prompt": "abc abd", "layer": 1, "head": 2, "q": 5, "k": 2}
+    assert attribution_link_for_window(model, [ids[1]] + ids[1:], edge) is None  # no BOS at position 0

@@ -37,13 +37,12 @@ from headvis_core.data.corpus import Corpus, iter_window_batches
 from headvis_core.errors import CorruptFileError, HeadVisError, InputError
 from headvis_core.models.loader import LoadedModel, load_model
 from headvis_core.progress import ProgressCallback, report
-from headvis_core.scan import store
 from headvis_core.scan.params import ScanParams
 from headvis_core.scan.result import ScanResult
-from headvis_core.scan.run import _key_lock, _meta, _open_state, _ScanRun, interrupts_deferred, new_state
+from headvis_core.scan.run import _key_lock, _ScanRun, interrupts_deferred, new_state, scan_folder, start_scan
 from headvis_core.scan.shards import n_shards, scan_shard, scan_windows, shard_batch_size
 from headvis_core.scan.state import ScanState
-from headvis_core.scan.store import model_identity, read_stage, scan_key, write_stage
+from headvis_core.scan.store import model_identity, read_stage, write_stage
 
 try:
     import ray
@@ -286,19 +285,14 @@ def run_sharded_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = S
     params.check(int(loaded.model.cfg.n_ctx))
     batch_size = shard_batch_size(batch_size, params)
     next(iter_window_batches(corpus, loaded.model.tokenizer, params.window_len, 1, 1))  # InputError if no window
-    root = Path(out_dir) if out_dir is not None else store.scans_root()
-    key = scan_key(loaded, corpus, params)
-    folder = root / key
+    key, folder = scan_folder(loaded, corpus, params, out_dir)
     with _key_lock(str(folder)):
         folder.mkdir(parents=True, exist_ok=True)
         if force:
             shutil.rmtree(folder / SHARDS_DIR, ignore_errors=True)
-        opened = _open_state(loaded, params, folder, force, progress)
-        if isinstance(opened, ScanResult):
-            return opened
-        labels = {"key": key, "model": loaded.info.name, "corpus": corpus.description}
-        scan = _ScanRun(loaded, corpus, params, folder, opened, _meta(loaded, corpus, params, key), labels,
-                        checkpoint_seconds)
+        scan = start_scan(loaded, corpus, params, key, folder, force, progress, checkpoint_seconds)
+        if isinstance(scan, ScanResult):
+            return scan
         boundary = -(-scan.state.n_windows // params.shard_windows) * params.shard_windows
         boundary = min(boundary, params.max_windows or boundary)
         if scan.state.n_windows < boundary:  # a one-process checkpoint inside a shard: finish that shard here

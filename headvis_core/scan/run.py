@@ -311,6 +311,27 @@ class _ScanRun:
         return result
 
 
+def scan_folder(loaded: LoadedModel, corpus: Corpus, params: ScanParams,
+                out_dir: Optional[Path]) -> tuple[str, Path]:
+    """The scan's key and its folder, under ``out_dir`` or the scans root."""
+    key = scan_key(loaded, corpus, params)
+    return key, (Path(out_dir) if out_dir is not None else store.scans_root()) / key
+
+
+def start_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams, key: str, folder: Path, force: bool,
+               progress: Optional[ProgressCallback], checkpoint_seconds: float) -> "ScanResult | _ScanRun":
+    """The stored result in ``folder`` if it is complete, else a run that resumes its checkpoint (or starts).
+
+    Call it holding the folder's key lock: the one-process and the sharded scan share this start.
+    """
+    opened = _open_state(loaded, params, folder, force, progress)
+    if isinstance(opened, ScanResult):
+        return opened
+    labels = {"key": key, "model": loaded.info.name, "corpus": corpus.description}
+    return _ScanRun(loaded, corpus, params, folder, opened, _meta(loaded, corpus, params, key), labels,
+                    checkpoint_seconds)
+
+
 def run_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = ScanParams(), out_dir: Optional[Path] = None,
              batch_size: int = 8, progress: Optional[ProgressCallback] = None, checkpoint_seconds: float = 30.0,
              force: bool = False) -> ScanResult:
@@ -321,17 +342,12 @@ def run_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = ScanParam
     """
     params.check(int(loaded.model.cfg.n_ctx))
     batch_size = math.gcd(batch_size, params.shard_windows)  # no batch straddles a shard: see scan/shards.py
-    root = Path(out_dir) if out_dir is not None else store.scans_root()
-    key = scan_key(loaded, corpus, params)
-    folder = root / key
+    key, folder = scan_folder(loaded, corpus, params, out_dir)
     with _key_lock(str(folder)):
         folder.mkdir(parents=True, exist_ok=True)
-        opened = _open_state(loaded, params, folder, force, progress)
-        if isinstance(opened, ScanResult):
-            return opened
-        labels = {"key": key, "model": loaded.info.name, "corpus": corpus.description}
-        scan = _ScanRun(loaded, corpus, params, folder, opened, _meta(loaded, corpus, params, key), labels,
-                        checkpoint_seconds)
+        scan = start_scan(loaded, corpus, params, key, folder, force, progress, checkpoint_seconds)
+        if isinstance(scan, ScanResult):
+            return scan
         scan.scan_all(batch_size, progress)
         result = scan.finish()
         report(progress, 1.0, f"{scan.state.n_windows} windows scanned")

@@ -50,7 +50,7 @@ IOI = Tour("ioi", "Indirect object identification", "'When Mary and John went to
          "logits with its output on the ABC prompts ranks the heads by direct effect; name movers also attend to "
          "the indirect object and copy it (positive OV copying score). Attribution patching ranks all heads by "
          "total effect from one backward pass; the top ones are then mean-ablated exactly.", f"{WANG}; {NANDA}",
-         "ioi:name_movers", {"n_prompts": 8, "candidates": 10, "refine": 10, "atlas_seqs": 16, "atlas_len": 64}),
+         "ioi:name_movers", {"n_prompts": 8, "candidates": 10, "refine": 10}),
     Step("s_inhibition", "S-inhibition heads", "Which earlier heads write into the name movers' queries (and those "
          "of the three heads with the largest direct effect) what makes them avoid the subject: every edge into "
          "these queries is ranked by attribution patching, the top ones are path-patched exactly.",

@@ -20,14 +20,25 @@ from headvis_core.ablation.metrics import AnswerMetrics, logit_difference, promp
 from headvis_core.ablation.ranking import rank_heads_by_ablation
 from headvis_core.ablation.runner import AblationRunner
 from headvis_core.ablation.values import make_ablation
+from headvis_core.atlas.copying import DEFAULT_MAX_VOCAB, copying_scores
+from headvis_core.atlas.metrics import (
+    earlier_occurrences,
+    for_each_layer_pattern,
+    induction_sums,
+    length_batches,
+    text_metric_sums,
+)
+from headvis_core.atlas.run import build_probe_set
+from headvis_core.attribution.edge import sliding_window
 from headvis_core.circuits.path_patching import Edge, path_patch
 from headvis_core.circuits.published_roles import published_roles_for
 from headvis_core.data.ioi import load_templates
+from headvis_core.data.probes import induction_probe
 from headvis_core.data.prompt_pairs import ioi_prompts, prompts_from_texts
 from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef, all_heads
+from headvis_core.tokens import bos_token_id
 from headvis_core.tours.base import StepResult, heads_text, page_link
-from headvis_core.tours.induction import atlas_table
 from headvis_core.viz.tours import bar_figure, depth_figure, grouped_bars, head_heatmap
 
 MIN_SHARE = 0.05  # path patching: share of the clean - corrupted gap an edge must carry to count
@@ -52,6 +63,54 @@ def abc_mean_ablation(model: Any, prompts: Any) -> Any:
 def _ld_link(model_name: str, n_prompts: int) -> str:
     return page_link("Ablation", model_name, source="ioi", mode="kl", metric="logit_diff", kind="mean",
                      n=n_prompts)
+
+
+ATLAS_BATCH = 16  # sequences per pass, as the atlas batches them (the sums then add up in the same order)
+
+
+def atlas_role_metrics(model: Any, n_seqs: int, seq_len: int, below_layer: int) -> pd.DataFrame:
+    """The atlas's ``induction`` and ``duplicate_token`` scores of the heads below ``below_layer``, alone.
+
+    The same probe, batches and float64 sums as :func:`headvis_core.atlas.run.run_atlas` (so the same
+    values, ``tests/tours/test_ioi_steps.py``), but only the attention patterns of layers
+    ``0..below_layer - 1`` are captured and each pass stops there: none of the atlas's other metrics,
+    its retrieval prompts, copying scores or passport examples. Returns ``layer, head, induction,
+    duplicate_token``, layer-major like the atlas table.
+    """
+    n_heads = int(model.cfg.n_heads)
+    layers = list(range(max(1, min(int(below_layer), int(model.cfg.n_layers)))))
+    probe = build_probe_set(model, None, n_seqs=n_seqs, seq_len=seq_len)
+    bos = bos_token_id(model) is not None
+    induction = induction_probe(model, max(4, len(probe.sequences) // 4), max(2, (probe.seq_len - bos) // 2), seed=0)
+    sums = {name: torch.zeros(len(layers), n_heads, dtype=torch.float64) for name in ("induction", "duplicate_token")}
+    counts = {name: torch.zeros(len(layers), dtype=torch.float64) for name in sums}
+
+    def add(name: str, layer: int, value: torch.Tensor, n_queries: float) -> None:
+        sums[name][layer] += value.double().cpu()
+        counts[name][layer] += n_queries
+
+    for tokens in length_batches(probe.sequences, ATLAS_BATCH):
+        earlier_same = earlier_occurrences(tokens)
+
+        def on_text(layer: int, pattern: torch.Tensor, tokens: torch.Tensor = tokens,
+                    earlier_same: torch.Tensor = earlier_same) -> None:
+            layer_sums, layer_counts = text_metric_sums(pattern, tokens, earlier_same,
+                                                        window=sliding_window(model, layer))
+            add("duplicate_token", layer, layer_sums["duplicate_token"], layer_counts["duplicate_token"])
+
+        for_each_layer_pattern(model, tokens, on_text, layers)
+    for tokens in length_batches([induction.tokens], ATLAS_BATCH):
+        def on_induction(layer: int, pattern: torch.Tensor) -> None:
+            stripe, n_queries = induction_sums(pattern, induction.half_len, induction.prefix_len)
+            add("induction", layer, stripe, n_queries)
+
+        for_each_layer_pattern(model, tokens, on_induction, layers)
+    layer_index, head_index = np.meshgrid(np.array(layers), np.arange(n_heads), indexing="ij")
+    columns = {"layer": layer_index.ravel(), "head": head_index.ravel()}
+    for name in sums:
+        n = counts[name][:, None]
+        columns[name] = torch.where(n > 0, sums[name] / n.clamp(min=1), torch.nan).numpy().ravel().astype(float)
+    return pd.DataFrame(columns)
 
 
 def logit_difference_step(model: Any, found: dict, model_name: str = "", n_prompts: int = 8, seed: int = 0
@@ -143,7 +202,7 @@ def _name_attention(model: Any, prompts: Any, heads: list[HeadRef]) -> pd.DataFr
 
 
 def name_movers(model: Any, found: dict, model_name: str = "", n_prompts: int = 8, seed: int = 0,
-                candidates: int = 10, refine: int = 10, atlas_seqs: int = 16, atlas_len: int = 64) -> StepResult:
+                candidates: int = 10, refine: int = 10) -> StepResult:
     prompts = tour_prompts(model, n_prompts, seed)
     ablation = abc_mean_ablation(model, prompts)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -152,9 +211,9 @@ def name_movers(model: Any, found: dict, model_name: str = "", n_prompts: int = 
     heads = [HeadRef(*divmod(int(i), n_heads)) for i in order]
     table = _name_attention(model, prompts, heads)
     table.insert(1, "direct_effect", [float(direct[h.layer, h.head]) for h in heads])
-    # The atlas's copying score (shared with step 4's atlas through the store).
-    copying = atlas_table(model, atlas_seqs, atlas_len).set_index(["layer", "head"])["copying"]
-    table["copying"] = [float(copying[(h.layer, h.head)]) for h in heads]
+    # The atlas's OV copying score, alone (the atlas's other metrics are not needed here).
+    copying = copying_scores(model, max_vocab=DEFAULT_MAX_VOCAB, seed=0)
+    table["copying"] = [float(copying[h.layer, h.head]) for h in heads]
     # Attribution patching ranks all heads by their total effect; the top ones are ablated exactly.
     estimate = estimate_heads(model, prompts, ablation, metric="logit_diff")
     exact = rank_heads_by_ablation(model, prompts, ablation, metric="logit_diff", heads=estimate.top_heads(refine),
@@ -249,9 +308,9 @@ def induction_duplicate_feeders(model: Any, found: dict, model_name: str = "", n
     if not receivers:
         return StepResult(sentence="No S-inhibition or name-mover heads to trace back from.", convincing=False,
                           link=link)
-    table = atlas_table(model, atlas_seqs, atlas_len)
     top_layer = max(r.layer for r in receivers)
-    earlier = table[table.layer < top_layer]
+    earlier = atlas_role_metrics(model, atlas_seqs, atlas_len, top_layer)
+    earlier = earlier[earlier.layer < top_layer]
     roles = {}
     for role, metric in (("induction", "induction"), ("duplicate token", "duplicate_token")):
         best = earlier.nlargest(per_role, metric)

@@ -8,9 +8,11 @@ import torch
 
 from headvis_core import hooks
 from headvis_core.ablation.estimate import estimate_query_edges
+from headvis_core.atlas.copying import copying_scores
+from headvis_core.atlas.run import compute_atlas
 from headvis_core.data.prompt_pairs import prompts_from_texts
 from headvis_core.heads import HeadRef
-from headvis_core.tours.ioi import direct_effects
+from headvis_core.tours.ioi import atlas_role_metrics, direct_effects
 
 CLEAN = ["When Mary and John went to the store, John gave a drink to",
          "When Anna and Fred went to the store, Fred gave a drink to"]
@@ -102,3 +104,21 @@ def test_query_edge_estimate_equals_a_per_edge_slope(tiny_llama):
         row = table[(table.sender == str(sender)) & (table.receiver == str(receiver))]
         assert float(row.estimate.iloc[0]) == pytest.approx(slope, rel=1e-4, abs=1e-6)
     assert np.isfinite(table.estimate).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_role_metrics_equal_the_whole_atlas(name, request):
+    """Step 4's induction and duplicate-token scores, computed alone on the lower layers, are exactly the
+    full atlas's (the same probe, batches and sums); step 2's copying score is the atlas's too."""
+    model = request.getfixturevalue(name.replace("-", "_")).model
+    n_seqs, seq_len = 6, 24
+    atlas = compute_atlas(model, n_seqs=n_seqs, seq_len=seq_len).table
+    below = int(model.cfg.n_layers) - 1
+    fast = atlas_role_metrics(model, n_seqs, seq_len, below)
+    reference = atlas[atlas.layer < below].reset_index(drop=True)
+    assert len(fast) == below * int(model.cfg.n_heads)
+    assert fast[["layer", "head"]].values.tolist() == reference[["layer", "head"]].values.tolist()
+    for metric in ("induction", "duplicate_token"):
+        assert reference[metric].notna().any()
+        np.testing.assert_array_equal(fast[metric].to_numpy(), reference[metric].to_numpy())
+    np.testing.assert_array_equal(copying_scores(model).ravel(), atlas["copying"].to_numpy())

@@ -3,13 +3,21 @@
 Layout (see :mod:`headvis_core.headvis_format.contract` for the facts behind it)::
 
     config.json                      model, heads, n_intervals (10: the scan's deciles), metrics, axes, tables
-    scatter_data.json                one row per head: layer, head and the scan's per-head summary metrics
+    scatter_data.json                one row per head: layer, head, the scan's per-head summary metrics and,
+                                     given an atlas, its metrics (HeadVis's logit std/margin/z-score, token
+                                     entropies, q-k distance, copying, retrieval, the classic ones)
     heads/L{l}H{h}.json              sequences (the head's decile sample and exact top windows), top query and
                                      key tokens, the query-key distance histogram, the window-score histogram
     umap/L{l}H{h}.json, sequences.json   the stored PCA of the head's Q/K/O/V (only where it was computed)
     server_config.json               {} (a static tree)
     attributions/manifest.json       {} (no attributions)
     custom_sequences/L{l}H{h}.json   the head's custom sequences, {"sequences": []} where it has none
+
+Atlas metrics are matched to heads by (layer, head); a column whose name the scan
+already uses gets the prefix ``atlas_``. A head whose atlas value is NaN (for
+example retrieval when no prompt fits the context) gets ``null`` there, which
+the validator accepts, so that the frontend's axes (the first row's keys) keep
+the column.
 
 A sequence's ``interval`` is the window's decile for that head (10 highest); a
 top window outside the decile sample gets the decile of its score. Keys that
@@ -30,7 +38,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pandas as pd
 
+from headvis_core.atlas.run import METRIC_COLUMNS, METRICS, AtlasResult
 from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.heads import HeadRef, all_heads
 from headvis_core.headvis_format import contract
@@ -59,6 +69,7 @@ METRIC_DESCRIPTIONS = {
     "mean_distance": "attention-weighted mean query-key distance (positions after 0)",
 }
 DEFAULT_X, DEFAULT_Y = "mean_distance", "top_decile_from"
+ATLAS_PREFIX = "atlas_"  # for an atlas column whose name the scan's own metrics already use
 
 
 @dataclass(frozen=True)
@@ -169,28 +180,87 @@ def head_record(scan: ScanResult, head: HeadRef, options: ExportOptions = Export
     }
 
 
-def scatter_rows(scan: ScanResult) -> list[dict[str, Any]]:
+def atlas_column_names() -> dict[str, str]:
+    """Atlas metric column -> its column in ``scatter_data.json`` (prefixed where the scan uses the name)."""
+    return {c: ATLAS_PREFIX + c if c in METRIC_DESCRIPTIONS else c for c in METRIC_COLUMNS}
+
+
+def atlas_descriptions() -> dict[str, str]:
+    """The scatter columns of the atlas metrics and their definitions (from the atlas's metric table)."""
+    names = atlas_column_names()
+    return {names[m.column]: f"atlas: {m.definition}" for m in METRICS}
+
+
+def atlas_table(scan: ScanResult, atlas: "pd.DataFrame | AtlasResult") -> pd.DataFrame:
+    """The atlas's metric columns indexed by (layer, head), checked to cover exactly the scan's heads.
+
+    ``atlas`` is an :class:`AtlasResult` (its model must be the scan's) or its table, e.g. the CSV that
+    ``headvis_core atlas --out`` writes read back with pandas (a CSV names no model: only its shape is checked).
+    """
+    scan_model = str(scan.meta["model"]["name"])
+    if isinstance(atlas, AtlasResult):
+        if atlas.model_name != scan_model:
+            raise InputError(f"The atlas is of {atlas.model_name}, the scan of {scan_model}: compute the atlas "
+                             "of the scan's model.")
+        atlas = atlas.table
+    missing = [c for c in ("layer", "head", *METRIC_COLUMNS) if c not in atlas.columns]
+    if missing:
+        raise InputError(f"The atlas table lacks the columns {', '.join(missing)}; give the CSV that "
+                         "`headvis_core atlas --out` writes.")
+    try:
+        layers = atlas["layer"].astype(float)
+        heads = atlas["head"].astype(float)
+        values = atlas[list(METRIC_COLUMNS)].astype(float)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"The atlas table holds a value that is not a number ({err}).") from None
+    if not (np.isfinite(layers).all() and np.isfinite(heads).all() and (layers % 1 == 0).all()
+            and (heads % 1 == 0).all()):
+        raise InputError("The atlas's layer and head columns must hold whole numbers.")
+    if np.isinf(values.to_numpy()).any():
+        raise InputError("The atlas holds an infinite metric value, which JSON cannot hold.")
+    pairs = list(zip(layers.astype(int), heads.astype(int)))
+    expected = [(h.layer, h.head) for h in all_heads(scan.n_layers, scan.n_heads)]
+    if len(set(pairs)) != len(pairs) or set(pairs) != set(expected):
+        atlas_layers = max(p[0] for p in pairs) + 1 if pairs else 0
+        atlas_heads = max(p[1] for p in pairs) + 1 if pairs else 0
+        raise InputError(f"The atlas has {len(pairs)} rows ({atlas_layers} layers x {atlas_heads} heads"
+                         f"{', some repeated' if len(set(pairs)) != len(pairs) else ''}); the scan of "
+                         f"{scan_model} has {scan.n_layers} x {scan.n_heads} heads: it is not this model's atlas.")
+    values.index = pd.MultiIndex.from_tuples(pairs, names=["layer", "head"])
+    return values
+
+
+def scatter_rows(scan: ScanResult, atlas: Optional[pd.DataFrame] = None) -> list[dict[str, Any]]:
+    """Rows of ``scatter_data.json``; ``atlas`` is :func:`atlas_table`'s output (NaN -> ``null``)."""
     summary = scan.head_summary()
+    names = atlas_column_names()
     rows = []
     for _, row in summary.iterrows():
         entry = {"layer": int(row["layer"]), "head": int(row["head"])}
         for metric in METRIC_DESCRIPTIONS:
             entry[metric] = _finite(row[metric], f"{metric} of head {row['name']}")
+        if atlas is not None:
+            values = atlas.loc[(entry["layer"], entry["head"])]
+            for column in METRIC_COLUMNS:
+                value = float(values[column])
+                entry[names[column]] = value if np.isfinite(value) else None
         rows.append(entry)
     return rows
 
 
-def config_record(scan: ScanResult, umap_heads: list[list[int]], options: ExportOptions) -> dict[str, Any]:
+def config_record(scan: ScanResult, umap_heads: list[list[int]], options: ExportOptions,
+                  with_atlas: bool = False) -> dict[str, Any]:
     meta = scan.meta
     p = scan.params
+    descriptions = {**METRIC_DESCRIPTIONS, **(atlas_descriptions() if with_atlas else {})}
     return {
         "model_name": meta["model"]["name"],
         "heads": [[h.layer, h.head] for h in all_heads(scan.n_layers, scan.n_heads)],
         "n_layers": scan.n_layers,
         "n_heads": scan.n_heads,
         "n_intervals": N_DECILES,
-        "metrics": list(METRIC_DESCRIPTIONS),
-        "metric_descriptions": dict(METRIC_DESCRIPTIONS),
+        "metrics": list(descriptions),
+        "metric_descriptions": descriptions,
         "head_data_pattern": contract.HEAD_DATA_PATTERN,
         "has_umap": bool(umap_heads),
         "umap_heads": umap_heads,
@@ -226,7 +296,8 @@ def _write_umap(tmp: Path, scan: ScanResult) -> list[list[int]]:
     return [[h.layer, h.head] for h in per_head]
 
 
-def _write_tree(tmp: Path, scan: ScanResult, options: ExportOptions, progress: Optional[ProgressCallback]) -> None:
+def _write_tree(tmp: Path, scan: ScanResult, options: ExportOptions, progress: Optional[ProgressCallback],
+                atlas: Optional[pd.DataFrame] = None) -> None:
     heads = all_heads(scan.n_layers, scan.n_heads)
     for i, head in enumerate(heads):
         name = contract.head_file_name(head.layer, head.head)
@@ -235,16 +306,21 @@ def _write_tree(tmp: Path, scan: ScanResult, options: ExportOptions, progress: O
         _write(tmp / contract.CUSTOM_DIR / name, {"sequences": custom})
         report(progress, 0.9 * (i + 1) / len(heads), f"head {head} ({i + 1}/{len(heads)})")
     umap_heads = _write_umap(tmp, scan)
-    _write(tmp / contract.SCATTER, scatter_rows(scan))
+    _write(tmp / contract.SCATTER, scatter_rows(scan, atlas))
     _write(tmp / contract.SERVER_CONFIG, {})
     _write(tmp / contract.ATTRIBUTIONS_MANIFEST, {})  # no attributions: no entries
-    _write(tmp / contract.CONFIG, config_record(scan, umap_heads, options))
+    _write(tmp / contract.CONFIG, config_record(scan, umap_heads, options, with_atlas=atlas is not None))
 
 
 def export_headvis(scan: ScanResult, out: Path, force: bool = False, options: ExportOptions = ExportOptions(),
-                   progress: Optional[ProgressCallback] = None) -> ExportSummary:
-    """Write ``scan`` as a HeadVis ``data/`` tree at ``out``, validated, atomically (see the module docstring)."""
+                   progress: Optional[ProgressCallback] = None,
+                   atlas: "pd.DataFrame | AtlasResult | None" = None) -> ExportSummary:
+    """Write ``scan`` as a HeadVis ``data/`` tree at ``out``, validated, atomically (see the module docstring).
+
+    ``atlas`` (an :class:`AtlasResult` or its table / CSV) adds the atlas metrics to ``scatter_data.json``.
+    """
     options.check()
+    atlas_values = atlas_table(scan, atlas) if atlas is not None else None
     out = Path(out).expanduser()
     check_destination(out, force)
     started = time.time()
@@ -255,7 +331,7 @@ def export_headvis(scan: ScanResult, out: Path, force: bool = False, options: Ex
         raise InputError(f"Cannot write the HeadVis data next to {out} ({err.strerror or err}).") from None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the tree is meant to be served
-        _write_tree(tmp, scan, options, progress)
+        _write_tree(tmp, scan, options, progress, atlas_values)
         report(progress, 0.95, "checking the tree against the HeadVis contract")
         check_tree(tmp)
         files = [p for p in tmp.rglob("*") if p.is_file()]

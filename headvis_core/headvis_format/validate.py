@@ -322,6 +322,15 @@ class _Checker:
                 if not isinstance(coords, dict) or any(
                         not _finite_numbers(coords.get(d)) or len(coords[d]) != n for d in ("d0", "d1", "d2")):
                     self.add(relative, f"pca.{kind}", f"must hold d0, d1, d2: {n} finite numbers each")
+            views = data.get("views")
+            if views is not None and not isinstance(views, dict):
+                self.add(relative, "views", "must be an object of views (omit it when there is only PCA)")
+            for method, view in (views or {}).items() if isinstance(views, dict) else ():
+                for kind in PCA_KINDS:
+                    coords = view.get(kind) if isinstance(view, dict) else None
+                    if not isinstance(coords, dict) or any(
+                            not _finite_numbers(coords.get(d)) or len(coords[d]) != n for d in ("d0", "d1", "d2")):
+                        self.add(relative, f"views.{method}.{kind}", f"must hold d0, d1, d2: {n} finite numbers each")
             if not isinstance(data.get("clusters"), list):
                 self.add(relative, "clusters", "must be a list")
 

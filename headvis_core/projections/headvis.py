@@ -3,8 +3,10 @@
 ``umap/sequences.json`` lists the windows' tokens (one list of strings per
 window); ``umap/L{l}H{h}.json`` holds, per pair, ``seq_idx`` (index into that
 list), ``top_q``/``top_k`` (positions), ``norms`` (``||A[q,k] v_k W_O||``) and
-``pca: {Q, K, O, V: {d0, d1, d2}}``, with ``clusters: []``; there is no
-``views`` key because only PCA is computed.
+``pca: {Q, K, O, V: {d0, d1, d2}}``, with ``clusters: []``. Only where the
+projections hold UMAP too is there a ``views`` key, one entry per method in
+the same shape: ``views: {pca: {Q, K, O, V: ...}, umap: {Q, K, O, V: ...}}``
+(issue #11: omit ``views`` when there is only PCA).
 """
 
 from typing import Any
@@ -37,4 +39,8 @@ def umap_records(projections: ProjectionSet, scan: Any, clusters_of: Any = None,
                          "norms": np.round(p.norms.astype(np.float64), 5).tolist(),
                          "pca": {kind: _coords(p.coords[kind]) for kind in ("Q", "K", "O", "V") if kind in KINDS},
                          "clusters": list(clusters_of(head)) if clusters_of else []}
+        if p.umap:
+            records[head]["views"] = {"pca": records[head]["pca"],
+                                      "umap": {kind: _coords(p.umap[kind]) for kind in ("Q", "K", "O", "V")
+                                               if kind in KINDS}}
     return sequences, records

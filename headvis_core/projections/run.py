@@ -6,6 +6,9 @@ K and V of the layers needed; each head keeps a running top ``max_pairs`` of
 its pairs by ``||A[q, k] v_k W_O||`` (:mod:`.pairs`), holding ``A v`` (d_head
 values) rather than O (d_model values). Memory therefore depends on the
 parameters and the model, never on the corpus.
+
+With ``umap=True`` each kind also gets a UMAP layout (:mod:`.umap_fit`, seeded
+by ``seed``), stored beside the PCA coordinates as ``umap_{kind}``.
 """
 
 from dataclasses import asdict, dataclass
@@ -32,6 +35,7 @@ from headvis_core.projections.pairs import (
 )
 from headvis_core.projections.pca import N_COMPONENTS, fit_pca
 from headvis_core.projections.store import ProjectionSet, save_projections
+from headvis_core.projections.umap_fit import fit_umap, require_umap
 from headvis_core.scan.result import ScanResult
 
 
@@ -41,8 +45,12 @@ class ProjectionParams:
     max_windows: int = 128  # scan windows run again
     n_components: int = N_COMPONENTS
     batch_size: int = 8
+    umap: bool = False  # also a UMAP layout per kind (needs umap-learn)
+    seed: int = 0  # UMAP's random_state
 
     def check(self) -> None:
+        if self.umap:
+            require_umap()
         for name in ("max_pairs", "max_windows", "batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be at least 1.")
@@ -115,12 +123,13 @@ def collect_pairs(loaded: LoadedModel, tokens: torch.Tensor, heads: list[HeadRef
     return {h: v for h, v in kept.items() if v is not None}
 
 
-def _fit_heads(loaded: LoadedModel, pairs: dict[HeadRef, PairVectors], n_components: int,
+def _fit_heads(loaded: LoadedModel, pairs: dict[HeadRef, PairVectors], params: ProjectionParams,
                ) -> tuple[dict[str, list], dict[str, str]]:
+    n_components = params.n_components
     columns: dict[str, list] = {name: [] for name in ("heads", "counts", "pair_row", "pair_query", "pair_key",
                                                       "pair_norm")}
     for kind in KINDS:
-        for prefix in ("coords", "mean", "components", "explained"):
+        for prefix in ("coords", "mean", "components", "explained") + (("umap",) if params.umap else ()):
             columns[f"{prefix}_{kind}"] = []
     skipped: dict[str, str] = {}
     for head, found in pairs.items():
@@ -128,6 +137,8 @@ def _fit_heads(loaded: LoadedModel, pairs: dict[HeadRef, PairVectors], n_compone
         vectors = {**found.vectors, "O": found.vectors["O"].astype(np.float64) @ w_o}
         try:
             fits = {kind: fit_pca(vectors[kind], n_components, f"head {head}'s {kind}") for kind in KINDS}
+            layouts = {kind: fit_umap(vectors[kind], n_components, params.seed, f"head {head}'s {kind}")
+                       for kind in KINDS} if params.umap else {}
         except InputError as err:
             skipped[str(head)] = str(err)
             continue
@@ -141,6 +152,8 @@ def _fit_heads(loaded: LoadedModel, pairs: dict[HeadRef, PairVectors], n_compone
             columns[f"mean_{kind}"].append(fit.mean)
             columns[f"components_{kind}"].append(fit.components)
             columns[f"explained_{kind}"].append(fit.explained)
+        for kind, layout in layouts.items():
+            columns[f"umap_{kind}"].append(layout)
     return columns, skipped
 
 
@@ -159,8 +172,8 @@ def project_scan(loaded: LoadedModel, scan: ScanResult, params: ProjectionParams
     pairs = collect_pairs(loaded, torch.from_numpy(tokens), heads, params.max_pairs, params.batch_size, progress)
     skipped = {str(h): "the stored windows hold no (query, key) pair after position 0." for h in heads
                if h not in pairs}
-    report(progress, 0.85, "fitting PCA per head and kind")
-    columns, fit_skipped = _fit_heads(loaded, pairs, params.n_components)
+    report(progress, 0.85, "fitting PCA" + (" and UMAP" if params.umap else "") + " per head and kind")
+    columns, fit_skipped = _fit_heads(loaded, pairs, params)
     skipped.update(fit_skipped)
     if not columns["heads"]:
         raise InputError("No head could be projected: " + "; ".join(f"{h}: {r}" for h, r in skipped.items()))
@@ -170,7 +183,7 @@ def project_scan(loaded: LoadedModel, scan: ScanResult, params: ProjectionParams
         "window_ids": windows, "window_tokens": tokens,
     }
     for name, values in columns.items():
-        joined = np.concatenate(values) if name.startswith(("pair_", "coords_")) else np.stack(values)
+        joined = np.concatenate(values) if name.startswith(("pair_", "coords_", "umap_")) else np.stack(values)
         arrays[name] = joined
     meta: dict[str, Any] = {"model": loaded.info.name, "params": asdict(params), "skipped": skipped,
                             "hooks": "Q, K at hook_q/hook_k (before rotary), V at hook_v, O = A[q,k] v_k W_O"}

@@ -4,10 +4,11 @@ The file records the SHA-256 of the scan data it was computed from; after the
 scan is recomputed the old projections are reported stale, never shown.
 Arrays: the heads, per-head offsets into the pair arrays, each pair's window
 row, query, key and norm, its coordinates per kind, and per head and kind the
-PCA mean, components and explained variance; the windows' token ids.
+PCA mean, components and explained variance; the windows' token ids; where
+UMAP was asked for, its coordinates per kind (``umap_{kind}``).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,6 +37,7 @@ class HeadProjection:
     norms: np.ndarray
     coords: dict[str, np.ndarray]  # kind -> [pair, component]
     fits: dict[str, PcaFit]
+    umap: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> [pair, component]; {} without UMAP
 
 
 @dataclass
@@ -46,6 +48,10 @@ class ProjectionSet:
     @property
     def heads(self) -> list[HeadRef]:
         return [HeadRef(int(layer), int(head)) for layer, head in self.arrays["heads"]]
+
+    @property
+    def has_umap(self) -> bool:
+        return all(f"umap_{kind}" in self.arrays for kind in KINDS)
 
     @property
     def skipped(self) -> dict[str, str]:
@@ -67,7 +73,8 @@ class ProjectionSet:
                 for kind in KINDS}
         return HeadProjection(head, a["window_ids"][rows], rows, a["pair_query"][start:stop],
                               a["pair_key"][start:stop], a["pair_norm"][start:stop],
-                              {kind: a[f"coords_{kind}"][start:stop] for kind in KINDS}, fits)
+                              {kind: a[f"coords_{kind}"][start:stop] for kind in KINDS}, fits,
+                              {kind: a[f"umap_{kind}"][start:stop] for kind in KINDS} if self.has_umap else {})
 
 
 def _scan_digest(scan_folder: Path) -> str:

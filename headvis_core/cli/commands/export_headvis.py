@@ -2,6 +2,9 @@
 
 ``--pca`` first computes the Q/K/V/O projections of every head (needs the
 scan's model) and stores them with the scan, so the tree gets ``umap/``.
+``--atlas FILE.csv`` (the CSV that ``headvis_core atlas --out`` writes for the
+scan's model) adds the atlas metrics to ``scatter_data.json``. ``--umap`` adds
+a UMAP view per kind next to the PCA (needs umap-learn; implies ``--pca``).
 ``--check DATA_DIR`` validates an existing tree (ours or Neuronpedia's) against
 the contract and prints what the Dataset examples page would read from it.
 """
@@ -29,12 +32,26 @@ def _head(pair):
     return HeadRef(int(pair[0]), int(pair[1]))
 
 
+def _read_atlas(raw: str):
+    """The atlas CSV as a table (a read or parse failure is the user's input error, checked before any work)."""
+    import pandas as pd
+
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise InputError(f"--atlas {raw!r} is not a file; give the CSV that `headvis_core atlas --out` writes.")
+    try:
+        return pd.read_csv(path, encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"--atlas {raw!r} cannot be read as a CSV table ({err}).") from None
+
+
 def _project(args: argparse.Namespace, scan) -> None:
     from headvis_core.models.loader import load_model
     from headvis_core.progress import tqdm_progress
     from headvis_core.projections.run import ProjectionParams, project_scan
 
-    params = ProjectionParams(max_pairs=args.pca_pairs, max_windows=args.pca_windows)
+    params = ProjectionParams(max_pairs=args.pca_pairs, max_windows=args.pca_windows, umap=args.umap,
+                              seed=args.seed)
     params.check()
     name = args.model or scan.meta["model"]["name"]
     loaded = load_model(name, device=args.device, dtype=args.dtype, progress=tqdm_progress("loading model"))
@@ -45,7 +62,7 @@ def _project(args: argparse.Namespace, scan) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from headvis_core.headvis_format import contract
-    from headvis_core.headvis_format.export import ExportOptions, check_destination, export_headvis
+    from headvis_core.headvis_format.export import ExportOptions, atlas_table, check_destination, export_headvis
     from headvis_core.progress import tqdm_progress
     from headvis_core.scan import load_scan
 
@@ -62,14 +79,25 @@ def _run(args: argparse.Namespace) -> int:
     options.check()
     out = Path(args.out).expanduser()
     check_destination(out, args.force)  # before any work
-    check_output_dir(args.out, "--out")  # not a system folder, and writable
+    atlas = _read_atlas(args.atlas) if args.atlas else None
+    if args.umap:
+        from headvis_core.projections.umap_fit import require_umap
+
+        require_umap()
     try:
         scan = load_scan(scan_dir)
     except CorruptFileError as err:
         raise InputError(f"--scan {args.scan!r}: {err}") from None
-    if args.pca:
+    if atlas is not None:
+        try:
+            atlas_table(scan, atlas)  # the atlas must be this model's: refused before any work
+        except InputError as err:
+            raise InputError(f"--atlas {args.atlas!r}: {err}") from None
+    check_output_dir(args.out, "--out")  # not a system folder, and writable (this makes the folder)
+    if args.pca or args.umap:
         _project(args, scan)
-    summary = export_headvis(scan, out, force=args.force, options=options, progress=tqdm_progress("exporting"))
+    summary = export_headvis(scan, out, force=args.force, options=options, progress=tqdm_progress("exporting"),
+                             atlas=atlas)
     print(f"wrote {summary.folder}: {summary.n_heads} heads, {summary.n_files} files, "
           f"{summary.n_bytes / 1e6:.2f} MB in {summary.seconds:.1f} s (checked against the HeadVis contract)")
     return 0
@@ -90,6 +118,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="smallest attention weight kept (default 0.01)")
     parser.add_argument("--pca", action="store_true",
                         help="first compute each head's Q/K/V/O projections (loads the scan's model) for umap/")
+    parser.add_argument("--umap", action="store_true",
+                        help="also a UMAP view of each kind next to the PCA (umap-learn; implies --pca)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the UMAP layout (default 0)")
+    parser.add_argument("--atlas", type=text_argument, metavar="FILE.csv",
+                        help="add the metrics of this atlas CSV (headvis_core atlas --out, same model) to the "
+                             "scatter")
     parser.add_argument("--pca-pairs", type=positive_int, default=1000, help="top pairs per head (default 1000)")
     parser.add_argument("--pca-windows", type=positive_int, default=128,
                         help="scan windows run again for the projections (default 128)")

@@ -1,0 +1,97 @@
+"""UMAP as an option of the projections: stored beside the PCA, deterministic for a seed, exported as ``views``;
+a clear refusal where umap-learn is missing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from headvis_core.cli.main import main
+from headvis_core.errors import InputError
+from headvis_core.heads import HeadRef
+from headvis_core.headvis_format.export import export_headvis
+from headvis_core.headvis_format.validate import validate_tree
+from headvis_core.projections import umap_fit
+from headvis_core.projections.pairs import KINDS
+from headvis_core.projections.run import ProjectionParams, project_scan
+from headvis_core.projections.store import load_projections
+from tests.headvis_format.scans import tiny_scan
+
+HEADS = [HeadRef(0, 0), HeadRef(1, 1)]
+PARAMS = ProjectionParams(max_pairs=40, max_windows=8, batch_size=4, umap=True, seed=3)
+needs_umap = pytest.mark.skipif(not umap_fit.umap_available(), reason="umap-learn is not installed (optional; "
+                                f"pip install {umap_fit.PIN})")
+
+
+@pytest.fixture(scope="module")
+def projected(tiny_llama, tmp_path_factory):
+    if not umap_fit.umap_available():
+        pytest.skip(f"umap-learn is not installed (optional; pip install {umap_fit.PIN})")
+    scan = tiny_scan(tiny_llama, tmp_path_factory.mktemp("umap"))
+    return tiny_llama, scan, project_scan(tiny_llama, scan, PARAMS, heads=HEADS)
+
+
+@needs_umap
+def test_umap_is_stored_beside_the_pca_and_deterministic(projected):
+    loaded, scan, _ = projected
+    stored = load_projections(scan.path)
+    assert stored is not None and stored.has_umap and stored.meta["params"]["seed"] == 3
+    again = project_scan(loaded, scan, PARAMS, heads=HEADS, save=False)
+    for head in HEADS:
+        p = stored.head(head)
+        for kind in KINDS:
+            layout = p.umap[kind]
+            assert layout.shape == (len(p.norms), 3) and np.isfinite(layout).all()
+            assert np.array_equal(layout, again.head(head).umap[kind])  # same seed, same layout
+            assert np.array_equal(p.coords[kind], again.head(head).coords[kind])
+    other = project_scan(loaded, scan, ProjectionParams(**{**PARAMS.__dict__, "seed": 4}), heads=HEADS[:1],
+                         save=False)
+    assert not np.array_equal(other.head(HEADS[0]).umap["Q"], stored.head(HEADS[0]).umap["Q"])
+
+
+@needs_umap
+def test_umap_layout_keeps_neighbours_together():
+    """Two far-apart blobs stay apart in the layout (UMAP preserves local structure)."""
+    rng = np.random.default_rng(0)
+    data = np.concatenate([rng.normal(0, 1, (40, 16)), rng.normal(30, 1, (40, 16))])
+    layout = umap_fit.fit_umap(data, 2, seed=0)
+    a, b = layout[:40], layout[40:]
+    gap = np.linalg.norm(a.mean(0) - b.mean(0))
+    spread = max(np.linalg.norm(a - a.mean(0), axis=1).max(), np.linalg.norm(b - b.mean(0), axis=1).max())
+    assert gap > 2 * spread
+    with pytest.raises(InputError, match="at least 5 pairs"):
+        umap_fit.fit_umap(data[:4], 3)
+
+
+@needs_umap
+def test_export_writes_views_only_with_umap(projected, tmp_path):
+    _, scan, projections = projected
+    out = tmp_path / "data"
+    export_headvis(scan, out)
+    assert validate_tree(out) == []
+    config = json.loads((out / "config.json").read_text())
+    assert config["has_umap"] and config["umap_heads"] == [[h.layer, h.head] for h in HEADS]
+    record = json.loads((out / "umap" / "L1H1.json").read_text())
+    p = projections.head(HeadRef(1, 1))
+    assert set(record["views"]) == {"pca", "umap"} and record["views"]["pca"] == record["pca"]
+    for kind in KINDS:
+        for c in range(3):
+            assert np.allclose(record["views"]["umap"][kind][f"d{c}"], p.umap[kind][:, c], atol=1e-5)
+    record["views"]["umap"]["K"]["d2"] = record["views"]["umap"]["K"]["d2"][:-1]
+    (out / "umap" / "L1H1.json").write_text(json.dumps(record))
+    problems = validate_tree(out)
+    assert [(p.file, p.field) for p in problems] == [("umap/L1H1.json", "views.umap.K")]
+
+
+def test_without_umap_learn_asking_for_umap_is_refused_clearly(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(umap_fit, "umap", None)
+    assert not umap_fit.umap_available()
+    with pytest.raises(InputError, match="umap-learn.*only PCA"):
+        ProjectionParams(umap=True).check()
+    ProjectionParams().check()  # PCA alone needs nothing more
+    scan = tiny_scan(tiny_gpt2, tmp_path)
+    out = tmp_path / "data"
+    assert main(["export-headvis", "--scan", str(scan.path), "--out", str(out), "--umap"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "umap-learn" in err and not out.exists()
+    assert load_projections(scan.path) is None  # refused before any work

@@ -89,7 +89,10 @@ def project_prompt(loaded: LoadedModel, projection: HeadProjection, text: str, n
 
 
 def stored_pairs_table(projection: HeadProjection, window_tokens: np.ndarray, decode: Any) -> pd.DataFrame:
-    """The stored pairs of a head as :func:`pairs_table` rows (``decode``: token ids -> strings)."""
+    """The stored pairs of a head as :func:`pairs_table` rows (``decode``: token ids -> strings).
+
+    Where the projections hold UMAP, its coordinates are the columns ``umap_{kind}{component}``.
+    """
     cache: dict[int, list[str]] = {}
 
     def tokens_of(row: int) -> list[str]:
@@ -97,7 +100,7 @@ def stored_pairs_table(projection: HeadProjection, window_tokens: np.ndarray, de
             cache[row] = decode(window_tokens[row])
         return cache[row]
 
-    table = pairs_table(projection.coords, tokens_of, projection.rows, projection.queries, projection.keys,
-                        projection.norms)
+    coords = {**projection.coords, **{f"umap_{kind}": layout for kind, layout in projection.umap.items()}}
+    table = pairs_table(coords, tokens_of, projection.rows, projection.queries, projection.keys, projection.norms)
     table.insert(0, "window", projection.windows)
     return table

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from headvis_core.tokens import visible
 
 COLOR_OPTIONS = ("query token", "key token", "distance", "norm")
+METHODS = ("PCA", "UMAP")
 MAX_TOKEN_COLOURS = 12
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
            "#7f7f7f", "#aec7e8", "#ffbb78")
@@ -52,11 +53,19 @@ def selected_rows(selection: dict) -> list[int]:
 
 def projection_figure(table: pd.DataFrame, kind: str, color_by: str = "distance", dims: int = 2,
                       explained: Optional[np.ndarray] = None, overlay: Optional[pd.DataFrame] = None,
-                      title: str = "") -> go.Figure:
-    """Scatter of one kind's PCA coordinates (``dims`` 2 or 3), coloured by ``color_by`` (see ``COLOR_OPTIONS``).
+                      title: str = "", method: str = "PCA") -> go.Figure:
+    """Scatter of one kind's PCA (or UMAP) coordinates (``dims`` 2 or 3), coloured by ``color_by``.
 
-    ``overlay`` (a projected prompt's pairs) is drawn on top as black crosses.
+    ``overlay`` (a projected prompt's pairs) is drawn on top as black crosses; it has PCA coordinates only
+    (a UMAP layout keeps no rotation), so it is not drawn on a UMAP figure.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}")
+    default_title = f"{kind} at the top pairs" + (" (UMAP)" if method == "UMAP" else "")
+    if method == "UMAP":
+        if f"umap_{kind}0" not in table.columns:
+            raise ValueError("this table holds no UMAP coordinates (the projections were computed without UMAP)")
+        kind, overlay, explained = f"umap_{kind}", None, None
     if color_by not in COLOR_OPTIONS:
         raise ValueError(f"color_by must be one of {COLOR_OPTIONS}")
     if dims not in (2, 3):
@@ -81,8 +90,9 @@ def projection_figure(table: pd.DataFrame, kind: str, color_by: str = "distance"
     if overlay is not None and len(overlay):
         fig.add_trace(_scatter(overlay, kind, dims, name="prompt",
                                marker=dict(size=size + 4, color="black", symbol="x")))
-    labels = [f"PC{c + 1}" + (f" ({explained[c]:.0%})" if explained is not None else "") for c in range(dims)]
-    fig.update_layout(title=title or f"{kind} at the top pairs", height=460, margin=dict(t=40, b=40, l=40, r=10),
+    axis = "UMAP" if method == "UMAP" else "PC"
+    labels = [f"{axis}{c + 1}" + (f" ({explained[c]:.0%})" if explained is not None else "") for c in range(dims)]
+    fig.update_layout(title=title or default_title, height=460, margin=dict(t=40, b=40, l=40, r=10),
                       legend=dict(itemsizing="constant"))
     if dims == 3:
         fig.update_layout(scene=dict(xaxis_title=labels[0], yaxis_title=labels[1], zaxis_title=labels[2]))

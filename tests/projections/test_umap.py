@@ -95,3 +95,31 @@ def test_without_umap_learn_asking_for_umap_is_refused_clearly(tiny_gpt2, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("error:") and "umap-learn" in err and not out.exists()
     assert load_projections(scan.path) is None  # refused before any work
+
+
+@needs_umap
+def test_the_figure_draws_the_umap_layout(projected):
+    _, scan, projections = projected
+    from headvis_core.projections.prompt import stored_pairs_table
+    from headvis_core.viz.projections import projection_figure
+
+    p = projections.head(HeadRef(0, 0))
+    table = stored_pairs_table(p, projections.arrays["window_tokens"], scan._strings)
+    assert np.array_equal(table["umap_V2"].to_numpy(), p.umap["V"][:, 2])
+    fig = projection_figure(table, "V", "distance", 3, p.fits["V"].explained, overlay=table.head(3), method="UMAP")
+    assert len(fig.data) == 1  # a UMAP layout has no rotation for a prompt's pairs
+    assert np.array_equal(np.asarray(fig.data[0].z), p.umap["V"][:, 2])
+    assert fig.layout.scene.xaxis.title.text == "UMAP1"
+    pca = projection_figure(table, "V", "distance", 2, p.fits["V"].explained)
+    assert np.array_equal(np.asarray(pca.data[0].x), p.coords["V"][:, 0])
+    assert pca.layout.xaxis.title.text.startswith("PC1")
+
+
+def test_a_umap_figure_without_umap_coordinates_is_refused():
+    import pandas as pd
+
+    from headvis_core.viz.projections import projection_figure
+
+    table = pd.DataFrame({"Q0": [0.0], "Q1": [1.0]})
+    with pytest.raises(ValueError, match="no UMAP coordinates"):
+        projection_figure(table, "Q", method="UMAP")

@@ -362,7 +362,9 @@ def estimate_query_edges(model: Any, prompts: PromptPairs, receivers: Sequence[H
         final = logits[rows, last].float()
         return (final[rows, padded.answer.to(device)] - final[rows, padded.alternative.to(device)]).sum()
 
-    _, corrupted = hooks.capture(model, padded.corrupted.to(device), [z_hook(layer) for layer in sender_layers])
+    # The senders sit below the top receiver's layer: the corrupted pass stops there (a block index < n_layers).
+    _, corrupted = hooks.capture(model, padded.corrupted.to(device), [z_hook(layer) for layer in sender_layers],
+                                 stop_at_layer=max(receiver_layers))
     clean_z, grads = _query_input_gradients(model, padded.clean.to(device), receiver_layers, sender_layers, readout)
     records = []
     for layer in sender_layers:

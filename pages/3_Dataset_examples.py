@@ -24,6 +24,7 @@ from headvis_core.projections.clusters import delete_cluster, read_clusters, sav
 from headvis_core.projections.prompt import project_prompt, stored_pairs_table
 from headvis_core.projections.run import ProjectionParams, project_scan
 from headvis_core.projections.store import load_projections
+from headvis_core.projections.umap_fit import umap_available
 from headvis_core.scan import store as scan_store
 from headvis_core.viz import projections as projection_figures
 from headvis_core.viz import scan as scan_figures
@@ -248,10 +249,14 @@ with st.expander("Projections of Q, K, V and O at the top pairs (PCA)", expanded
         p1, p2 = st.columns(2)
         n_pairs = p1.number_input("Top pairs per head", 10, 5000, 1000, key="ex_pca_pairs")
         n_windows = p2.number_input("Windows run again", 1, 1000, 64, key="ex_pca_windows")
+        with_umap = st.checkbox("Also UMAP", key="ex_pca_umap", disabled=not umap_available(),
+                                help="a UMAP layout of each kind next to the PCA (seed 0)" if umap_available()
+                                else "needs the package umap-learn (pip install umap-learn==0.5.12)")
         if st.button("Compute projections", key="ex_pca_run", disabled=not same_model,
                      help=None if same_model else f"Needs {meta['model']['name']} loaded in the sidebar."):
             with ui.user_errors():
-                project_scan(loaded, result, ProjectionParams(max_pairs=int(n_pairs), max_windows=int(n_windows)),
+                project_scan(loaded, result, ProjectionParams(max_pairs=int(n_pairs), max_windows=int(n_windows),
+                                                              umap=with_umap),
                              progress=ui.progress_bar("Projecting"))
                 st.rerun()
     else:
@@ -262,6 +267,8 @@ with st.expander("Projections of Q, K, V and O at the top pairs (PCA)", expanded
             kind = v1.selectbox("Kind", ["Q", "K", "V", "O"], index=3, key="ex_pca_kind")
             colour = v2.selectbox("Colour by", projection_figures.COLOR_OPTIONS, key="ex_pca_colour")
             dims = 3 if v3.checkbox("3-D", key="ex_pca_3d") else 2
+            method = st.radio("Method", projection_figures.METHODS, horizontal=True, key="ex_pca_method") \
+                if projections.has_umap else "PCA"
             prompt_text = st.text_input("Project this prompt (its pairs drawn with the saved rotation)",
                                         key="ex_pca_prompt")
             overlay = None
@@ -269,8 +276,11 @@ with st.expander("Projections of Q, K, V and O at the top pairs (PCA)", expanded
                 st.caption(f"Projecting a prompt needs {meta['model']['name']} loaded in the sidebar.")
             elif prompt_text:
                 overlay = project_prompt(loaded, projection, prompt_text)
+            if overlay is not None and method == "UMAP":
+                st.caption("A typed prompt is drawn in the PCA view (a UMAP layout keeps no rotation).")
             fig = projection_figures.projection_figure(table, kind, colour, dims, projection.fits[kind].explained,
-                                                       overlay, title=f"Head {head}: {kind} at its top pairs")
+                                                       overlay, title=f"Head {head}: {kind} at its top pairs "
+                                                       f"({method})", method=method)
             event = st.plotly_chart(fig, width="stretch", key="ex_pca_figure", on_select="rerun",
                                     selection_mode=("box", "lasso"))
             ui.download_figure(fig, f"pca_{kind}_{head}.html", label="Download projection (HTML)")

@@ -15,10 +15,13 @@ from headvis_core.projections import umap_fit
 from headvis_core.projections.pairs import KINDS
 from headvis_core.projections.run import ProjectionParams, project_scan
 from headvis_core.projections.store import load_projections
+from tests.app import conftest as page_fixtures
 from tests.headvis_format.scans import tiny_scan
 
 HEADS = [HeadRef(0, 0), HeadRef(1, 1)]
 PARAMS = ProjectionParams(max_pairs=40, max_windows=8, batch_size=4, umap=True, seed=3)
+scans_dir = page_fixtures.scans_dir  # the page tests' fixtures, for the page's UMAP choice
+text_dir = page_fixtures.text_dir
 needs_umap = pytest.mark.skipif(not umap_fit.umap_available(), reason="umap-learn is not installed (optional; "
                                 f"pip install {umap_fit.PIN})")
 
@@ -123,3 +126,37 @@ def test_a_umap_figure_without_umap_coordinates_is_refused():
     table = pd.DataFrame({"Q0": [0.0], "Q1": [1.0]})
     with pytest.raises(ValueError, match="no UMAP coordinates"):
         projection_figure(table, "Q", method="UMAP")
+
+
+@needs_umap
+def test_the_dataset_examples_page_computes_and_shows_umap(scans_dir, text_dir):
+    from tests.app.test_dataset_examples import run_scan_on_page
+    from tests.conftest import app_test
+
+    at = run_scan_on_page(app_test("pages/3_Dataset_examples.py", layer=1, head=1).run(), text_dir)
+    assert not at.exception and not at.error, at.exception
+    at.number_input(key="ex_pca_pairs").set_value(20)
+    at.checkbox(key="ex_pca_umap").check()
+    at = at.button(key="ex_pca_run").click().run()
+    assert not at.exception and not at.error, at.exception
+    assert at.radio(key="ex_pca_method").options == ["PCA", "UMAP"]
+    at = at.radio(key="ex_pca_method").set_value("UMAP").run()
+    assert not at.exception and not at.error, at.exception
+    at.text_input(key="ex_pca_prompt").set_value("a b c a b c")
+    at = at.run()
+    assert any("keeps no rotation" in c.value for c in at.caption)
+    stored = load_projections(next(scans_dir.iterdir()))
+    assert stored is not None and stored.has_umap
+
+
+def test_without_umap_learn_the_page_offers_pca_only(scans_dir, text_dir, monkeypatch):
+    from tests.app.test_dataset_examples import run_scan_on_page
+    from tests.conftest import app_test
+
+    monkeypatch.setattr(umap_fit, "umap", None)
+    at = run_scan_on_page(app_test("pages/3_Dataset_examples.py").run(), text_dir)
+    assert at.checkbox(key="ex_pca_umap").disabled
+    at.number_input(key="ex_pca_pairs").set_value(20)
+    at = at.button(key="ex_pca_run").click().run()
+    assert not at.exception and not at.error, at.exception
+    assert not any(r.key == "ex_pca_method" for r in at.radio)

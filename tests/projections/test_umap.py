@@ -160,3 +160,16 @@ def test_without_umap_learn_the_page_offers_pca_only(scans_dir, text_dir, monkey
     at = at.button(key="ex_pca_run").click().run()
     assert not at.exception and not at.error, at.exception
     assert not any(r.key == "ex_pca_method" for r in at.radio)
+
+
+@needs_umap
+def test_cli_umap_flag(tiny_gpt2, tmp_path, capsys):
+    scan = tiny_scan(tiny_gpt2, tmp_path)
+    out = tmp_path / "data"
+    assert main(["export-headvis", "--scan", str(scan.path), "--out", str(out), "--umap", "--seed", "1",
+                 "--pca-pairs", "20", "--pca-windows", "4"]) == 0
+    assert validate_tree(out) == []
+    stored = load_projections(scan.path)
+    assert stored.has_umap and stored.meta["params"]["seed"] == 1
+    record = json.loads((out / "umap" / "L0H0.json").read_text())
+    assert np.allclose(record["views"]["umap"]["O"]["d0"], stored.head(HeadRef(0, 0)).umap["O"][:, 0], atol=1e-5)

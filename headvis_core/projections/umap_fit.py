@@ -8,6 +8,8 @@ layout on every run of the same data (tested). Unlike the PCA, the layout has
 no rotation to keep: a typed prompt is projected with the PCA only.
 """
 
+import importlib
+import importlib.util
 import warnings
 
 import numpy as np
@@ -20,21 +22,26 @@ PIN = "umap-learn==0.5.12"
 N_NEIGHBORS = 15  # umap-learn's default; fewer where a head has fewer pairs
 MIN_DIST = 0.1
 
-try:
-    import umap
-except ImportError:  # optional: PCA only
-    umap = None
 
 
 def umap_available() -> bool:
-    return umap is not None
+    """Whether umap-learn is installed (found, not imported: its import with numba takes seconds)."""
+    return importlib.util.find_spec("umap") is not None
 
 
 def require_umap() -> None:
     """Refuse UMAP with a clear message where umap-learn is not installed."""
-    if umap is None:
+    if not umap_available():
         raise InputError(f"UMAP needs the package umap-learn, which is not installed (pip install {PIN}); "
                          "without it only PCA is available.")
+
+
+def _umap_module():
+    require_umap()
+    try:
+        return importlib.import_module("umap")
+    except ImportError as err:  # installed but broken (e.g. a numba that does not match numpy)
+        raise InputError(f"umap-learn is installed but does not import ({err}); reinstall {PIN}.") from None
 
 
 def fit_umap(vectors: Float[torch.Tensor, "pair dim"] | np.ndarray, n_components: int, seed: int = 0,
@@ -44,7 +51,7 @@ def fit_umap(vectors: Float[torch.Tensor, "pair dim"] | np.ndarray, n_components
     Needs at least ``n_components + 2`` vectors (the spectral initialisation solves for ``n_components + 1``
     eigenvectors of the neighbour graph).
     """
-    require_umap()
+    umap = _umap_module()
     data = vectors.detach().cpu().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors)
     data = data.astype(np.float32)
     n = len(data)

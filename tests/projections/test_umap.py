@@ -87,7 +87,7 @@ def test_export_writes_views_only_with_umap(projected, tmp_path):
 
 
 def test_without_umap_learn_asking_for_umap_is_refused_clearly(tiny_gpt2, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(umap_fit, "umap", None)
+    monkeypatch.setattr(umap_fit, "umap_available", lambda: False)
     assert not umap_fit.umap_available()
     with pytest.raises(InputError, match="umap-learn.*only PCA"):
         ProjectionParams(umap=True).check()
@@ -153,7 +153,7 @@ def test_without_umap_learn_the_page_offers_pca_only(scans_dir, text_dir, monkey
     from tests.app.test_dataset_examples import run_scan_on_page
     from tests.conftest import app_test
 
-    monkeypatch.setattr(umap_fit, "umap", None)
+    monkeypatch.setattr(umap_fit, "umap_available", lambda: False)
     at = run_scan_on_page(app_test("pages/3_Dataset_examples.py").run(), text_dir)
     assert at.checkbox(key="ex_pca_umap").disabled
     at.number_input(key="ex_pca_pairs").set_value(20)

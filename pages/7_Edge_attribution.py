@@ -18,6 +18,7 @@ from headvis_core.attribution.edge import (
 )
 from headvis_core.heads import HeadRef
 from headvis_core.lab.positions import induction_key
+from headvis_core.lab.prompt_lab import rank_heads_by_attention
 from headvis_core.store import cached
 from headvis_core.store.kinds import ATTRIBUTION
 from headvis_core.tokens import token_labels, tokenize_prompt
@@ -49,9 +50,19 @@ with ui.user_errors():
     prompt = tokenize_prompt(model, text)
 labels = token_labels(prompt.str_tokens)
 n = prompt.n_tokens
-default_head = ui.selected_head(loaded) or HeadRef(info.n_layers - 1, 0)
 default_query = n - 1
 default_key = induction_key(prompt.tokens[0].tolist(), default_query)
+
+
+def strongest_head() -> HeadRef:
+    """The head that attends most from the default query to the default key (one pass)."""
+    ranking = rank_heads_by_attention(model, prompt.tokens, default_query, default_key)
+    return HeadRef(int(ranking.layer.iloc[0]), int(ranking["head"].iloc[0]))
+
+
+# With no head chosen elsewhere, open on the edge's strongest head: a first look shows an edge that matters.
+default_head = ui.selected_head(loaded) or ui.session_memo(
+    "edge_default_head", f"{ui.model_key(loaded)}:{prompt.tokens[0].tolist()}", strongest_head)
 
 c1, c2, c3, c4 = st.columns(4)
 layer = c1.number_input("Layer", value=default_head.layer, step=1, key="layer", bind="query-params")

@@ -95,3 +95,18 @@ def test_dictionary_features_replace_the_key_side(tmp_path, tiny_llama):
     query_side, key_side = at.dataframe[0].value, at.dataframe[1].value
     assert key_side.component.str.startswith("F").any() and "error" in set(key_side.component)
     assert not query_side.component.str.startswith("F").any()
+
+
+def test_with_no_head_chosen_the_page_opens_on_the_strongest_head_of_the_default_edge(tiny_llama):
+    from headvis_core.lab.positions import induction_key
+    from headvis_core.lab.prompt_lab import rank_heads_by_attention
+
+    text = "abcd abcd"
+    at = app_test(PAGE, prompt=text).run()
+    assert not at.exception and not at.error
+    tokens = tiny_llama.model.to_tokens(text)
+    query = tokens.shape[1] - 1
+    key = induction_key(tokens[0].tolist(), query)
+    best = rank_heads_by_attention(tiny_llama.model, tokens, query, key).iloc[0]
+    assert (at.number_input(key="layer").value, at.number_input(key="head").value) == (best.layer, best["head"])
+    assert (at.number_input(key="q").value, at.number_input(key="k").value) == (query, key)

@@ -124,7 +124,7 @@ def collect_pairs(loaded: LoadedModel, tokens: torch.Tensor, heads: list[HeadRef
 
 
 def _fit_heads(loaded: LoadedModel, pairs: dict[HeadRef, PairVectors], params: ProjectionParams,
-               ) -> tuple[dict[str, list], dict[str, str]]:
+               progress: Optional[ProgressCallback] = None) -> tuple[dict[str, list], dict[str, str]]:
     n_components = params.n_components
     columns: dict[str, list] = {name: [] for name in ("heads", "counts", "pair_row", "pair_query", "pair_key",
                                                       "pair_norm")}
@@ -132,7 +132,9 @@ def _fit_heads(loaded: LoadedModel, pairs: dict[HeadRef, PairVectors], params: P
         for prefix in ("coords", "mean", "components", "explained") + (("umap",) if params.umap else ()):
             columns[f"{prefix}_{kind}"] = []
     skipped: dict[str, str] = {}
-    for head, found in pairs.items():
+    what = "PCA and UMAP" if params.umap else "PCA"
+    for i, (head, found) in enumerate(pairs.items()):
+        report(progress, 0.85 + 0.14 * i / len(pairs), f"{what} of head {head} ({i + 1}/{len(pairs)})")
         w_o = head_weights(loaded.model, head).double().numpy()
         vectors = {**found.vectors, "O": found.vectors["O"].astype(np.float64) @ w_o}
         try:
@@ -173,7 +175,7 @@ def project_scan(loaded: LoadedModel, scan: ScanResult, params: ProjectionParams
     skipped = {str(h): "the stored windows hold no (query, key) pair after position 0." for h in heads
                if h not in pairs}
     report(progress, 0.85, "fitting PCA" + (" and UMAP" if params.umap else "") + " per head and kind")
-    columns, fit_skipped = _fit_heads(loaded, pairs, params)
+    columns, fit_skipped = _fit_heads(loaded, pairs, params, progress)
     skipped.update(fit_skipped)
     if not columns["heads"]:
         raise InputError("No head could be projected: " + "; ".join(f"{h}: {r}" for h, r in skipped.items()))

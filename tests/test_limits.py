@@ -12,6 +12,7 @@ import pytest
 
 from headvis_core.errors import InputError
 from headvis_core.limits import (
+    DEFAULT_CAP_GB,
     GIB,
     PATTERN_COPIES,
     MemoryLimitError,
@@ -44,7 +45,7 @@ def test_the_issues_requests_are_far_over_a_few_gigabytes():
 
 def test_the_cap_comes_from_the_argument_then_the_environment_then_the_default(monkeypatch):
     monkeypatch.delenv("HEADVIS_MEMORY_CAP_GB", raising=False)
-    assert memory_cap_bytes() == 4 * GIB
+    assert memory_cap_bytes() == 6 * GIB
     monkeypatch.setenv("HEADVIS_MEMORY_CAP_GB", "2.5")
     assert memory_cap_bytes() == int(2.5 * GIB)
     assert memory_cap_bytes(1.0) == GIB
@@ -71,7 +72,7 @@ def test_a_request_over_the_cap_is_refused_with_the_estimate_the_limit_and_what_
 
 def test_an_8192_token_prompt_on_smollm2_is_refused_under_the_default_cap(smollm2, monkeypatch):
     monkeypatch.delenv("HEADVIS_MEMORY_CAP_GB", raising=False)
-    with pytest.raises(MemoryLimitError, match="over the limit of 4.0 GiB"):
+    with pytest.raises(MemoryLimitError, match=f"over the limit of {DEFAULT_CAP_GB} GiB"):
         check_forward(smollm2.model, batch=1, tokens=8192, what="this prompt")
     assert check_forward(smollm2.model, batch=1, tokens=512, what="this prompt").total < GIB
 
@@ -108,4 +109,4 @@ def test_the_issues_requests_are_refused_and_stay_under_the_cap(args, tmp_path):
     assert "error: " in err
     assert peak < memory_cap_bytes(), f"peak RSS {peak / GIB:.2f} GiB"
     if "--batch-size" not in args:
-        assert "over the limit of 4.0 GiB" in err
+        assert f"over the limit of {DEFAULT_CAP_GB} GiB" in err

@@ -12,11 +12,11 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 install: $(INSTALLED)
 
-# The project itself is installed (editable, with the test and ray extras), so tests and
+# The project itself is installed (editable, with the test, ray and umap extras), so tests and
 # bench/ import headvis_core without sys.path tricks and `headvis` is on the PATH.
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,ray]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,ray,umap]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 app: $(INSTALLED)

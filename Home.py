@@ -35,9 +35,10 @@ def settings_text(inputs: dict) -> str:
 
 loaded = ui.page_setup("HeadVis Workbench", icon=":material/hub:")
 st.markdown(
-    "Study what individual attention heads do: their behaviour across a whole data distribution (the "
-    "HeadVis idea), ablation studies and circuit graphs, on any model TransformerLens 4 can hook. "
-    "Pick a model in the sidebar; every page shares it.")
+    "Study what individual attention heads do, on any model TransformerLens 4 can hook: find a head that is "
+    "extreme on some metric (Head atlas), browse its examples across a corpus (Dataset examples), then explain "
+    "why it attends (Edge attribution). Ablation, circuit graphs, sweeps, model comparison and teaching tours "
+    "complete it. Pick a model in the sidebar; every page shares it.")
 
 left, right = st.columns([2, 3])
 with left:

@@ -51,10 +51,15 @@ def app_url(smollm2):
     pytest.importorskip("playwright")
     port = _free_port()
     env = dict(os.environ, HEADVIS_MODEL=BROWSER_MODEL)
+    ARTIFACTS.mkdir(exist_ok=True)
+    # The server's output goes to a file: an unread pipe fills up, and then the server blocks on its next
+    # log line (a burst of file-watcher warnings while the suite writes files was enough). Nothing edits
+    # the sources during the test, so the file watcher is off.
+    log = open(ARTIFACTS / "server.log", "wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "Home.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -68,7 +73,12 @@ def app_url(smollm2):
         yield base
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
 
 
 def _wait_until_idle(page, timeout_ms: int) -> None:

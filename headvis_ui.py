@@ -384,6 +384,14 @@ def corpus_roots() -> list[Path]:
     return allowed_roots([str(c) for c in configured] if configured else None)
 
 
+def corpus_roots_help() -> str:
+    """The help text of a corpus box: which folders the app may read, and who sets them."""
+    return ("The app reads corpora only under the allowed corpus roots: "
+            + ", ".join(str(root) for root in corpus_roots())
+            + ". A name like gutenberg is looked up under each root; the operator sets the roots with "
+              "HEADVIS_CORPUS_ROOTS or corpus_roots in .streamlit/secrets.toml.")
+
+
 def page_url(page_file: str, query: dict[str, Any]) -> str:
     """The relative URL of a page of this app (``pages/7_Edge_attribution.py`` -> ``Edge_attribution?...``).
 

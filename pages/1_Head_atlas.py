@@ -29,10 +29,6 @@ def cached_report(store_key: str, _result) -> bytes:
     return atlas_report_html(_result).encode("utf-8")
 
 
-CORPUS_HELP = ("The app reads corpora only under the allowed corpus roots: "
-               + ", ".join(str(root) for root in ui.corpus_roots())
-               + ". A name like gutenberg is looked up under each root; the operator sets the roots with "
-                 "HEADVIS_CORPUS_ROOTS.")
 loaded = ui.page_setup("Head atlas")
 st.caption("Every head measured on a probe set: real text for the attention metrics, repeated random tokens for "
            "induction, the weights for the OV copying score. Heads at the extremes of a metric are usually the "
@@ -44,7 +40,7 @@ with st.form("atlas_probe"):
     cols = st.columns([4, 1, 1])
     folder_text = cols[0].text_input("Corpus folder of text files (empty: the built-in prompts)", key="corpus",
                                      bind="query-params", placeholder="gutenberg, or a folder under an allowed root",
-                                     help=CORPUS_HELP)
+                                     help=ui.corpus_roots_help())
     n_seqs = cols[1].number_input("Sequences", 1, 1024, 64, key="n", bind="query-params")
     seq_len = cols[2].number_input("Tokens each", 8, 8192, 128, key="len", bind="query-params")
     st.form_submit_button("Compute atlas")

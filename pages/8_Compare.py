@@ -38,10 +38,6 @@ def stored_atlas(loaded_model, folder: str | None, n_seqs: int, seq_len: int, la
     return stored
 
 
-CORPUS_HELP = ("The app reads corpora only under the allowed corpus roots: "
-               + ", ".join(str(root) for root in ui.corpus_roots())
-               + ". A name like gutenberg is looked up under each root; the operator sets the roots with "
-                 "HEADVIS_CORPUS_ROOTS.")
 loaded = ui.page_setup("Compare models")
 st.caption("Model A is the sidebar's model. Both models' head atlases are measured on the same probe text, their "
            "behaviours compared by relative depth, and their heads paired one to one by metric profile. Two "
@@ -56,7 +52,7 @@ with st.form("compare_inputs"):
                                placeholder="/path/to/checkpoint")
     folder_text = cols[2].text_input("Corpus folder (empty: the built-in prompts)", key="corpus",
                                      bind="query-params", placeholder="gutenberg, or a folder under an allowed root",
-                                     help=CORPUS_HELP)
+                                     help=ui.corpus_roots_help())
     n_seqs = cols[3].number_input("Sequences", 1, 1024, 64, key="n", bind="query-params")
     seq_len = cols[4].number_input("Tokens each", 8, 8192, 128, key="len", bind="query-params")
     st.form_submit_button("Compare")

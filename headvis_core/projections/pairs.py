@@ -54,12 +54,13 @@ def pair_norms(pattern: Float[torch.Tensor, "*batch query key"], v: Float[torch.
 
 @dataclass
 class PairVectors:
-    """Pairs of one head: ``(window row, query, key)``, their norms, and the vectors of each kind."""
+    """Pairs of one head: ``(window row, query, key)``, their norms and attention weights, the vectors of each kind."""
 
     rows: np.ndarray  # [pair] row of the batch of windows
     queries: np.ndarray
     keys: np.ndarray
-    norms: np.ndarray
+    norms: np.ndarray  # [pair] ||A[q, k] v_k W_O||
+    weights: np.ndarray  # [pair] A[q, k]
     vectors: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> [pair, dim]
 
 
@@ -116,8 +117,8 @@ def merge_top(kept: PairVectors | None, new: PairVectors, n: int) -> PairVectors
         both = new
     else:
         both = PairVectors(*(np.concatenate([getattr(kept, f), getattr(new, f)])
-                             for f in ("rows", "queries", "keys", "norms")),
+                             for f in ("rows", "queries", "keys", "norms", "weights")),
                            vectors={kind: np.concatenate([kept.vectors[kind], new.vectors[kind]]) for kind in KINDS})
     order = np.argsort(-both.norms, kind="stable")[:n]
     return PairVectors(both.rows[order], both.queries[order], both.keys[order], both.norms[order],
-                       {kind: both.vectors[kind][order] for kind in KINDS})
+                       both.weights[order], {kind: both.vectors[kind][order] for kind in KINDS})

@@ -1,6 +1,6 @@
 """Vectors of chosen pairs run again, and "project this prompt": a typed prompt's pairs in a head's saved rotation."""
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -58,9 +58,25 @@ def context_label(str_tokens: list[str], query: int, key: int, width: int = CONT
 
 
 def pairs_table(projection_coords: dict[str, np.ndarray], str_tokens_of: Any, rows: np.ndarray,
-                queries: np.ndarray, keys: np.ndarray, norms: np.ndarray) -> pd.DataFrame:
-    """One row per pair: positions, tokens, distance, norm, context, and ``{kind}{component}`` coordinates."""
+                queries: np.ndarray, keys: np.ndarray, norms: np.ndarray,
+                weights: Optional[np.ndarray] = None) -> pd.DataFrame:
+    """One row per pair: positions, tokens, distance, per-pair metrics, context, ``{kind}{component}`` coordinates.
+
+    The metrics: ``norm`` = ``||A[q, k] v_k W_O||`` (the ranking key), ``weight`` = ``A[q, k]``, and
+    ``value_norm`` = ``||v_k W_O||`` = ``norm / weight`` (what the key would write at full attention);
+    ``weight`` and ``value_norm`` are NaN where ``weights`` is not given (projections stored before
+    weights were kept).
+    """
     table = pd.DataFrame({"row": rows, "query": queries, "key": keys, "distance": queries - keys, "norm": norms})
+    if weights is None:
+        table["weight"] = np.nan
+        table["value_norm"] = np.nan
+    else:
+        weights = np.asarray(weights, np.float64)
+        table["weight"] = weights
+        # kept pairs have norm > 0, hence weight > 0; the guard only keeps a stray zero from dividing
+        table["value_norm"] = np.divide(np.asarray(norms, np.float64), weights, out=np.full(len(weights), np.nan),
+                                        where=weights > 0)
     tokens = [str_tokens_of(int(r)) for r in rows]
     table["query_token"] = [t[q] for t, q in zip(tokens, queries)]
     table["key_token"] = [t[k] for t, k in zip(tokens, keys)]
@@ -85,7 +101,8 @@ def project_prompt(loaded: LoadedModel, projection: HeadProjection, text: str, n
     index = [torch.from_numpy(x.astype(np.int64)) for x in (rows, queries, keys)]
     vectors = vectors_at(acts["pattern"], acts["q"], acts["k"], acts["v"], w_o, *index)
     coords = {kind: projection.fits[kind].transform(vectors[kind]) for kind in KINDS}
-    return pairs_table(coords, lambda _row: prompt.str_tokens, rows, queries, keys, norms)
+    weights = acts["pattern"][index[0], index[1], index[2]].float().numpy()
+    return pairs_table(coords, lambda _row: prompt.str_tokens, rows, queries, keys, norms, weights)
 
 
 def stored_pairs_table(projection: HeadProjection, window_tokens: np.ndarray, decode: Any) -> pd.DataFrame:
@@ -101,6 +118,7 @@ def stored_pairs_table(projection: HeadProjection, window_tokens: np.ndarray, de
         return cache[row]
 
     coords = {**projection.coords, **{f"umap_{kind}": layout for kind, layout in projection.umap.items()}}
-    table = pairs_table(coords, tokens_of, projection.rows, projection.queries, projection.keys, projection.norms)
+    table = pairs_table(coords, tokens_of, projection.rows, projection.queries, projection.keys, projection.norms,
+                        projection.weights)
     table.insert(0, "window", projection.windows)
     return table

@@ -96,7 +96,8 @@ def _layer_pairs(model: Any, cache: dict[str, torch.Tensor], layer: int, heads: 
         r, qi, ki = (torch.from_numpy(x) for x in (rows, queries, keys))
         vectors = {"Q": q[r, qi, i].numpy(), "K": k[r, ki, i].numpy(), "V": v[r, ki, i].numpy(),
                    "O": weighted_values(pattern[:, i], v[:, :, i], r, qi, ki).numpy()}
-        out[head] = PairVectors(rows + row_offset, queries, keys, norms, vectors)
+        weights = pattern[r, i, qi, ki].numpy()
+        out[head] = PairVectors(rows + row_offset, queries, keys, norms, weights, vectors)
     return out
 
 
@@ -127,7 +128,7 @@ def _fit_heads(loaded: LoadedModel, pairs: dict[HeadRef, PairVectors], params: P
                progress: Optional[ProgressCallback] = None) -> tuple[dict[str, list], dict[str, str]]:
     n_components = params.n_components
     columns: dict[str, list] = {name: [] for name in ("heads", "counts", "pair_row", "pair_query", "pair_key",
-                                                      "pair_norm")}
+                                                      "pair_norm", "pair_weight")}
     for kind in KINDS:
         for prefix in ("coords", "mean", "components", "explained") + (("umap",) if params.umap else ()):
             columns[f"{prefix}_{kind}"] = []
@@ -147,7 +148,7 @@ def _fit_heads(loaded: LoadedModel, pairs: dict[HeadRef, PairVectors], params: P
         columns["heads"].append([head.layer, head.head])
         columns["counts"].append(len(found.norms))
         for name, values in (("pair_row", found.rows), ("pair_query", found.queries), ("pair_key", found.keys),
-                             ("pair_norm", found.norms)):
+                             ("pair_norm", found.norms), ("pair_weight", found.weights)):
             columns[name].append(values)
         for kind, fit in fits.items():
             columns[f"coords_{kind}"].append(fit.transform(vectors[kind]).astype(np.float32))

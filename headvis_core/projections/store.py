@@ -3,7 +3,7 @@
 The file records the SHA-256 of the scan data it was computed from; after the
 scan is recomputed the old projections are reported stale, never shown.
 Arrays: the heads, per-head offsets into the pair arrays, each pair's window
-row, query, key and norm, its coordinates per kind, and per head and kind the
+row, query, key, norm and attention weight, its coordinates per kind, and per head and kind the
 PCA mean, components and explained variance; the windows' token ids; where
 UMAP was asked for, its coordinates per kind (``umap_{kind}``).
 """
@@ -38,6 +38,7 @@ class HeadProjection:
     coords: dict[str, np.ndarray]  # kind -> [pair, component]
     fits: dict[str, PcaFit]
     umap: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> [pair, component]; {} without UMAP
+    weights: Optional[np.ndarray] = None  # [pair] A[q, k]; None in projections stored before it was kept
 
 
 @dataclass
@@ -74,7 +75,8 @@ class ProjectionSet:
         return HeadProjection(head, a["window_ids"][rows], rows, a["pair_query"][start:stop],
                               a["pair_key"][start:stop], a["pair_norm"][start:stop],
                               {kind: a[f"coords_{kind}"][start:stop] for kind in KINDS}, fits,
-                              {kind: a[f"umap_{kind}"][start:stop] for kind in KINDS} if self.has_umap else {})
+                              {kind: a[f"umap_{kind}"][start:stop] for kind in KINDS} if self.has_umap else {},
+                              a["pair_weight"][start:stop] if "pair_weight" in a else None)
 
 
 def _scan_digest(scan_folder: Path) -> str:

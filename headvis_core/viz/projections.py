@@ -2,8 +2,9 @@
 
 Input tables come from :func:`headvis_core.projections.prompt.stored_pairs_table`
 and :func:`~headvis_core.projections.prompt.project_prompt` (columns ``query_token``,
-``key_token``, ``distance``, ``norm``, ``context`` and ``{kind}{component}``).
-Token text is HTML-escaped before it reaches a hover label.
+``key_token``, ``query``, ``distance``, ``norm``, ``weight``, ``value_norm``, ``context``
+and ``{kind}{component}``). A cloud is coloured by a token (categorical) or by a per-pair
+metric (:data:`COLOR_METRICS`). Token text is HTML-escaped before it reaches a hover label.
 """
 
 import html
@@ -15,7 +16,16 @@ import plotly.graph_objects as go
 
 from headvis_core.tokens import visible
 
-COLOR_OPTIONS = ("query token", "key token", "distance", "norm")
+COLOR_TOKENS = {"query token": "query_token", "key token": "key_token"}
+# a per-pair metric: option -> (column of the pairs table, colour bar title)
+COLOR_METRICS = {
+    "distance": ("distance", "distance q - k"),
+    "attention": ("weight", "attention A[q,k]"),
+    "norm": ("norm", "||A[q,k] v_k W_O||"),
+    "value norm": ("value_norm", "||v_k W_O||"),
+    "query position": ("query", "query position"),
+}
+COLOR_OPTIONS = (*COLOR_TOKENS, *COLOR_METRICS)
 METHODS = ("PCA", "UMAP")
 MAX_TOKEN_COLOURS = 12
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
@@ -24,9 +34,26 @@ OTHER_COLOUR = "#d9d9d9"
 
 
 def _hover(table: pd.DataFrame) -> list[str]:
+    weights = table["weight"] if "weight" in table.columns else [np.nan] * len(table)
     return [f"{html.escape(visible(str(c)))}<br>q {q} \u2190 k {k} (distance {d}), norm {n:.3g}"
-            for c, q, k, d, n in zip(table["context"], table["query"], table["key"], table["distance"],
-                                     table["norm"])]
+            + ("" if np.isnan(w) else f", attention {w:.3g}")
+            for c, q, k, d, n, w in zip(table["context"], table["query"], table["key"], table["distance"],
+                                        table["norm"], weights)]
+
+
+def color_options(table: pd.DataFrame) -> list[str]:
+    """The colourings ``table`` has values for (projections stored before attention weights were kept
+    have no ``attention`` or ``value norm``)."""
+    return [option for option in COLOR_OPTIONS if option in COLOR_TOKENS
+            or table[COLOR_METRICS[option][0]].notna().all()]
+
+
+def color_values(table: pd.DataFrame, color_by: str) -> pd.Series:
+    """The per-pair values a metric colouring draws (the table's own column, unchanged)."""
+    column = COLOR_METRICS[color_by][0]
+    if column not in table.columns or not table[column].notna().all():
+        raise ValueError(f"these pairs have no {color_by!r} values (recompute the projections to get them)")
+    return table[column]
 
 
 def _scatter(table: pd.DataFrame, kind: str, dims: int, **style) -> go.Scatter | go.Scatter3d:
@@ -72,8 +99,8 @@ def projection_figure(table: pd.DataFrame, kind: str, color_by: str = "distance"
         raise ValueError("dims must be 2 or 3")
     fig = go.Figure()
     size = 4 if dims == 3 else 6
-    if color_by in ("query token", "key token"):
-        column = "query_token" if color_by == "query token" else "key_token"
+    if color_by in COLOR_TOKENS:
+        column = COLOR_TOKENS[color_by]
         common = table[column].value_counts().index[:MAX_TOKEN_COLOURS].tolist()
         groups = [(tok, table[table[column] == tok], PALETTE[i]) for i, tok in enumerate(common)]
         rest = table[~table[column].isin(common)]
@@ -83,10 +110,10 @@ def projection_figure(table: pd.DataFrame, kind: str, color_by: str = "distance"
             label = html.escape(visible(str(name))) if name != "other" else "other tokens"
             fig.add_trace(_scatter(part, kind, dims, name=label, marker=dict(size=size, color=colour, opacity=0.75)))
     else:
-        values = table[color_by]
+        values = color_values(table, color_by)
         fig.add_trace(_scatter(table, kind, dims, name="pairs", showlegend=False,
-                               marker=dict(size=size, color=values, colorscale="Viridis", opacity=0.8,
-                                           colorbar=dict(title=color_by))))
+                               marker=dict(size=size, color=values.to_numpy(), colorscale="Viridis", opacity=0.8,
+                                           colorbar=dict(title=COLOR_METRICS[color_by][1]))))
     if overlay is not None and len(overlay):
         fig.add_trace(_scatter(overlay, kind, dims, name="prompt",
                                marker=dict(size=size + 4, color="black", symbol="x")))

@@ -208,3 +208,51 @@ def test_named_clusters_are_kept_exported_and_dropped_with_recomputed_projection
     assert validate_tree(tmp_path / "data") == []
     project_scan(loaded, copied, ProjectionParams(max_pairs=20, max_windows=4), heads=[head])
     assert read_clusters(folder, head) == []  # they named pairs of the old projections
+
+
+def test_metric_colourings_draw_the_stored_per_pair_quantities(projected):
+    """Colour by attention, norm, value norm, query position, distance: each point's colour is its pair's own
+    value, checked against the model run again (A[q, k], ||A v_k W_O||, ||v_k W_O||)."""
+    from headvis_core.viz.projections import COLOR_METRICS, color_options
+
+    loaded, scan, projections = projected
+    stored = load_projections(scan.path)
+    tokens = torch.from_numpy(stored.arrays["window_tokens"])
+    for head in (HeadRef(0, 1), HeadRef(1, 2)):
+        p = stored.head(head)
+        pattern, _, _, v, _ = activations(loaded, tokens, head)
+        w_o = head_weights(loaded.model, head)
+        rows, queries, keys = (torch.from_numpy(x.astype(np.int64)) for x in (p.rows, p.queries, p.keys))
+        attention = pattern[rows, queries, keys].numpy()
+        value_norm = (v[rows, keys] @ w_o).norm(dim=-1).numpy()
+        expected = {"attention": attention, "norm": attention * value_norm, "value norm": value_norm,
+                    "query position": p.queries, "distance": p.queries - p.keys}
+        assert np.allclose(p.weights, attention, rtol=1e-5, atol=1e-7)
+        table = stored_pairs_table(p, stored.arrays["window_tokens"], scan._strings)
+        assert color_options(table) == list(COLOR_OPTIONS)
+        for option in COLOR_METRICS:
+            for dims in (2, 3):
+                fig = projection_figure(table, "K", option, dims)
+                drawn = np.asarray(fig.data[0].marker.color, np.float64)
+                assert len(fig.data) == 1 and np.allclose(drawn, expected[option], rtol=1e-4, atol=1e-7), option
+        # a typed prompt's pairs carry their own attention weights
+        overlay = project_prompt(loaded, p, "a b c a b c", n_pairs=5)
+        prompt_pattern = activations(loaded, loaded.model.to_tokens("a b c a b c"), head)[0]
+        index = [torch.from_numpy(overlay[c].to_numpy().astype(np.int64)) for c in ("row", "query", "key")]
+        assert np.allclose(overlay["weight"], prompt_pattern[index[0], index[1], index[2]].numpy(), rtol=1e-5)
+        assert np.allclose(overlay["weight"] * overlay["value_norm"], overlay["norm"], rtol=1e-5)
+
+
+def test_projections_stored_without_weights_offer_no_attention_colouring(projected):
+    from headvis_core.projections.store import ProjectionSet
+    from headvis_core.viz.projections import color_options
+
+    _, scan, projections = projected
+    old = ProjectionSet({k: v for k, v in projections.arrays.items() if k != "pair_weight"}, projections.meta)
+    p = old.head(HeadRef(1, 0))
+    assert p.weights is None
+    table = stored_pairs_table(p, old.arrays["window_tokens"], scan._strings)
+    assert "attention" not in color_options(table) and "value norm" not in color_options(table)
+    assert "norm" in color_options(table) and "query position" in color_options(table)
+    with pytest.raises(ValueError, match="recompute the projections"):
+        projection_figure(table, "Q", "attention")

@@ -191,6 +191,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"short name, HF id or local directory (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    placement = parser.add_argument_group("splitting a model across devices (instead of --device)")
+    placement.add_argument("--device-map", default=None, type=text_argument,
+                           help="auto, balanced, balanced_low_0, sequential, or a JSON object of module -> device "
+                                "such as '{\"model.embed_tokens\": 0, \"model.layers\": 1, \"lm_head\": 0}'")
+    placement.add_argument("--n-devices", default=None, type=int_at_least(1, "--n-devices"),
+                           help="split the model evenly over this many CUDA GPUs")
+    placement.add_argument("--max-memory", default=None, type=text_argument,
+                           help='per-device budgets for a strategy or --n-devices, as JSON: \'{"0": "20GiB", '
+                                '"1": "20GiB"}\'')
 
 
 def add_cache_argument(parser: argparse.ArgumentParser) -> None:
@@ -203,7 +212,23 @@ def load_model_from_args(args: argparse.Namespace):
     from headvis_core.models.loader import load_model
     from headvis_core.progress import tqdm_progress
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, progress=tqdm_progress("loading model"))
+    return load_model(args.model, device=None if args.device_map else args.device, dtype=args.dtype,
+                      progress=tqdm_progress("loading model"), **placement_from_args(args))
+
+
+def placement_from_args(args: argparse.Namespace) -> dict:
+    """``device_map``/``n_devices``/``max_memory`` for ``load_model`` from the shared model options, checked.
+
+    ``--device`` keeps its default (auto) beside ``--device-map``; only a device the user typed conflicts.
+    """
+    from headvis_core.models.devices import parse_device_map, parse_max_memory
+
+    if getattr(args, "device_map", None) and args.device not in (None, "", "auto"):
+        raise InputError(f"Give --device or --device-map, not both: --device {args.device} puts the whole model on "
+                         "one device, --device-map splits it.")
+    return {"device_map": parse_device_map(getattr(args, "device_map", None), "--device-map"),
+            "n_devices": getattr(args, "n_devices", None),
+            "max_memory": parse_max_memory(getattr(args, "max_memory", None), "--max-memory")}
 
 
 def report_stored(stored, what: str) -> None:

@@ -189,17 +189,18 @@ def allowed_keys(scores: Float[torch.Tensor, "batch head query key"]) -> torch.T
     return scores > torch.finfo(scores.dtype).min / 2
 
 
-def score_metric_sums(scores: Float[torch.Tensor, "batch head query key"]
+def score_metric_sums(scores: Float[torch.Tensor, "batch head query key"], dtype: torch.dtype = torch.float64
                       ) -> tuple[dict[str, torch.Tensor], float]:
     """Sums over (batch, query >= 1) of ``logit_std``, ``top_logit_margin``, ``logit_z_score``, ``{name: [head]}``.
 
     Args:
         scores: one layer's pre-softmax scores (``hook_attn_scores``), masked entries at the dtype's minimum.
+        dtype: the precision of the reduction (the dataset scan uses float32: half the work per layer).
     Returns:
         the sums and the number of queries summed.
     """
     allowed = allowed_keys(scores)[:, :, 1:]
-    S = scores[:, :, 1:].double()
+    S = scores[:, :, 1:].to(dtype)
     n_heads = scores.shape[1]
     if S.shape[2] == 0:
         return {name: S.new_zeros(n_heads) for name in SCORE_METRICS}, 0.0
@@ -227,23 +228,42 @@ def distance_moments(pattern: Float[torch.Tensor, "batch head query key"]) -> Fl
     return torch.stack([A.sum((1, 2)), (A * distance).sum((1, 2)), (A * distance ** 2).sum((1, 2))])
 
 
+def distance_mean_variance(moments: Float[torch.Tensor, "3 ..."]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qk_distance`` and ``qk_distance_variance`` from summed :func:`distance_moments` ``[3, ...]``; NaN
+    where there is no mass."""
+    mass, first, second = moments.double().unbind(0)
+    mean = torch.where(mass > 0, first / mass.clamp(min=1e-300), torch.nan)
+    variance = torch.where(mass > 0, (second / mass.clamp(min=1e-300) - mean ** 2).clamp(min=0), torch.nan)
+    return mean, variance
+
+
 def high_attention_token_mass(pattern: Float[torch.Tensor, "batch head query key"],
                               token_index: Int[torch.Tensor, "batch pos"],
                               n_ids: int) -> tuple[Float[torch.Tensor, "head n_ids"],
                                                    Float[torch.Tensor, "head n_ids"]]:
     """``(query side, key side)``, each ``[head, n_ids]``: the attention mass of the high-attention pairs
     (``A[q, k] >= HIGH_ATTENTION``, ``k >= 1``) per token id at the query, and at the key."""
+    by_query, by_key = high_attention_position_mass(pattern)
+    n_heads = by_query.shape[1]
+    index = token_index.to(by_query.device)
+    key_mass = by_key.new_zeros(n_heads, n_ids).index_add_(1, index[:, 1:].reshape(-1),
+                                                           by_key.permute(1, 0, 2).reshape(n_heads, -1))
+    query_mass = by_query.new_zeros(n_heads, n_ids).index_add_(1, index[:, 1:].reshape(-1),
+                                                               by_query.permute(1, 0, 2).reshape(n_heads, -1))
+    return query_mass, key_mass
+
+
+def high_attention_position_mass(pattern: Float[torch.Tensor, "batch head query key"]
+                                 ) -> tuple[Float[torch.Tensor, "batch head pos_after_0"],
+                                            Float[torch.Tensor, "batch head pos_after_0"]]:
+    """``(query side, key side)``, each ``[batch, head, position >= 1]``: the attention mass of the
+    high-attention pairs (``A[q, k] >= HIGH_ATTENTION``, ``k >= 1``) at each query position, and at each
+    key position (before it is pooled by token id)."""
     A = pattern.float()[..., 1:]
     high = A * (A >= HIGH_ATTENTION)  # [batch, head, query, key >= 1]
-    n_heads = A.shape[1]
     by_key = high.sum(2)  # [batch, head, key >= 1]
     by_query = high[:, :, 1:].sum(3)  # [batch, head, query >= 1]: query 0 sees no key >= 1
-    index = token_index.to(A.device)
-    key_mass = A.new_zeros(n_heads, n_ids).index_add_(1, index[:, 1:].reshape(-1),
-                                                       by_key.permute(1, 0, 2).reshape(n_heads, -1))
-    query_mass = A.new_zeros(n_heads, n_ids).index_add_(1, index[:, 1:].reshape(-1),
-                                                         by_query.permute(1, 0, 2).reshape(n_heads, -1))
-    return query_mass, key_mass
+    return by_query, by_key
 
 
 def entropy_bits(mass: Float[torch.Tensor, "... n"]) -> Float[torch.Tensor, "..."]:
@@ -393,9 +413,7 @@ class _MetricSums:
         for_each_layer_pattern(model, tokens, on_induction)
 
     def pair_metrics(self) -> dict[str, np.ndarray]:
-        mass, first, second = self.moments.unbind(1)  # each [layer, head]
-        mean = torch.where(mass > 0, first / mass.clamp(min=1e-300), torch.nan)
-        variance = torch.where(mass > 0, (second / mass.clamp(min=1e-300) - mean ** 2).clamp(min=0), torch.nan)
+        mean, variance = distance_mean_variance(self.moments.transpose(0, 1))  # each [layer, head]
         return {"qk_distance": mean.numpy(), "qk_distance_variance": variance.numpy(),
                 "query_token_entropy": entropy_bits(self.high_query).numpy(),
                 "key_token_entropy": entropy_bits(self.high_key).numpy()}

@@ -20,9 +20,13 @@ not kept)::
     est(t) <= true(t) <= est(t) + slack            and
     slack <= (weight - kept) / (capacity + 1)
 
-where ``weight`` is the row's total weight and ``kept`` the sum of its
-counters. No subtraction happens while a row has seen at most ``capacity``
-distinct tokens: then ``slack == 0`` and every total is exact.
+where ``weight`` is the row's total weight (carried exactly, ``weight``) and
+``kept`` the sum of its counters. No subtraction happens while a row has seen
+at most ``capacity`` distinct tokens of positive weight: then ``slack == 0``,
+``kept == weight`` and every total is exact.
+
+:func:`entropy_bits_bounded` reads the entropy of a row's token distribution
+from the summary, with a bound on its error (0 when the row is exact).
 
 Weights are held in fixed point (integers, ``FIXED_POINT`` units per 1.0,
 each item's weight rounded to that grid), so a total is independent of the
@@ -36,18 +40,20 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from headvis_core.atlas.metrics import entropy_bits
+
 FIXED_POINT = float(1 << 30)
 
 
-def to_fixed(values: Float[torch.Tensor, "..."]) -> Int[torch.Tensor, "..."]:
-    """``values`` in integer units of ``1 / FIXED_POINT`` (rounded to nearest)."""
-    return torch.round(values.double() * FIXED_POINT).to(torch.int64)
+def to_fixed(values: Float[torch.Tensor, "..."], unit: float = FIXED_POINT) -> Int[torch.Tensor, "..."]:
+    """``values`` in integer units of ``1 / unit`` (rounded to nearest); ``FIXED_POINT`` unless given."""
+    return torch.round(values.double() * unit).to(torch.int64)
 
 
-def from_fixed(units: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Fixed-point units back to float64."""
+def from_fixed(units: torch.Tensor | np.ndarray, unit: float = FIXED_POINT) -> np.ndarray:
+    """Fixed-point units (of ``1 / unit``) back to float64."""
     array = units.numpy() if isinstance(units, torch.Tensor) else np.asarray(units)
-    return array.astype(np.float64) / FIXED_POINT
+    return array.astype(np.float64) / unit
 
 
 def _merge_rows(ids: Int[torch.Tensor, "rows n"], totals: Int[torch.Tensor, "rows n"],
@@ -93,17 +99,18 @@ class HeavyHitters:
     """
 
     def __init__(self, ids: Int[torch.Tensor, "rows capacity"], totals: Int[torch.Tensor, "rows capacity"],
-                 slack: Int[torch.Tensor, " rows"]):
+                 slack: Int[torch.Tensor, " rows"], weight: Int[torch.Tensor, " rows"]):
         self.ids = ids  # int32, -1 where empty
         self.totals = totals  # int64 fixed point, largest first
         self.slack = slack  # int64 fixed point: the error bound of every estimate in the row
+        self.weight = weight  # int64 fixed point: the row's total weight, exact
         self._columns: dict[int, int] = {}  # token id -> buffer column
         self._buffer: torch.Tensor | None = None  # [rows, 2 * capacity] int64 fixed point, exact sums
 
     @classmethod
     def empty(cls, rows: int, capacity: int) -> "HeavyHitters":
         return cls(torch.full((rows, capacity), -1, dtype=torch.int32), torch.zeros(rows, capacity, dtype=torch.int64),
-                   torch.zeros(rows, dtype=torch.int64))
+                   torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, dtype=torch.int64))
 
     @property
     def capacity(self) -> int:
@@ -115,20 +122,22 @@ class HeavyHitters:
 
     def nbytes(self, with_buffer: bool = False) -> int:
         """Bytes of the counters (and of the add buffer, allocated by the first :meth:`add`)."""
-        counters = sum(t.numel() * t.element_size() for t in (self.ids, self.totals, self.slack))
+        counters = sum(t.numel() * t.element_size() for t in (self.ids, self.totals, self.slack, self.weight))
         return counters + (self.ids.shape[0] * self.buffer_columns * 8 if with_buffer else 0)
 
     def is_empty(self) -> bool:
-        return not bool((self.ids >= 0).any()) and not bool(self.slack.any()) and not self._columns
+        return (not bool((self.ids >= 0).any()) and not bool(self.slack.any()) and not bool(self.weight.any())
+                and not self._columns)
 
     def add(self, ids: Int[torch.Tensor, " n"], weights: Float[torch.Tensor, "rows n"]) -> None:
         """Add a stream segment: item ``i`` is token ``ids[i]`` with weight ``weights[row, i]`` in every row."""
         unique, inverse = torch.unique(ids.long(), return_inverse=True)
         tokens = unique.tolist()
+        units = to_fixed(weights)
+        self.weight = self.weight + units.sum(1)
         if len(tokens) > self.buffer_columns:  # more distinct tokens than the buffer holds: fold them at once
             self.flush()
-            batch = torch.zeros(weights.shape[0], len(tokens), dtype=torch.int64).index_add_(1, inverse,
-                                                                                             to_fixed(weights))
+            batch = torch.zeros(weights.shape[0], len(tokens), dtype=torch.int64).index_add_(1, inverse, units)
             self._fold(unique.to(torch.int32)[None, :].expand(weights.shape[0], -1), batch)
             return
         if len(self._columns) + sum(t not in self._columns for t in tokens) > self.buffer_columns:
@@ -136,7 +145,7 @@ class HeavyHitters:
         if self._buffer is None:
             self._buffer = torch.zeros(self.ids.shape[0], self.buffer_columns, dtype=torch.int64)
         columns = torch.tensor([self._columns.setdefault(t, len(self._columns)) for t in tokens], dtype=torch.int64)
-        self._buffer.index_add_(1, columns[inverse], to_fixed(weights))
+        self._buffer.index_add_(1, columns[inverse], units)
 
     def flush(self) -> None:
         """Fold the buffered exact sums into the counters."""
@@ -154,6 +163,7 @@ class HeavyHitters:
         other.flush()
         self._fold(other.ids, other.totals)
         self.slack = self.slack + other.slack
+        self.weight = self.weight + other.weight
 
     def _fold(self, ids: torch.Tensor, totals: torch.Tensor) -> None:
         self.ids, self.totals, subtracted = _merge_rows(torch.cat([self.ids, ids], dim=1),
@@ -166,23 +176,33 @@ class HeavyHitters:
         n = len(self._columns)
         buffer = self._buffer[:, :n] if n else torch.zeros(self.ids.shape[0], 0, dtype=torch.int64)
         return {f"{prefix}_ids": self.ids[:, :used].numpy(), f"{prefix}_totals": self.totals[:, :used].numpy(),
-                f"{prefix}_slack": self.slack.numpy(), f"{prefix}_buffer_ids": np.array(list(self._columns)),
+                f"{prefix}_slack": self.slack.numpy(), f"{prefix}_weight": self.weight.numpy(),
+                f"{prefix}_buffer_ids": np.array(list(self._columns)),
                 f"{prefix}_buffer": buffer.numpy()}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str, capacity: int) -> "HeavyHitters":
-        """The inverse of :meth:`to_arrays` for a summary of ``capacity`` counters per row."""
-        ids, totals, slack, buffer = (torch.from_numpy(np.array(arrays[f"{prefix}_{name}"]))
-                                      for name in ("ids", "totals", "slack", "buffer"))
+        """The inverse of :meth:`to_arrays` for a summary of ``capacity`` counters per row.
+
+        Raises ``ValueError`` for missing or misshapen arrays (a summary saved before ``weight`` included).
+        """
+        names = ("ids", "totals", "slack", "weight", "buffer", "buffer_ids")
+        missing = [f"{prefix}_{name}" for name in names if f"{prefix}_{name}" not in arrays]
+        if missing:
+            raise ValueError(f"the {prefix} summary lacks {', '.join(missing)}")
+        ids, totals, slack, weight, buffer = (torch.from_numpy(np.array(arrays[f"{prefix}_{name}"]))
+                                              for name in names[:5])
         buffer_ids = np.array(arrays[f"{prefix}_buffer_ids"]).astype(np.int64).tolist()
         rows = ids.shape[0] if ids.dim() == 2 else -1
         if (ids.dim() != 2 or ids.shape != totals.shape or ids.shape[1] > capacity or slack.shape != (rows,)
-                or buffer.shape != (rows, len(buffer_ids)) or len(buffer_ids) > 2 * capacity):
+                or weight.shape != (rows,) or buffer.shape != (rows, len(buffer_ids))
+                or len(buffer_ids) > 2 * capacity):
             raise ValueError(f"the {prefix} summary's arrays have the wrong shape")
         summary = cls.empty(rows, capacity)
         summary.ids[:, :ids.shape[1]] = ids.to(torch.int32)
         summary.totals[:, :ids.shape[1]] = totals.to(torch.int64)
         summary.slack = slack.to(torch.int64)
+        summary.weight = weight.to(torch.int64)
         if buffer_ids:
             summary._buffer = torch.zeros(rows, summary.buffer_columns, dtype=torch.int64)
             summary._buffer[:, :len(buffer_ids)] = buffer.to(torch.int64)
@@ -199,3 +219,38 @@ def estimates_of(kept_ids: np.ndarray, kept_totals: np.ndarray, token_ids: np.nd
     """Float totals of ``token_ids`` read from one row's counters ``kept_ids`` / ``kept_totals`` (0 if absent)."""
     lookup = dict(zip(kept_ids[kept_ids >= 0].tolist(), from_fixed(kept_totals[kept_ids >= 0]).tolist()))
     return np.array([lookup.get(int(t), 0.0) for t in token_ids], dtype=np.float64)
+
+
+def entropy_bits_bounded(totals: Int[np.ndarray, "rows capacity"], weight: Int[np.ndarray, " rows"],
+                         slack: Int[np.ndarray, " rows"], n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy in bits of each row's token distribution, read from its summary, and a bound on the error.
+
+    ``totals`` are a row's counters, ``weight`` its exact total weight and ``slack`` its Misra-Gries
+    slack (all fixed point; empty counters 0); ``n_tokens`` bounds how many distinct tokens the stream
+    holds. While nothing was pruned (``slack == 0``, so ``kept == weight``) the counters are the exact
+    totals: the entropy is exact (:func:`headvis_core.atlas.metrics.entropy_bits`) and the bound 0.
+
+    Otherwise let ``q`` be the counters normalised, ``r = 1 - kept / weight`` the mass they miss and
+    ``u`` the distribution of that missed mass over tokens. The truth is the mixture ``p = (1 - r) q +
+    r u``; each token misses at most ``slack`` (the summary's guarantee), so ``max u <= slack / (r
+    weight)``. Concavity of entropy with ``H(u) >= -log2 max u`` (min-entropy), and the mixture bound
+    ``H(p) <= sum w_i H(p_i) + H(w)`` with ``H(u) <= log2(n_tokens)``, give::
+
+        L = (1 - r) H(q) + r log2(max(1, r weight / slack))  <=  H(p)
+        H(p)  <=  (1 - r) H(q) + r log2(n_tokens) + h2(r) = U
+
+    (``h2`` the binary entropy). Returned: the middle ``(L + U) / 2`` and the half-width ``(U - L) / 2``,
+    so the true entropy is within the bound of the value. NaN for a row of no weight (or none kept).
+    """
+    totals = np.asarray(totals, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    slack = np.asarray(slack, dtype=np.float64)
+    kept_entropy = entropy_bits(torch.from_numpy(totals)).numpy()
+    missed = np.clip(weight - totals.sum(-1), 0.0, None)
+    r = np.where((weight > 0) & (slack > 0), missed / np.maximum(weight, 1.0), 0.0)
+    r_t = torch.from_numpy(r)
+    h2 = -(torch.special.xlogy(r_t, r_t) + torch.special.xlogy(1 - r_t, 1 - r_t)).numpy() / np.log(2.0)
+    min_entropy = np.log2(np.maximum(1.0, missed / np.maximum(slack, 1.0)))
+    lower = (1 - r) * kept_entropy + r * min_entropy
+    upper = (1 - r) * kept_entropy + r * np.log2(max(n_tokens, 1)) + h2
+    return (lower + upper) / 2, (upper - lower) / 2

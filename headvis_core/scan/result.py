@@ -14,13 +14,28 @@ import numpy as np
 import pandas as pd
 import torch
 
+from headvis_core.atlas.metrics import SCORE_METRICS, distance_mean_variance
 from headvis_core.errors import CorruptFileError
 from headvis_core.heads import HeadRef
-from headvis_core.scan.heavy_hitters import FIXED_POINT, estimates_of, from_fixed
+from headvis_core.scan.heavy_hitters import FIXED_POINT, entropy_bits_bounded, estimates_of, from_fixed
 from headvis_core.scan.params import N_DECILES, ScanParams
-from headvis_core.scan.state import ScanState, bin_deciles, score_bins
+from headvis_core.scan.state import SCORE_UNIT, ScanState, bin_deciles, score_bins
 from headvis_core.scan.store import read_stage
 from headvis_core.sparse_attention import SparseAttention
+
+# The HeadVis metrics as scan statistics (definitions: headvis_core.atlas.metrics and scan/run.py), one line each,
+# pooled over every query 1.. of every window of the scan: columns of ScanResult.head_summary().
+SCAN_METRIC_DESCRIPTIONS: dict[str, str] = {
+    "logit_std": "standard deviation of a query's pre-softmax scores over the keys it may see, mean over queries",
+    "top_logit_margin": "largest minus second-largest pre-softmax score of a query, mean over queries",
+    "logit_z_score": "(max - mean) / std of a query's pre-softmax scores, mean over queries",
+    "query_token_entropy": "entropy (bits) of the query tokens of pairs with attention >= 0.3 to a key past "
+                           "position 0, weighted by that attention",
+    "key_token_entropy": "entropy (bits) of the key tokens (past position 0) receiving attention >= 0.3 from a "
+                         "query, weighted by that attention",
+    "qk_distance": "query position minus key position, mean weighted by attention mass, position 0 excluded",
+    "qk_distance_variance": "variance of q - k weighted by attention mass, position 0 excluded",
+}
 
 
 @dataclass
@@ -118,6 +133,11 @@ class ScanResult:
             "hh_totals": state.tokens.totals.numpy(),
             "hh_slack": state.tokens.slack.numpy(),
             "distance_sum": from_fixed(state.distance_sum),
+            "score_sum": from_fixed(state.score_sum, SCORE_UNIT),  # [head, SCORE_METRICS]
+            "high_ids": state.high_tokens.ids.numpy(),  # rows as hh_*: heads as queries, then as keys
+            "high_totals": state.high_tokens.totals.numpy(),
+            "high_slack": state.high_tokens.slack.numpy(),
+            "high_weight": state.high_tokens.weight.numpy(),
             "vocab_ids": vocab_ids,
         }
         return cls(arrays, {**meta, "vocab": vocab})
@@ -236,8 +256,42 @@ class ScanResult:
         values = self.arrays["distance_sum"][self._slot(head)]
         return values / max(values.sum(), 1e-12)
 
+    def headvis_metrics(self) -> dict[str, np.ndarray]:
+        """``{metric: [layer * n_heads + head]}`` for :data:`SCAN_METRIC_DESCRIPTIONS`, and per side whether
+        the token entropy is exact (``query_token_entropy_exact``) and its error bound otherwise
+        (``query_token_entropy_error``: the true entropy is within it; 0 when exact).
+
+        Scans stored before these statistics give NaN for the score and entropy ones (and ``exact``
+        False); the distances come from the distance histogram every scan has.
+        """
+        heads = self.n_layers * self.n_heads
+        dist = self.arrays["distance_sum"]
+        d = np.arange(dist.shape[1], dtype=np.float64)
+        moments = torch.from_numpy(np.stack([dist.sum(1), dist @ d, dist @ d ** 2]))
+        mean, variance = distance_mean_variance(moments)
+        out = {"qk_distance": mean.numpy(), "qk_distance_variance": variance.numpy()}
+        nan = np.full(heads, np.nan)
+        if "score_sum" in self.arrays:
+            n_queries = int(self.arrays["hist"][0].sum()) * dist.shape[1]  # windows x queries 1.. of each
+            for i, name in enumerate(SCORE_METRICS):
+                out[name] = self.arrays["score_sum"][:, i] / max(n_queries, 1) if n_queries else nan
+        else:
+            out.update({name: nan for name in SCORE_METRICS})
+        for side, rows in (("query", slice(0, heads)), ("key", slice(heads, 2 * heads))):
+            if "high_totals" in self.arrays:
+                summary = [self.arrays[f"high_{name}"][rows] for name in ("totals", "weight", "slack")]
+                entropy, error = entropy_bits_bounded(*summary, n_tokens=len(self.arrays["token_ids"]))
+                exact = self.arrays["high_slack"][rows] == 0
+            else:
+                entropy, error, exact = nan, nan, np.zeros(heads, dtype=bool)
+            out[f"{side}_token_entropy"] = entropy
+            out[f"{side}_token_entropy_exact"] = exact
+            out[f"{side}_token_entropy_error"] = error
+        return out
+
     def head_summary(self) -> pd.DataFrame:
-        """One row per head: mean and top-decile window score, and its typical attention distance."""
+        """One row per head: mean and top-decile window score, its typical attention distance, and the HeadVis
+        metrics (:data:`SCAN_METRIC_DESCRIPTIONS`; see :meth:`headvis_metrics`)."""
         hist = self.arrays["hist"].astype(np.float64)
         n_bins = hist.shape[1]
         centres = (np.arange(n_bins) + 0.5) / n_bins
@@ -259,6 +313,7 @@ class ScanResult:
             "mode_distance": dist_share.argmax(1),
             "share_at_mode": dist_share.max(1),
             "mean_distance": (dist_share * np.arange(dist.shape[1])).sum(1),
+            **self.headvis_metrics(),
         })
 
     def examples_table(self, head: HeadRef) -> pd.DataFrame:

@@ -3,9 +3,10 @@
 The corpus is cut into windows of ``window_len`` tokens (BOS put in front
 where the model uses one) and run through the model in batches. A hook on
 each layer's ``hook_pattern`` reduces the ``[batch, head, query, key]``
-pattern at once, so no pattern outlives its layer, and the pass stops at the
-last layer's pattern (no last MLP, final norm or unembedding: a scan needs no
-logits). For every head it keeps:
+pattern at once, and one on its ``hook_attn_scores`` (pre-softmax) reduces
+the scores to three sums per head, so neither outlives its layer; the pass
+stops at the last layer's pattern (no last MLP, final norm or unembedding: a
+scan needs no logits). For every head it keeps:
 
 * **window score**: each window's maximum attention weight, excluding the
   row and the column of position 0 (the BOS/first token, where heads park
@@ -36,6 +37,33 @@ logits). For every head it keeps:
 * **distance histogram**: attention weight summed by query-key distance
   ``q - k`` over positions 1.., which separates previous-token heads
   (distance 1), local heads and long-range (induction, duplicate) heads.
+* **the HeadVis metrics** (Anthropic 2025, HeadVis ``compute_head_metrics``;
+  definitions in :mod:`headvis_core.atlas.metrics`, whose functions compute
+  them here too), each pooled over every query ``q >= 1`` of every window,
+  as the atlas pools them over its probe set:
+
+  - ``logit_std``, ``top_logit_margin``, ``logit_z_score``: per query, from
+    the pre-softmax scores over the keys the mask allows
+    (:func:`~headvis_core.atlas.metrics.score_metric_sums`, in float32 on the
+    hook's device), summed per batch and kept in fixed point (int64, units of
+    ``1 / SCORE_UNIT``), so a merge is integer addition; the mean divides by
+    ``windows x (seq_len - 1)`` queries.
+  - ``qk_distance``, ``qk_distance_variance``: the mass-weighted mean and
+    variance of ``q - k`` over pairs with ``k >= 1``, read from the distance
+    histogram above. That histogram sums ``A[q, k]`` over exactly the pairs
+    :func:`~headvis_core.atlas.metrics.distance_moments` sums (``k >= 1``;
+    query 0 has no such key), so its moments are the atlas's, up to the
+    fixed-point rounding of each batch's sum (``2**-30``).
+  - ``query_token_entropy``, ``key_token_entropy``: the entropy in bits of
+    the token ids under the high-attention mass (pairs with ``A[q, k] >=
+    HIGH_ATTENTION``, ``k >= 1``, weighted by ``A``;
+    :func:`~headvis_core.atlas.metrics.high_attention_position_mass`) at the
+    query and at the key. That mass per token id is a second pair of bounded
+    heavy-hitters summaries beside the top tokens': the entropy is exact
+    while a head has at most ``token_capacity`` distinct high-attention
+    tokens on that side (the summary's ``slack`` is then 0, and the result
+    records it); beyond that, the result gives a bound on its error
+    (:func:`headvis_core.scan.heavy_hitters.entropy_bits_bounded`).
 
 All state (:mod:`headvis_core.scan.state`) has a fixed size set by the model
 and the parameters, whatever the corpus size. Results live under
@@ -53,6 +81,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -60,9 +89,10 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from headvis_core.atlas.metrics import for_each_layer_pattern
+from headvis_core.atlas.metrics import SCORE_METRICS, high_attention_position_mass, run_until, score_metric_sums
 from headvis_core.data.corpus import Corpus, iter_window_batches
 from headvis_core.errors import CorruptFileError, InputError
+from headvis_core.hooks import pattern_hook
 from headvis_core.models.loader import LoadedModel
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.scan import store
@@ -107,8 +137,18 @@ def reduce_layer_pattern(state: ScanState, layer: int, pattern: Float[torch.Tens
     cand_batch, cand_head = torch.nonzero(win_max > heap_floor[None, :], as_tuple=True)
     cand = _stored_sparse_rows(p[cand_batch, cand_head], state.k)
     res = _stored_sparse_rows(p[res_rows.to(p.device)], state.k)
+    high_paid, high_received = high_attention_position_mass(p)
     return LayerBatch(win_max.cpu(), inner.sum(-1).cpu(), inner.sum(-2).cpu(), per_distance[:, :n].cpu(),
-                      cand_batch.cpu(), cand_head.cpu(), *cand, *res)
+                      cand_batch.cpu(), cand_head.cpu(), *cand, *res, high_paid.cpu(), high_received.cpu())
+
+
+def reduce_layer_scores(scores: Float[torch.Tensor, "batch head query key"]) -> Float[torch.Tensor, "head 3"]:
+    """``[head, SCORE_METRICS]``: each score statistic summed over the batch's queries ``q >= 1``.
+
+    Reduced in float32 where the scores live (the masked entries are found in the scores' own dtype).
+    """
+    sums, _ = score_metric_sums(scores.detach(), dtype=torch.float32)
+    return torch.stack([sums[name] for name in SCORE_METRICS], dim=1).double().cpu()
 
 
 @dataclass
@@ -123,19 +163,28 @@ class ReducedBatch:
 
 def reduce_batch(model: Any, state: ScanState, seq_tokens: Int[torch.Tensor, "batch pos"], indices: np.ndarray,
                  device: Any = "cpu") -> ReducedBatch:
-    """Run one batch and reduce each layer's pattern in its hook; ``state`` is read, never changed.
+    """Run one batch and reduce each layer's scores and pattern in their hooks; ``state`` is read, never changed.
 
-    The pass stops at the last layer's pattern (:func:`headvis_core.atlas.metrics.for_each_layer_pattern`):
-    the last MLP, the final norm and the unembedding never run, since the scan needs no logits.
+    The pass stops at the last layer's pattern (:func:`headvis_core.atlas.metrics.run_until`): the last
+    MLP, the final norm and the unembedding never run, since the scan needs no logits.
     """
     res_rows, res_slots, priorities = state.plan_reservoir(indices)
     rows = torch.from_numpy(res_rows)
     out: dict[int, LayerBatch] = {}
+    score_sums: dict[int, torch.Tensor] = {}
+
+    def reduce_scores(layer: int, scores: torch.Tensor) -> None:
+        score_sums[layer] = reduce_layer_scores(scores)
 
     def reduce_pattern(layer: int, pattern: torch.Tensor) -> None:
         out[layer] = reduce_layer_pattern(state, layer, pattern, rows)
+        out[layer].score_sums = score_sums.pop(layer, None)
 
-    for_each_layer_pattern(model, seq_tokens.to(device), reduce_pattern, range(state.n_layers))
+    hooks = {}
+    for layer in range(state.n_layers):  # the scores hook fires before the pattern hook of its layer
+        hooks[f"blocks.{layer}.attn.hook_attn_scores"] = partial(reduce_scores, layer)
+        hooks[pattern_hook(layer)] = partial(reduce_pattern, layer)
+    run_until(model, seq_tokens.to(device), hooks, last=pattern_hook(state.n_layers - 1))
     return ReducedBatch(out, res_rows, res_slots, priorities)
 
 

@@ -5,15 +5,18 @@ of window scores, the exact running top-``top_examples`` windows, a shared
 reservoir sample of windows (chosen by a hash-derived priority of the window
 index, so a resumed scan keeps the same sample), bounded summaries of the
 attention paid and received per token (:mod:`headvis_core.scan.heavy_hitters`)
-and attention summed by query-key distance. Its size depends on the model and
-the parameters only, never on the corpus, and (but for one count per
-vocabulary entry) not on the vocabulary.
+and attention summed by query-key distance; for the HeadVis metrics
+(:mod:`headvis_core.atlas.metrics`), the sums of the three score statistics
+over queries and bounded summaries of the high-attention mass per token at
+the query and at the key. Its size depends on the model and the parameters
+only, never on the corpus, and (but for one count per vocabulary entry) not on
+the vocabulary.
 
 States of disjoint shards merge exactly (:meth:`ScanState.merge_state`):
-histograms, counts and the distance sums are integers (fixed point), the top
-windows are ordered by (score, window index), the reservoir by (priority,
-window index), and the token summaries are merged one shard at a time in
-shard order, in a one-process scan as in a sharded one.
+histograms, counts, the distance sums and the score sums are integers (fixed
+point), the top windows are ordered by (score, window index), the reservoir by
+(priority, window index), and the token summaries are merged one shard at a
+time in shard order, in a one-process scan as in a sharded one.
 """
 
 
@@ -23,9 +26,14 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from headvis_core.atlas.metrics import SCORE_METRICS
 from headvis_core.errors import CorruptFileError
 from headvis_core.scan.heavy_hitters import HeavyHitters, to_fixed
 from headvis_core.scan.params import N_DECILES, ScanParams
+
+# Fixed-point unit of the score sums: 2**-20 (1e-6) per batch's sum is far below the scores' float32
+# noise, and an int64 then holds 8.8e12 (e.g. 1e11 queries with a z-score of 88) before it overflows.
+SCORE_UNIT = float(1 << 20)
 
 
 def window_priorities(indices: np.ndarray, seed: int) -> np.ndarray:
@@ -75,6 +83,9 @@ class LayerBatch:
     res_keys: Int[torch.Tensor, "incoming head pos k"]
     res_values: Float[torch.Tensor, "incoming head pos k"]
     res_first: Float[torch.Tensor, "incoming head pos"]
+    high_paid: Float[torch.Tensor, "batch head pos_after_0"]  # high-attention mass at each query position
+    high_received: Float[torch.Tensor, "batch head pos_after_0"]  # and at each key position
+    score_sums: Float[torch.Tensor, "head 3"] | None = None  # SCORE_METRICS summed over the batch's queries
 
 
 class ScanState:
@@ -85,7 +96,8 @@ class ScanState:
 
     ARRAYS = ("hist", "top_scores", "top_window", "top_tokens", "top_keys", "top_values", "top_first",
               "res_priority", "res_window", "res_tokens", "res_scores", "res_keys", "res_values", "res_first",
-              "distance_sum")
+              "distance_sum", "score_sum")
+    SUMMARIES = ("tokens", "shard_tokens", "high_tokens", "shard_high_tokens")
 
     def __init__(self, n_layers: int, n_heads: int, seq_len: int, d_vocab: int, params: ScanParams):
         self.n_layers = n_layers
@@ -102,9 +114,16 @@ class ScanState:
         capacity = min(params.token_capacity, d_vocab)
         self.tokens = HeavyHitters.empty(2 * heads, capacity)
         self.shard_tokens = HeavyHitters.empty(2 * heads, capacity)
-        self._batch_weights: torch.Tensor | None = None  # [2 * heads, tokens of the batch], filled layer by layer
+        # The same rows for the high-attention mass (A >= HIGH_ATTENTION, key >= 1): the token entropies.
+        self.high_tokens = HeavyHitters.empty(2 * heads, capacity)
+        self.shard_high_tokens = HeavyHitters.empty(2 * heads, capacity)
+        # [2 * heads, tokens of the batch], filled layer by layer: attention paid/received, and its high part
+        self._batch_weights: torch.Tensor | None = None
+        self._batch_high: torch.Tensor | None = None
         self.token_count = torch.zeros(d_vocab, dtype=torch.int64)
         self.distance_sum = torch.zeros(heads, seq_len - 1, dtype=torch.int64)  # fixed point (heavy_hitters)
+        # [head, SCORE_METRICS] sums over queries 1.. of every window, fixed point in units of 1 / SCORE_UNIT
+        self.score_sum = torch.zeros(heads, len(SCORE_METRICS), dtype=torch.int64)
 
     def _init_histogram_and_top(self, heads: int) -> None:
         m, s, k = self.params.top_examples, self.seq_len, self.k
@@ -134,7 +153,8 @@ class ScanState:
     def nbytes(self) -> int:
         tensors = [getattr(self, name) for name in self.ARRAYS] + [self.token_count]
         arrays = sum(t.numel() * t.element_size() for t in tensors)
-        return arrays + self.tokens.nbytes() + self.shard_tokens.nbytes(with_buffer=True)
+        summaries = self.tokens.nbytes() + self.shard_tokens.nbytes(with_buffer=True)
+        return arrays + summaries + self.high_tokens.nbytes() + self.shard_high_tokens.nbytes(with_buffer=True)
 
     # -- planning and merging -----------------------------------------------------------------
 
@@ -158,6 +178,9 @@ class ScanState:
         self.hist[h0:h1].scatter_add_(1, bins, torch.ones_like(bins))
         self._merge_token_sums(h0, h1, batch, seq_tokens)
         self.distance_sum[h0:h1] += to_fixed(batch.distance)
+        if batch.score_sums is None:
+            raise ValueError(f"layer {layer}'s batch has no score sums (hook_attn_scores did not fire)")
+        self.score_sum[h0:h1] += to_fixed(batch.score_sums, SCORE_UNIT)
         if len(batch.cand_batch):
             self._merge_top(h0, h1, scores, batch, seq_tokens, indices)
         if len(res_rows):
@@ -170,10 +193,13 @@ class ScanState:
     def _merge_token_sums(self, h0: int, h1: int, batch: LayerBatch, seq_tokens: torch.Tensor) -> None:
         """Keep the layer's per-position attention paid and received; :meth:`count_tokens` folds the batch."""
         heads = self.n_layers * self.n_heads
-        if self._batch_weights is None:
+        if self._batch_weights is None or self._batch_high is None:
             self._batch_weights = torch.zeros(2 * heads, batch.paid.shape[0] * batch.paid.shape[2])
-        self._batch_weights[h0:h1] = batch.paid.permute(1, 0, 2).reshape(self.n_heads, -1)
-        self._batch_weights[heads + h0:heads + h1] = batch.received.permute(1, 0, 2).reshape(self.n_heads, -1)
+            self._batch_high = torch.zeros_like(self._batch_weights)
+        for weights, paid, received in ((self._batch_weights, batch.paid, batch.received),
+                                        (self._batch_high, batch.high_paid, batch.high_received)):
+            weights[h0:h1] = paid.permute(1, 0, 2).reshape(self.n_heads, -1)
+            weights[heads + h0:heads + h1] = received.permute(1, 0, 2).reshape(self.n_heads, -1)
 
     def _merge_top(self, h0: int, h1: int, scores: torch.Tensor, batch: LayerBatch, seq_tokens: torch.Tensor,
                    indices: np.ndarray) -> None:
@@ -219,18 +245,20 @@ class ScanState:
         """Count the batch's tokens at positions 1.. and its windows; fold its token weights into the summary."""
         text = seq_tokens[:, 1:].reshape(-1)
         self.token_count.index_add_(0, text, torch.ones_like(text))
-        if self._batch_weights is not None:
+        if self._batch_weights is not None and self._batch_high is not None:
             self.shard_tokens.add(text, self._batch_weights)
-            self._batch_weights = None
+            self.shard_high_tokens.add(text, self._batch_high)
+            self._batch_weights = self._batch_high = None
         self.n_windows += n_windows
         if self.n_windows % self.params.shard_windows == 0:
             self.end_shard()
 
     def end_shard(self) -> None:
-        """Merge the token summary of the shard in progress into that of the finished shards."""
-        if not self.shard_tokens.is_empty():
-            self.tokens.merge(self.shard_tokens)
-            self.shard_tokens = HeavyHitters.empty(*self.tokens.ids.shape)
+        """Merge the token summaries of the shard in progress into those of the finished shards."""
+        for finished, current in (("tokens", "shard_tokens"), ("high_tokens", "shard_high_tokens")):
+            if not getattr(self, current).is_empty():
+                getattr(self, finished).merge(getattr(self, current))
+                setattr(self, current, HeavyHitters.empty(*getattr(self, finished).ids.shape))
 
     def merge_state(self, shard: "ScanState") -> None:
         """Fold the state of the next shard (scanned from an empty state, its shard ended) into this one.
@@ -238,13 +266,16 @@ class ScanState:
         Exact: the result does not depend on how the windows were split into shards, as long as the
         token summaries of the shards are merged in shard order (see the module docstring).
         """
-        if not self.shard_tokens.is_empty() or not shard.shard_tokens.is_empty():
-            raise ValueError("merge_state needs both states at a shard boundary (end_shard first)")
+        for state in (self, shard):
+            if not state.shard_tokens.is_empty() or not state.shard_high_tokens.is_empty():
+                raise ValueError("merge_state needs both states at a shard boundary (end_shard first)")
         self.hist += shard.hist
         self.distance_sum += shard.distance_sum
+        self.score_sum += shard.score_sum
         self.token_count += shard.token_count
         self.n_windows += shard.n_windows
         self.tokens.merge(shard.tokens)
+        self.high_tokens.merge(shard.high_tokens)
         self._merge_top_state(shard)
         self._merge_reservoir_state(shard)
 
@@ -290,11 +321,18 @@ class ScanState:
         for name, axis in RESERVOIR.items():
             arrays[name] = getattr(self, name).index_select(axis, slots).numpy()
         seen = torch.nonzero(self.token_count).flatten()
-        arrays.update(seen_ids=seen.numpy(), seen_count=self.token_count[seen].numpy(),
-                      **self.tokens.to_arrays("tokens"), **self.shard_tokens.to_arrays("shard_tokens"))
+        arrays.update(seen_ids=seen.numpy(), seen_count=self.token_count[seen].numpy())
+        for name in self.SUMMARIES:
+            arrays.update(getattr(self, name).to_arrays(name))
         return arrays
 
     def load_arrays(self, arrays: dict[str, np.ndarray], n_windows: int) -> None:
+        """Restore :meth:`to_arrays`; :class:`CorruptFileError` for a checkpoint that does not fit (one
+        saved before an array existed, or by other parameters)."""
+        missing = [name for name in self.ARRAYS + ("res_slots", "seen_ids", "seen_count") if name not in arrays]
+        if missing:
+            raise CorruptFileError(f"The scan checkpoint lacks {', '.join(missing)} (an older format); "
+                                   "it will be recomputed.")
         slots = torch.from_numpy(np.array(arrays["res_slots"])).long()
         for name in self.ARRAYS:
             current = getattr(self, name)
@@ -310,7 +348,7 @@ class ScanState:
             setattr(self, name, value)
         seen = torch.from_numpy(np.array(arrays["seen_ids"])).long()
         self.token_count[seen] = torch.from_numpy(np.array(arrays["seen_count"]))
-        for name in ("tokens", "shard_tokens"):
+        for name in self.SUMMARIES:
             try:
                 summary = HeavyHitters.from_arrays(arrays, name, self.tokens.capacity)
             except ValueError as err:

@@ -1,9 +1,11 @@
 """The bounded token state: Misra-Gries summaries against exact totals on streams where the truth is known."""
 
 import numpy as np
+import pytest
 import torch
 
-from headvis_core.scan.heavy_hitters import FIXED_POINT, HeavyHitters, from_fixed, to_fixed
+from headvis_core.atlas.metrics import entropy_bits
+from headvis_core.scan.heavy_hitters import FIXED_POINT, HeavyHitters, entropy_bits_bounded, from_fixed, to_fixed
 
 ROWS, VOCAB = 3, 2000
 
@@ -45,6 +47,7 @@ def check_bound(summary: HeavyHitters, truth: torch.Tensor) -> None:
         assert bool((est <= truth[row]).all())
         assert bool((truth[row] <= est + slack).all())
         weight, kept_weight = int(truth[row].sum()), int(summary.totals[row].sum())
+        assert int(summary.weight[row]) == weight  # the total weight is carried exactly
         assert slack * (summary.capacity + 1) <= weight - kept_weight
 
 
@@ -125,3 +128,26 @@ def test_fixed_point_round_trip_and_arrays():
     assert torch.equal(again.ids, summary.ids) and torch.equal(again.totals, summary.totals)
     assert torch.equal(again.slack, summary.slack)
     assert HeavyHitters.empty(2, 4).is_empty() and not summary.is_empty()
+
+
+def test_entropy_read_from_a_summary_is_exact_without_pruning_and_within_its_bound_with_it():
+    stream = zipf_stream(6)
+    truth = exact_totals(stream)
+    true_entropy = entropy_bits(truth).numpy()
+    n_tokens = int((truth > 0).any(0).sum())
+
+    def read(summary):
+        return entropy_bits_bounded(summary.totals.numpy(), summary.weight.numpy(), summary.slack.numpy(), n_tokens)
+
+    whole = summarise(stream, capacity=VOCAB)
+    value, bound = read(whole)
+    assert (whole.slack == 0).all() and (bound == 0).all()
+    assert value == pytest.approx(true_entropy, rel=1e-12)
+    bounds = []
+    for capacity in (16, 64, 256):
+        summary = summarise(stream, capacity)
+        value, bound = read(summary)
+        assert (summary.slack > 0).all() and (bound > 0).all()
+        assert (np.abs(value - true_entropy) <= bound + 1e-12).all()
+        bounds.append(bound)
+    assert (bounds[2] < bounds[0]).all()  # more counters, a tighter bound

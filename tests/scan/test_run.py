@@ -229,6 +229,7 @@ def assert_resumes_to_the_whole_scan(loaded, corpus, out_dir, windows_saved, tmp
     resumed = run_scan(loaded, corpus, INTERRUPT_PARAMS, out_dir=out_dir, batch_size=4)
     whole = run_scan(loaded, corpus, INTERRUPT_PARAMS, out_dir=tmp_path / "whole", batch_size=4)
     assert resumed.meta["resumed_from"] == windows_saved and whole.meta["resumed_from"] == 0
+    assert {"score_sum", "high_totals", "high_slack", "high_weight"} <= set(whole.arrays)  # the HeadVis statistics
     for name in whole.arrays:
         assert np.array_equal(resumed.arrays[name], whole.arrays[name], equal_nan=True), name
 

@@ -3,6 +3,7 @@
 import random
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from headvis_core.data.corpus import open_corpus
@@ -63,6 +64,12 @@ def test_merged_shards_equal_the_one_process_scan(request, word_corpus, tmp_path
     whole = run_scan(loaded, word_corpus, params, out_dir=tmp_path, batch_size=4)
     sharded = merged_shards(loaded, word_corpus, params, batch_size=4, order=[3, 0, 5, 1, 4, 2])
     assert_same_arrays(whole, sharded)
+    # the HeadVis statistics: fixed-point score sums and the high-attention token summaries
+    assert {"score_sum", "high_ids", "high_totals", "high_slack", "high_weight"} <= set(whole.arrays)
+    assert (whole.arrays["score_sum"] != 0).all()
+    pd.testing.assert_frame_equal(whole.head_summary(), sharded.head_summary())
+    high_slack = whole.arrays["high_slack"]
+    assert (high_slack > 0).any() if capacity == 6 else (high_slack == 0).all()
     slack = whole.arrays["hh_slack"]
     assert (slack > 0).all() if capacity == 6 else (slack == 0).all()
     table = whole.top_tokens(HeadRef(0, 0), "key", n=5, min_count=1)

@@ -11,14 +11,14 @@ import headvis_ui as ui
 from headvis_core import scan as scans
 from headvis_core.attribution.edge import EdgeSpec, attribution_link_for_window
 from headvis_core.data.corpus import open_corpus
-from headvis_core.data.roots import check_corpus_path, list_corpora, resolve_app_corpus
-from headvis_core.errors import CorruptFileError, HeadVisError
+from headvis_core.data.roots import DisallowedPathError, check_corpus_path, list_corpora, resolve_app_corpus
+from headvis_core.errors import CorruptFileError, HeadVisError, InputError
 from headvis_core.heads import HeadRef
-from headvis_core.headvis_format.contract import is_tree
+from headvis_core.headvis_format.contract import CUSTOM_INTERVAL, is_tree
 from headvis_core.headvis_format.custom import add_custom_sequence, delete_custom_sequence, read_custom_sequences
 from headvis_core.headvis_format.export import export_headvis
 from headvis_core.headvis_format.importer import ImportedScan, example_from_record, open_any_scan
-from headvis_core.headvis_format.links import parse_deep_link
+from headvis_core.headvis_format.links import DEFAULT_TAB, TABS, parse_deep_link
 from headvis_core.limits import check_scan_memory
 from headvis_core.projections.clusters import delete_cluster, read_clusters, save_cluster
 from headvis_core.projections.prompt import project_prompt, stored_pairs_table
@@ -33,7 +33,7 @@ from headvis_core.viz.token_view import token_view_html
 loaded = ui.page_setup("Dataset examples")
 info = loaded.info
 state = st.session_state
-ui.repair_url(integers=("min_count",))
+ui.repair_url(integers=("min_count",), flags=("pca_3d",))
 
 
 @st.cache_resource(max_entries=4, show_spinner="Opening the stored scan...")
@@ -62,11 +62,44 @@ c3.caption("The head chosen here is shared with the other pages (and comes from 
            "there).")
 
 # -- scan: run or open ----------------------------------------------------------------------------------------
+def open_tree(path: str) -> Path:
+    """A HeadVis data/ tree typed on the page or named by ?scan=: only under the allowed corpus roots."""
+    try:
+        tree = check_corpus_path(path, ui.corpus_roots())  # like a corpus: only under the allowed roots
+    except DisallowedPathError as err:
+        roots = ", ".join(str(root) for root in ui.corpus_roots())
+        raise DisallowedPathError(f"HeadVis data is opened only from the allowed corpus roots ({roots}); "
+                                  f"{path!r} is outside them.") from err
+    if not is_tree(tree):
+        raise CorruptFileError(f"{path!r} is not HeadVis data: it needs config.json and a heads/ folder.")
+    return tree
+
+
+def folder_from_url(value: str) -> Path:
+    """?scan=: a stored scan's folder name (looked up in the scans root only) or an imported HeadVis tree's path."""
+    name = Path(value).name
+    stored_folder = scan_store.scans_root() / name
+    if value == name and name not in (".", "..") and stored_folder.exists():
+        return stored_folder
+    try:
+        return open_tree(value)
+    except DisallowedPathError:
+        raise
+    except InputError:
+        if value == name:
+            return stored_folder  # neither: opening it says that no scan is stored there
+        raise InputError(f"?scan={value!r} names no stored scan and no HeadVis data under the allowed corpus "
+                         "roots.") from None
+
+
 stored = [s for s in scans.list_scans(model_name=info.name)]
 folder = None
 url_scan = ui.query_param("scan")
 if url_scan and "ex_scan_folder" not in state:
-    state.ex_scan_folder = str(scan_store.scans_root() / Path(url_scan).name)
+    try:
+        state.ex_scan_folder = str(folder_from_url(url_scan))
+    except HeadVisError as err:  # the page goes on: a scan can still be run or opened
+        st.error(f"The link's scan is not opened: {err}")
 
 run_tab, open_tab = st.tabs(["Run a scan", f"Open a stored scan ({len(stored)})"])
 with run_tab:
@@ -122,18 +155,15 @@ with open_tab:
                                    "the allowed corpus roots; read without a model.")
     if tree_path and st.button("Open HeadVis data", key="ex_open_tree"):
         with ui.user_errors():
-            tree = check_corpus_path(tree_path, ui.corpus_roots())  # like a corpus: only under the allowed roots
-            if not is_tree(tree):
-                raise CorruptFileError(f"{tree_path!r} is not HeadVis data: it needs config.json and a heads/ "
-                                       "folder.")
-            state.ex_scan_folder = str(tree)
+            state.ex_scan_folder = str(open_tree(tree_path))
 
 if "ex_scan_folder" not in state:
     st.info("Run a scan or open a stored one to see this head's examples.")
     st.stop()
 
 folder = Path(state.ex_scan_folder)
-ui.set_query_params(scan=folder.name)
+# a stored scan by its name (it lives in the scans root); an imported tree by its path, checked again on reopening
+ui.set_query_params(scan=folder.name if folder.parent == scan_store.scans_root() else str(folder))
 try:
     result = open_scan(str(folder), files_stamp(folder))
 except CorruptFileError as err:
@@ -150,17 +180,22 @@ params = result.params
 st.subheader(f"Head {head} on {result.n_windows} windows of {params.window_len} tokens")
 st.caption(f"{meta['corpus']['description']}; scanned {meta['created']}. A window's score is its largest attention "
            "weight outside the row and column of position 0; deciles of that score, 10 = highest. Examples per decile "
-           "are a random sample; 'Top' holds the exact highest-scoring windows.")
+           "are a random sample; 'top' holds the exact highest-scoring windows.")
 
-link = parse_deep_link(st.query_params.to_dict(), result.n_layers, result.n_heads, len(buckets))
-for note in link.notes:
-    st.caption(note)
-labels = ["Top"] + [f"Decile {b.decile}" for b in buckets]
-opened = f"Decile {link.interval}" if "interval" in st.query_params and not link.custom else "Top"
-tabs = st.tabs(labels, default=opened)
 imported = isinstance(result, ImportedScan)
 same_model = meta["model"]["name"] == info.name and (result.n_layers, result.n_heads) == (info.n_layers,
                                                                                            info.n_heads)
+# HeadVis's deep link ?layer=&head=&tab=&interval= (interval -1: the custom sequences). The view and the interval
+# are widgets bound to those URL parameters, so the URL always names the view shown; an option's label is its
+# value in the URL, hence HeadVis's names. "top" (the default, absent from the URL) is ours: the exact top windows.
+TOP = "top"
+link_params = {k: v for k, v in st.query_params.to_dict().items() if not (k == "interval" and v == TOP)}
+for note in parse_deep_link(link_params, result.n_layers, result.n_heads, len(buckets)).notes:
+    st.caption(note)
+view = st.segmented_control("View", TABS, default=DEFAULT_TAB, key="tab", bind="query-params", required=True,
+                            help="examples: windows by interval; tokens: top query and key tokens, distances; "
+                                 "pca: projections of Q, K, V and O at the top pairs; custom: prompts typed for "
+                                 "this head. The URL's ?tab= keeps the choice.")
 
 
 def show_examples(examples, label: str) -> None:
@@ -178,19 +213,13 @@ def show_examples(examples, label: str) -> None:
                                 {"model": info.name, **edge["query"]})
 
 
-with tabs[0]:
-    show_examples(result.top_examples(head), "the top")
-for tab, bucket in zip(tabs[1:], buckets):
-    with tab:
-        st.caption(f"{bucket.n_windows} windows with scores {bucket.low:.3f} to {bucket.high:.3f}.")
-        show_examples(bucket.examples, f"decile {bucket.decile}")
-with st.expander("Custom sequences for this head", expanded=link.custom or link.tab == "custom"):
+def show_custom_sequences() -> None:
     st.caption("Prompts typed for this head, kept with the scan in HeadVis's custom_sequences shape. "
-               f"Link: ?layer={head.layer}&head={head.head}&interval=-1")
+               f"Link: ?layer={head.layer}&head={head.head}&interval={CUSTOM_INTERVAL}")
     with ui.user_errors():
         for seq in read_custom_sequences(folder, head):
             st.text(f"custom {seq['sequence_id']}: {seq.get('text', ''.join(seq['tokens']))[:200]}")
-            ex = example_from_record(seq, -1)
+            ex = example_from_record(seq, CUSTOM_INTERVAL)
             ui.show_html(token_view_html(ex.str_tokens, ex.attention, selected=ex.max_query,
                                          top_k=ex.attention.keys.shape[1]))
             if st.button("Delete", key=f"ex_custom_delete_{seq['sequence_id']}"):
@@ -205,101 +234,133 @@ with st.expander("Custom sequences for this head", expanded=link.custom or link.
             st.error(str(err))
         else:
             st.rerun()
-ui.download_table(result.examples_table(head), f"examples_{head}.csv", label="Download examples (CSV)")
 
-st.subheader("Top tokens")
-min_count = st.number_input("Least occurrences for a token to be listed", 1, 1000, 5, key="min_count",
-                            bind="query-params")  # ?min_count= in the URL
-q_col, k_col = st.columns(2)
-with q_col:
-    st.markdown("**Queries paying the most attention** (to positions after 0, per occurrence)")
-    queries = result.top_tokens(head, "query", n=25, min_count=int(min_count))
-    st.dataframe(queries, hide_index=True, width="stretch")
-    ui.download_table(queries, f"top_query_tokens_{head}.csv", label="Download query tokens (CSV)")
-with k_col:
-    st.markdown("**Keys receiving the most attention** (summed over queries, per occurrence)")
-    keys = result.top_tokens(head, "key", n=25, min_count=int(min_count))
-    st.dataframe(keys, hide_index=True, width="stretch")
-    ui.download_table(keys, f"top_key_tokens_{head}.csv", label="Download key tokens (CSV)")
 
-d_col, s_col = st.columns(2)
-with d_col:
+def show_interval() -> None:
+    by_interval = {str(b.decile): b for b in buckets}
+    options = [TOP, *by_interval, str(CUSTOM_INTERVAL)]
+    chosen = st.segmented_control(
+        "Interval", options, default=TOP, key="interval", bind="query-params", required=True,
+        help="HeadVis's intervals: deciles of the window score, 10 = highest; -1 = the custom sequences; top "
+             "= the exact highest-scoring windows. The URL's ?interval= keeps the choice.")
+    if chosen == str(CUSTOM_INTERVAL):
+        show_custom_sequences()
+    elif chosen in by_interval:
+        bucket = by_interval[chosen]
+        st.caption(f"Decile {bucket.decile}: {bucket.n_windows} windows with scores {bucket.low:.3f} to "
+                   f"{bucket.high:.3f}.")
+        show_examples(bucket.examples, f"decile {bucket.decile}")
+    else:
+        st.caption("The exact highest-scoring windows of the corpus.")
+        show_examples(result.top_examples(head), "the top")
+    ui.download_table(result.examples_table(head), f"examples_{head}.csv", label="Download examples (CSV)")
+    edges, counts = result.score_histogram(head)
+    fig = scan_figures.score_histogram_figure(edges, counts, title=f"Head {head}: window scores")
+    st.plotly_chart(fig, width="stretch", key="ex_scores")
+    ui.download_figure(fig, f"window_scores_{head}.html", label="Download score histogram (HTML)")
+
+
+def show_tokens() -> None:
+    min_count = st.number_input("Least occurrences for a token to be listed", 1, 1000, 5, key="min_count",
+                                bind="query-params")  # ?min_count= in the URL
+    q_col, k_col = st.columns(2)
+    with q_col:
+        st.markdown("**Queries paying the most attention** (to positions after 0, per occurrence)")
+        queries = result.top_tokens(head, "query", n=25, min_count=int(min_count))
+        st.dataframe(queries, hide_index=True, width="stretch")
+        ui.download_table(queries, f"top_query_tokens_{head}.csv", label="Download query tokens (CSV)")
+    with k_col:
+        st.markdown("**Keys receiving the most attention** (summed over queries, per occurrence)")
+        keys = result.top_tokens(head, "key", n=25, min_count=int(min_count))
+        st.dataframe(keys, hide_index=True, width="stretch")
+        ui.download_table(keys, f"top_key_tokens_{head}.csv", label="Download key tokens (CSV)")
     shares = result.distance_histogram(head)
     fig = scan_figures.distance_figure(shares, title=f"Head {head}: attention by query-key distance")
     st.plotly_chart(fig, width="stretch", key="ex_distance")
     ui.download_figure(fig, f"distance_{head}.html")
     ui.download_table(pd.DataFrame({"distance": range(len(shares)), "share": shares}), f"distance_{head}.csv",
                       label="Download distances (CSV)")
-with s_col:
-    edges, counts = result.score_histogram(head)
-    fig = scan_figures.score_histogram_figure(edges, counts, title=f"Head {head}: window scores")
-    st.plotly_chart(fig, width="stretch", key="ex_scores")
-    ui.download_figure(fig, f"window_scores_{head}.html", label="Download score histogram (HTML)")
+
+
+def compute_projections_form() -> None:
+    p1, p2 = st.columns(2)
+    n_pairs = p1.number_input("Top pairs per head", 10, 5000, 1000, key="ex_pca_pairs")
+    n_windows = p2.number_input("Windows run again", 1, 1000, 64, key="ex_pca_windows")
+    with_umap = st.checkbox("Also UMAP", key="ex_pca_umap", disabled=not umap_available(),
+                            help="a UMAP layout of each kind next to the PCA (seed 0)" if umap_available()
+                            else "needs the package umap-learn (pip install umap-learn==0.5.12)")
+    if st.button("Compute projections", key="ex_pca_run", disabled=not same_model,
+                 help=None if same_model else f"Needs {meta['model']['name']} loaded in the sidebar."):
+        with ui.user_errors():
+            project_scan(loaded, result, ProjectionParams(max_pairs=int(n_pairs), max_windows=int(n_windows),
+                                                          umap=with_umap),
+                         progress=ui.progress_bar("Projecting"))
+            st.rerun()
+
+
+def show_projections() -> None:
+    st.markdown("**Projections of Q, K, V and O at the head's top pairs** (pairs ranked by "
+                "||A[q,k] v_k W_O||)")
+    if imported:
+        st.caption("Projections need the scan's windows and the model: open a scan made here, not HeadVis data.")
+        return
+    projections = load_projections(folder)
+    if projections is None:
+        compute_projections_form()
+        return
+    with ui.user_errors():
+        projection = projections.head(head)
+    table = stored_pairs_table(projection, projections.arrays["window_tokens"], result._strings)
+    v1, v2, v3 = st.columns(3)
+    # every view choice is bound to the URL (?pca_kind=&pca_colour=&pca_3d=&pca_method=)
+    kind = v1.selectbox("Kind", ["Q", "K", "V", "O"], index=3, key="pca_kind", bind="query-params")
+    colours = projection_figures.color_options(table)
+    colour = v2.selectbox("Colour by", colours, key="pca_colour", bind="query-params",
+                          help="a token, or a per-pair metric: distance q - k, attention A[q,k], norm "
+                               "||A[q,k] v_k W_O|| (the ranking key), value norm ||v_k W_O||, query position")
+    if len(colours) < len(projection_figures.COLOR_OPTIONS):
+        v2.caption("Recompute the projections to colour by attention (these were stored without it).")
+    dims = 3 if v3.checkbox("3-D", key="pca_3d", bind="query-params") else 2
+    method = st.radio("Method", projection_figures.METHODS, horizontal=True, key="pca_method",
+                      bind="query-params") if projections.has_umap else "PCA"
+    prompt_text = st.text_input("Project this prompt (its pairs drawn with the saved rotation)", key="ex_pca_prompt")
+    overlay = None
+    if prompt_text and not same_model:
+        st.caption(f"Projecting a prompt needs {meta['model']['name']} loaded in the sidebar.")
+    elif prompt_text:
+        with ui.user_errors():
+            overlay = project_prompt(loaded, projection, prompt_text)
+    if overlay is not None and method == "UMAP":
+        st.caption("A typed prompt is drawn in the PCA view (a UMAP layout keeps no rotation).")
+    fig = projection_figures.projection_figure(table, kind, colour, dims, projection.fits[kind].explained, overlay,
+                                               title=f"Head {head}: {kind} at its top pairs ({method})",
+                                               method=method)
+    event = st.plotly_chart(fig, width="stretch", key="ex_pca_figure", on_select="rerun",
+                            selection_mode=("box", "lasso"))
+    ui.download_figure(fig, f"pca_{kind}_{head}.html", label="Download projection (HTML)")
+    rows = projection_figures.selected_rows(event.selection if event else None)
+    if rows:
+        cluster_name = st.text_input(f"Name the {len(rows)} selected pairs as a cluster", key="ex_cluster_name")
+        if st.button("Save cluster", key="ex_cluster_save"):
+            try:
+                save_cluster(folder, head, cluster_name, rows, len(projection.norms))
+            except HeadVisError as err:
+                st.error(str(err))
+    for cluster in read_clusters(folder, head):
+        c1, c2 = st.columns([4, 1])
+        c1.text(f"cluster {cluster['name']}: {len(cluster['indices'])} pairs")
+        if c2.button("Delete", key=f"ex_cluster_delete_{cluster['name']}"):
+            delete_cluster(folder, head, cluster["name"])
+            st.rerun()
+    ui.download_table(table, f"pca_pairs_{head}.csv", label="Download pairs (CSV)")
+
+
+{"examples": show_interval, "tokens": show_tokens, "pca": show_projections, "custom": show_custom_sequences}[view]()
 
 with st.expander("All heads in this scan"):
     summary = result.head_summary()
     st.dataframe(summary, hide_index=True, width="stretch")
     ui.download_table(summary, "scan_heads.csv", label="Download head summary (CSV)")
-
-with st.expander("Projections of Q, K, V and O at the top pairs (PCA)", expanded=link.tab == "pca"):
-    projections = None if imported else load_projections(folder)
-    if imported:
-        st.caption("Projections need the scan's windows and the model: open a scan made here, not HeadVis data.")
-    elif projections is None:
-        p1, p2 = st.columns(2)
-        n_pairs = p1.number_input("Top pairs per head", 10, 5000, 1000, key="ex_pca_pairs")
-        n_windows = p2.number_input("Windows run again", 1, 1000, 64, key="ex_pca_windows")
-        with_umap = st.checkbox("Also UMAP", key="ex_pca_umap", disabled=not umap_available(),
-                                help="a UMAP layout of each kind next to the PCA (seed 0)" if umap_available()
-                                else "needs the package umap-learn (pip install umap-learn==0.5.12)")
-        if st.button("Compute projections", key="ex_pca_run", disabled=not same_model,
-                     help=None if same_model else f"Needs {meta['model']['name']} loaded in the sidebar."):
-            with ui.user_errors():
-                project_scan(loaded, result, ProjectionParams(max_pairs=int(n_pairs), max_windows=int(n_windows),
-                                                              umap=with_umap),
-                             progress=ui.progress_bar("Projecting"))
-                st.rerun()
-    else:
-        with ui.user_errors():
-            projection = projections.head(head)
-            table = stored_pairs_table(projection, projections.arrays["window_tokens"], result._strings)
-            v1, v2, v3 = st.columns(3)
-            kind = v1.selectbox("Kind", ["Q", "K", "V", "O"], index=3, key="ex_pca_kind")
-            colour = v2.selectbox("Colour by", projection_figures.COLOR_OPTIONS, key="ex_pca_colour")
-            dims = 3 if v3.checkbox("3-D", key="ex_pca_3d") else 2
-            method = st.radio("Method", projection_figures.METHODS, horizontal=True, key="ex_pca_method") \
-                if projections.has_umap else "PCA"
-            prompt_text = st.text_input("Project this prompt (its pairs drawn with the saved rotation)",
-                                        key="ex_pca_prompt")
-            overlay = None
-            if prompt_text and not same_model:
-                st.caption(f"Projecting a prompt needs {meta['model']['name']} loaded in the sidebar.")
-            elif prompt_text:
-                overlay = project_prompt(loaded, projection, prompt_text)
-            if overlay is not None and method == "UMAP":
-                st.caption("A typed prompt is drawn in the PCA view (a UMAP layout keeps no rotation).")
-            fig = projection_figures.projection_figure(table, kind, colour, dims, projection.fits[kind].explained,
-                                                       overlay, title=f"Head {head}: {kind} at its top pairs "
-                                                       f"({method})", method=method)
-            event = st.plotly_chart(fig, width="stretch", key="ex_pca_figure", on_select="rerun",
-                                    selection_mode=("box", "lasso"))
-            ui.download_figure(fig, f"pca_{kind}_{head}.html", label="Download projection (HTML)")
-            rows = projection_figures.selected_rows(event.selection if event else None)
-            if rows:
-                cluster_name = st.text_input(f"Name the {len(rows)} selected pairs as a cluster",
-                                             key="ex_cluster_name")
-                if st.button("Save cluster", key="ex_cluster_save"):
-                    try:
-                        save_cluster(folder, head, cluster_name, rows, len(projection.norms))
-                    except HeadVisError as err:
-                        st.error(str(err))
-            for cluster in read_clusters(folder, head):
-                c1, c2 = st.columns([4, 1])
-                c1.text(f"cluster {cluster['name']}: {len(cluster['indices'])} pairs")
-                if c2.button("Delete", key=f"ex_cluster_delete_{cluster['name']}"):
-                    delete_cluster(folder, head, cluster["name"])
-                    st.rerun()
-            ui.download_table(table, f"pca_pairs_{head}.csv", label="Download pairs (CSV)")
 
 with st.expander("Export for the HeadVis frontend"):
     st.caption("The static data/ tree that HeadVis loads (every head, custom sequences, projections where "

@@ -18,6 +18,15 @@ def iframes(at):
     return [e.proto.srcdoc for e in at.get("iframe")]
 
 
+def control(at, key):
+    """The segmented control (``st.segmented_control``) with this key."""
+    return next(w for w in at.get("button_group") if w.key == key)
+
+
+def downloads(at):
+    return {b.label for b in at.get("download_button")}
+
+
 def test_scan_from_the_page_shows_deciles_tokens_and_distances(scans_dir, text_dir):
     at = app_test(PAGE, layer=1, head=2).run()
     assert not at.exception and "Run a scan or open" in at.info[0].value
@@ -26,16 +35,21 @@ def test_scan_from_the_page_shows_deciles_tokens_and_distances(scans_dir, text_d
     assert any("photo.txt: binary" in w.value for w in at.warning)  # the binary file is skipped, not fatal
     assert "Scanned 12 windows" in at.success[0].value
     assert at.subheader[0].value == "Head 1.2 on 12 windows of 8 tokens"
-    tab_labels = [t.label for t in at.tabs]
-    assert tab_labels[:2] == ["Run a scan", "Open a stored scan (0)"]
-    assert tab_labels[2:] == ["Top"] + [f"Decile {d}" for d in range(10, 0, -1)]
-    views = iframes(at)
-    assert len(views) >= 12 and all(v.count("<script") == 1 for v in views)
-    assert len(at.dataframe) == 3  # query tokens, key tokens, head summary
+    assert [t.label for t in at.tabs] == ["Run a scan", "Open a stored scan (0)"]
+    view, interval = control(at, "tab"), control(at, "interval")
+    assert [o.content for o in view.proto.options] == ["examples", "tokens", "pca", "custom"]  # HeadVis's ?tab=
+    assert [o.content for o in interval.proto.options] == ["top"] + [str(d) for d in range(10, 0, -1)] + ["-1"]
+    assert view.value == "examples" and interval.value == "top"
+    views = iframes(at)  # the exact top windows
+    assert views and all(v.count("<script") == 1 for v in views)
+    assert len(at.dataframe) == 1  # the head summary
     assert at.query_params["scan"] == next(scans_dir.iterdir()).name
     assert at.query_params["layer"] == "1" and at.query_params["head"] == "2"
-    labels = {b.label for b in at.get("download_button")}
-    assert {"Download examples (CSV)", "Download query tokens (CSV)", "Download distances (CSV)"} <= labels
+    assert {"Download examples (CSV)", "Download score histogram (HTML)"} <= downloads(at)
+    at = view.set_value("tokens").run()
+    assert not at.exception and not at.error and not iframes(at)
+    assert len(at.dataframe) == 3  # query tokens, key tokens, head summary
+    assert {"Download query tokens (CSV)", "Download key tokens (CSV)", "Download distances (CSV)"} <= downloads(at)
 
 
 def test_a_stored_scan_reopens_from_the_url_and_a_corrupt_one_is_not_shown(scans_dir, text_dir):
@@ -70,24 +84,28 @@ def test_folder_with_only_a_binary_file_is_an_error(scans_dir, tmp_path, monkeyp
     assert not at.exception and "no readable" in at.error[0].value and "only.txt is binary" in at.error[0].value
 
 
-@pytest.mark.parametrize("query", [
-    {"scan": "../../../etc", "layer": "abc", "head": "1"},
-    {"scan": "<script>alert(1)</script>", "layer": "1", "head": "99"},
-    {"scan": "no-such-scan", "min_count": "inf"},
+@pytest.mark.parametrize("query, message", [
+    # a path is read as HeadVis data, and only under the allowed roots
+    ({"scan": "../../../etc", "layer": "abc", "head": "1"}, "only from the allowed corpus roots"),
+    ({"scan": "/etc", "tab": "<script>", "interval": "1e400"}, "only from the allowed corpus roots"),
+    ({"scan": "<script>alert(1)</script>", "layer": "1", "head": "99"}, "names no stored scan and no HeadVis data"),
+    # a name is looked up in the scans root only
+    ({"scan": "no-such-scan", "min_count": "inf"}, "No scan is stored"),
 ])
-def test_hostile_url_values_give_a_message_not_a_traceback(scans_dir, query):
+def test_hostile_url_values_give_a_message_not_a_traceback(scans_dir, text_dir, query, message):
     at = app_test(PAGE, **query).run()
     assert not at.exception
     assert at.number_input(key="ex_layer").value in (0, 1) and at.number_input(key="ex_head").value in (0, 1)
     assert not iframes(at)
-    assert any("No scan is stored" in e.value for e in at.error)  # the folder name only, inside the scans root
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
     assert all(str(scans_dir) in e.value for e in at.error if "No scan" in e.value)
+    assert at.button(key="ex_run")  # the page still offers to run or open a scan
 
 
 def test_a_scan_reopens_with_its_head_and_token_count_from_the_url(scans_dir, text_dir):
     run_scan_on_page(app_test(PAGE).run(), text_dir)
     key = next(scans_dir.iterdir()).name
-    at = app_test(PAGE, scan=key, layer=1, head=3, min_count=2).run()
+    at = app_test(PAGE, scan=key, layer=1, head=3, tab="tokens", min_count=2).run()
     assert not at.exception and not at.error
     assert at.subheader[0].value == "Head 1.3 on 12 windows of 8 tokens"
     assert at.number_input(key="min_count").value == 2

@@ -1,11 +1,57 @@
-"""The Dataset examples page with issue #11 wired in: custom sequences, projections, export, HeadVis data,
-deep links (?interval=)."""
+"""The Dataset examples page with issue #11 wired in: custom sequences, projections, export, HeadVis data, and
+HeadVis deep links (?layer=&head=&tab=&interval=, ?scan=) that reopen the same view."""
 
+import io
+import zipfile
 
-from tests.app.test_dataset_examples import run_scan_on_page
+from tests.app.test_dataset_examples import control, downloads, iframes, run_scan_on_page
 from tests.conftest import app_test
 
 PAGE = "pages/3_Dataset_examples.py"
+
+
+def url_in_the_browser(at) -> dict[str, str]:
+    """The query parameters the browser shows after this run.
+
+    The page writes some itself (``at.query_params``: model, scan, layer, head); a widget bound with
+    ``bind="query-params"`` is written by Streamlit's frontend, which AppTest does not run: the parameter
+    named by the widget's ``query_param_key`` gets the label of the chosen option, and is dropped while the
+    widget holds its default. This reproduces that from the widgets' protos.
+    """
+    params = {key: value for key, value in at.query_params.items()}
+
+    def put(key, value, default):
+        params.pop(key, None)
+        if value != default:
+            params[key] = value
+
+    for w in at.get("button_group"):
+        if w.proto.query_param_key:
+            labels = [option.content for option in w.proto.options]
+            put(w.proto.query_param_key, [labels[i] for i in w.indices], [labels[i] for i in w.proto.default])
+            if w.proto.query_param_key in params:
+                params[w.proto.query_param_key] = params[w.proto.query_param_key][0]
+    for w in at.get("selectbox"):
+        if w.proto.query_param_key:
+            put(w.proto.query_param_key, w.proto.options[w.index], w.proto.options[w.proto.default])
+    for w in at.get("radio"):
+        if w.proto.query_param_key:
+            put(w.proto.query_param_key, w.proto.options[w.index], w.proto.options[w.proto.default])
+    for w in at.get("checkbox"):
+        if w.proto.query_param_key:
+            put(w.proto.query_param_key, str(w.value).lower(), str(w.proto.default).lower())
+    for w in at.get("number_input"):
+        if w.proto.query_param_key:
+            put(w.proto.query_param_key, str(int(w.value)), str(int(w.proto.default)))
+    return params
+
+
+def figures(at):
+    return [chart.proto.spec for chart in at.get("plotly_chart")]
+
+
+def captions(at):
+    return [c.value for c in at.caption]
 
 
 def test_custom_sequences_projections_export_and_headvis_data_on_the_page(scans_dir, text_dir, tmp_path,
@@ -14,30 +60,32 @@ def test_custom_sequences_projections_export_and_headvis_data_on_the_page(scans_
     at = app_test(PAGE, layer=1, head=2, interval=-1).run()
     at = run_scan_on_page(at, text_dir)
     assert not at.exception and not at.error, at.exception
-    assert [t.label for t in at.tabs][2:] == ["Top"] + [f"Decile {d}" for d in range(10, 0, -1)]
-    assert any(e.label == "Custom sequences for this head" for e in at.expander)
+    assert control(at, "interval").value == "-1"  # HeadVis's interval -1: the custom sequences
+    assert any("custom_sequences shape" in c for c in captions(at))
     at.text_area(key="ex_custom_text").set_value("the <b>cat</b> sat")
     at = at.button(key="ex_custom_add").click().run()
     assert not at.exception and not at.error
     assert any("custom 1: the <b>cat</b> sat" in t.value for t in at.text)
+    assert all("<b>cat" not in v for v in iframes(at)) and any("&lt;" in v for v in iframes(at))
     at = at.button(key="ex_custom_delete_1").click().run()
     assert not any("custom 1" in t.value for t in at.text)
     at.text_area(key="ex_custom_text").set_value("   ")
     at = at.button(key="ex_custom_add").click().run()
     assert at.error and not at.exception
+    at = control(at, "tab").set_value("pca").run()
     at.number_input(key="ex_pca_pairs").set_value(40)
     at = at.button(key="ex_pca_run").click().run()
     assert not at.exception, at.exception
-    assert at.selectbox(key="ex_pca_kind").value == "O"
-    at.text_input(key="ex_pca_prompt").set_value("a b c a b c")
+    assert at.selectbox(key="pca_kind").value == "O"
+    at.text_input(key="ex_pca_prompt").set_value("a b c a <script>b c")
     at = at.run()
-    assert not at.exception
+    assert not at.exception and not at.error and len(figures(at)) == 1
+    assert "<script>" not in figures(at)[0]
+    assert {"Download projection (HTML)", "Download pairs (CSV)"} <= downloads(at)
     at = at.button(key="ex_export").click().run()
     assert not at.exception and not at.error
-    assert "Download HeadVis data (zip)" in {b.label for b in at.get("download_button")}
+    assert "Download HeadVis data (zip)" in downloads(at)
     # open the exported tree as HeadVis data
-    import io
-    import zipfile
     data = at.session_state["ex_export_zip"][1]
     zipfile.ZipFile(io.BytesIO(data)).extractall(tmp_path / "tree")
     at2 = app_test(PAGE, layer=0, head=1, interval="abc").run()
@@ -45,12 +93,92 @@ def test_custom_sequences_projections_export_and_headvis_data_on_the_page(scans_
     at2 = at2.button(key="ex_open_tree").click().run()
     assert not at2.exception and not at2.error, at2.exception
     assert at2.subheader[0].value.startswith("Head 0.1 on 12 windows")
-    assert any("?interval=abc" in c.value for c in at2.caption)
-    assert at2.button(key="ex_export").disabled and at2.button(key="ex_custom_add").disabled is False
-    assert any("need the scan's windows" in c.value or "Projections need" in c.value for c in at2.caption)
+    assert any("?interval=abc" in c for c in captions(at2))
+    assert at2.button(key="ex_export").disabled
+    at2 = control(at2, "tab").set_value("pca").run()
+    assert any("Projections need" in c for c in captions(at2)) and not at2.exception
+    at2 = control(at2, "tab").set_value("custom").run()
+    assert at2.button(key="ex_custom_add").disabled is False
     at2 = at2.text_input(key="ex_tree").set_value(str(tmp_path)).run()
     at2 = at2.button(key="ex_open_tree").click().run()
     assert at2.error and "not HeadVis data" in at2.error[0].value and not at2.exception
     at2 = at2.text_input(key="ex_tree").set_value("/etc").run()
     at2 = at2.button(key="ex_open_tree").click().run()
     assert at2.error and "allowed" in at2.error[0].value and not at2.exception
+
+
+def test_interval_and_tab_set_on_the_page_are_in_the_url_and_reopen_the_same_view(scans_dir, text_dir):
+    at = run_scan_on_page(app_test(PAGE, layer=1, head=2).run(), text_dir)
+    assert url_in_the_browser(at).keys() == {"model", "scan", "layer", "head"}  # every choice at its default
+    at = control(at, "interval").set_value("7").run()
+    assert not at.exception and not at.error
+    url = url_in_the_browser(at)
+    assert url["interval"] == "7" and "tab" not in url
+    decile_7 = [c for c in captions(at) if c.startswith("Decile 7:")]
+    assert decile_7 and iframes(at)
+    reopened = app_test(PAGE, **url).run()
+    assert not reopened.exception and not reopened.error
+    assert control(reopened, "interval").value == "7"
+    assert [c for c in captions(reopened) if c.startswith("Decile 7:")] == decile_7
+    assert iframes(reopened) == iframes(at)  # the same windows, drawn the same
+    # the top interval is the default: it leaves the URL, and the URL without it opens the top windows again
+    at = control(at, "interval").set_value("top").run()
+    assert "interval" not in url_in_the_browser(at)
+    assert iframes(app_test(PAGE, **url_in_the_browser(at)).run()) == iframes(at)
+    at = control(at, "tab").set_value("tokens").run()
+    at = at.number_input(key="min_count").set_value(1).run()
+    url = url_in_the_browser(at)
+    assert url["tab"] == "tokens" and url["min_count"] == "1"
+    reopened = app_test(PAGE, **url).run()
+    assert control(reopened, "tab").value == "tokens" and reopened.number_input(key="min_count").value == 1
+    assert [d.value.to_dict() for d in reopened.dataframe] == [d.value.to_dict() for d in at.dataframe]
+
+
+def test_projection_view_choices_are_in_the_url_and_reopen_the_same_figure(scans_dir, text_dir):
+    at = run_scan_on_page(app_test(PAGE, layer=1, head=1, tab="pca").run(), text_dir)
+    at.number_input(key="ex_pca_pairs").set_value(30)
+    at = at.button(key="ex_pca_run").click().run()
+    assert not at.exception and not at.error
+    colours = at.selectbox(key="pca_colour").options
+    assert {"query token", "key token", "distance", "attention", "norm", "query position"} <= set(colours)
+    at.selectbox(key="pca_kind").set_value("Q")
+    at.selectbox(key="pca_colour").set_value("attention")
+    at = at.checkbox(key="pca_3d").check().run()
+    assert not at.exception and not at.error
+    url = url_in_the_browser(at)
+    assert {k: url[k] for k in ("tab", "pca_kind", "pca_colour", "pca_3d")} == {
+        "tab": "pca", "pca_kind": "Q", "pca_colour": "attention", "pca_3d": "true"}
+    assert '"scatter3d"' in figures(at)[0] and "attention A[q,k]" in figures(at)[0]
+    reopened = app_test(PAGE, **url).run()
+    assert not reopened.exception and not reopened.error
+    assert reopened.selectbox(key="pca_colour").value == "attention" and reopened.checkbox(key="pca_3d").value
+    assert figures(reopened) == figures(at)
+    hostile = app_test(PAGE, **{**url, "pca_colour": "<script>", "pca_kind": "Z", "tab": "nope"}).run()
+    assert not hostile.exception and control(hostile, "tab").value == "examples"
+
+
+def test_an_imported_tree_reopens_from_scan_in_the_url_and_one_outside_the_roots_is_refused(
+        scans_dir, text_dir, tmp_path, monkeypatch):
+    at = run_scan_on_page(app_test(PAGE).run(), text_dir)
+    at = at.button(key="ex_export").click().run()
+    assert not at.exception and not at.error
+    zipfile.ZipFile(io.BytesIO(at.session_state["ex_export_zip"][1])).extractall(text_dir / "exported")
+    zipfile.ZipFile(io.BytesIO(at.session_state["ex_export_zip"][1])).extractall(tmp_path / "elsewhere")
+    tree = text_dir / "exported" / "data"
+    at = app_test(PAGE, layer=1, head=3).run()
+    at = at.text_input(key="ex_tree").set_value(str(tree)).run()
+    at = at.button(key="ex_open_tree").click().run()
+    assert not at.exception and not at.error
+    control(at, "interval").set_value("9").run()
+    url = url_in_the_browser(at)
+    assert url["scan"] == str(tree.resolve()) and url["interval"] == "9"
+    reopened = app_test(PAGE, **url).run()
+    assert not reopened.exception and not reopened.error
+    assert reopened.subheader[0].value == at.subheader[0].value == "Head 1.3 on 12 windows of 8 tokens"
+    assert iframes(reopened) == iframes(at) and control(reopened, "interval").value == "9"
+    # the same tree outside the allowed roots is refused, with the reason; a folder that is no tree too
+    for scan, message in ((tmp_path / "elsewhere" / "data", "only from the allowed corpus roots"),
+                          (text_dir, "not HeadVis data")):
+        refused = app_test(PAGE, scan=str(scan)).run()
+        assert not refused.exception and not refused.subheader and not iframes(refused)
+        assert any(message in e.value for e in refused.error), [e.value for e in refused.error]

@@ -1,13 +1,59 @@
 """What a HeadVis ``data/`` tree must hold: file names, keys and limits shared by export, import and validation.
 
-The facts come from the HeadVis frontend (anthropics/headvis) as issue #11 records them:
-``config.json`` needs ``n_intervals`` or the page renders nothing; the scatter's
-default axes must name columns of ``scatter_data.json``; ``custom_tables`` and
-``custom_plots`` must name keys of the head files and may not repeat a key; a
-sequence's ``interval`` is a JSON integer in ``1..n_intervals`` (``n`` highest)
-and its attention is a flat COO list (``q * seq_len + k``); the frontend always
-requests ``server_config.json``, ``attributions/manifest.json`` and
-``custom_sequences/L{l}H{h}.json``; NaN and Infinity are not JSON.
+The facts come from reading the HeadVis frontend's source (anthropics/headvis:
+``App.svelte``, ``lib/data.js``, ``lib/sparse.js``, ``lib/customSequences.js``,
+``lib/attributions.js`` and the Sidebar, SequencesTab, Example, MetricsTab,
+TokenRankTable, HelpTab and UmapView components). In static mode the frontend
+fetches, relative to the page:
+
+==================================  ===========================================  ==================================
+file                                what it reads                                when it is missing or wrong
+==================================  ===========================================  ==================================
+``config.json``                     ``heads`` [[l, h]] (first head, navigation),  the page shows only an error
+                                    ``n_intervals`` (first interval shown;
+                                    sequences are filtered by
+                                    ``interval === selected``), optional
+                                    ``head_data_pattern`` (only the first
+                                    ``{layer}``/``{head}`` is replaced),
+                                    ``has_umap``/``umap_heads``, ``model_name``,
+                                    ``metric_descriptions``, ``custom_tables``
+                                    and ``custom_plots`` ([{key, label}], each
+                                    list keyed: a repeated key crashes it),
+                                    ``statistics_display``, ``scatter``
+                                    ``{default_x, default_y}``, ``dimensions``
+``server_config.json``              ``{}`` (or no ``server_url``): static         missing: a failed fetch in the
+                                                                                 console, static mode
+``attributions/manifest.json``      ``{"L{l}H{h}S{sequence_id}": {qk: [[q, k]],   missing: ``{}`` and a failed
+                                    ov: [[q, k]]}}``; ``entry.qk.length`` and     fetch; an entry without both
+                                    ``entry.ov.length`` are read directly         lists crashes a sequence's view
+``scatter_data.json``               rows ``{layer, head, <metric>...}``; the      missing: the page shows only an
+                                    axes are the first row's keys whose value     error
+                                    is a number (a ``null`` there drops the
+                                    column); a head's metrics are the row with
+                                    its ``layer`` and ``head``
+``custom_sequences/L{l}H{h}.json``  ``{"sequences": [...]}`` (always this name)   missing: none, and a failed fetch
+``heads/<head_data_pattern>``       ``{"sequences": [...]}`` (or a bare list),     missing: no sequences and an
+                                    the ``custom_tables`` keys ([{token,          error in the console; a weight or
+                                    weight}]), the ``custom_plots`` keys          ``max_activation`` that is not a
+                                    ({bin_edges, bin_values}), optional           number crashes the view
+                                    ``histogram`` and ``statistics``
+``umap/L{l}H{h}.json``              on the UMAP tab: ``seq_idx``, ``top_q``,      the tab shows an error
+                                    ``top_k``, ``norms`` (rank colouring),
+                                    ``pca``/``embeddings`` ({R, O, V, Q, K: {d0,
+                                    d1, d2}}), ``views`` (a list of {embeddings,
+                                    n_neighbors, min_dist}), ``clusters``
+                                    ([{name, points: [[seq_idx, q, k]]}])
+``umap/sequences.json``             token lists indexed by ``seq_idx``            the tab shows an error
+==================================  ===========================================  ==================================
+
+A sequence is ``{sequence_id, interval, tokens, attention_indices,
+attention_values, seq_len, max_activation}``: the attention is a flat COO list
+(``q * seq_len + k``); ``max_activation`` is printed with ``toFixed`` and
+normalises the colours of all the head's sequences. A custom sequence has the
+same keys (``interval`` is optional); by convention its id is a string
+starting with ``c``: a deep link ``?seq=`` whose id starts with ``c`` is looked
+up among the custom sequences, any other among the dataset ones first. NaN and
+Infinity are not JSON: ``JSON.parse`` refuses the whole file.
 """
 
 import json
@@ -22,18 +68,30 @@ UMAP_DIR = "umap"
 UMAP_SEQUENCES = "sequences.json"
 CUSTOM_DIR = "custom_sequences"
 ATTRIBUTIONS_MANIFEST = "attributions/manifest.json"
-HEAD_DATA_PATTERN = "L{layer}H{head}.json"
+HEAD_DATA_PATTERN = "L{layer}H{head}.json"  # also the fixed name of custom_sequences/ and umap/ files
 
-CONFIG_REQUIRED = ("model_name", "heads", "n_layers", "n_heads", "n_intervals", "metrics", "metric_descriptions",
-                   "head_data_pattern", "has_umap", "umap_heads", "scatter", "custom_tables", "custom_plots")
+CONFIG_REQUIRED = ("heads", "n_intervals")  # what the frontend cannot do without
 SEQUENCE_REQUIRED = ("sequence_id", "interval", "tokens", "attention_indices", "attention_values", "seq_len",
                      "max_activation")
+CUSTOM_SEQUENCE_REQUIRED = tuple(key for key in SEQUENCE_REQUIRED if key != "interval")
 CUSTOM_INTERVAL = -1  # the interval of a custom sequence (and ``?interval=-1`` in a deep link)
+CUSTOM_ID_PREFIX = "c"  # the frontend treats a sequence id starting with it as a custom sequence's
 VALUE_DECIMALS = 4  # attention values are rounded to this many decimals
+PROJECTION_KINDS = ("R", "O", "V", "Q", "K")  # the UMAP tab's panels, where present
+TOKEN_TABLES = ("top_query_tokens", "top_key_tokens")  # head-file tables this project writes and names
+DISTANCE_PLOT = "qk_distance_histogram"
+ACTIVATION_HISTOGRAM = "histogram"  # the Metrics tab's "Max Activation Distribution" over all windows
 
 
 def head_file_name(layer: int, head: int, pattern: str = HEAD_DATA_PATTERN) -> str:
-    return pattern.replace("{layer}", str(int(layer))).replace("{head}", str(int(head)))
+    """The file of a head, as the frontend names it (only the first ``{layer}`` and ``{head}`` are replaced)."""
+    return pattern.replace("{layer}", str(int(layer)), 1).replace("{head}", str(int(head)), 1)
+
+
+def custom_sequence_id(sequence_id: Any) -> str:
+    """A custom sequence's id as the frontend expects it (``7`` -> ``"c7"``; ``"c7"`` stays)."""
+    text = str(sequence_id)
+    return text if text.startswith(CUSTOM_ID_PREFIX) else f"{CUSTOM_ID_PREFIX}{text}"
 
 
 def dumps(obj: Any) -> str:

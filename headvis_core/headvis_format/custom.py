@@ -3,8 +3,11 @@
 They live in ``<scan folder>/custom_sequences/L{l}H{h}.json`` as
 ``{"sequences": [...]}`` (the same place in an imported HeadVis tree), each a
 HeadVis sequence with ``interval`` -1 (the frontend's custom tab, ``?interval=-1``)
-plus the typed ``text``. Every change rewrites the file atomically under a
-per-file lock, so two sessions adding at once both keep their sequence.
+plus the typed ``text``. Ids count up from 1; in a HeadVis tree (which the
+frontend may serve as it is) they are written ``c1``, ``c2``..., the frontend's
+mark of a custom sequence, and the export writes a scan's the same way. Every
+change rewrites the file atomically under a per-file lock, so two sessions
+adding at once both keep their sequence.
 """
 
 import threading
@@ -13,7 +16,15 @@ from typing import Any
 
 from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.heads import HeadRef
-from headvis_core.headvis_format.contract import CUSTOM_DIR, CUSTOM_INTERVAL, head_file_name
+from headvis_core.headvis_format.contract import (
+    CUSTOM_DIR,
+    CUSTOM_ID_PREFIX,
+    CUSTOM_INTERVAL,
+    custom_sequence_id,
+    dumps,
+    head_file_name,
+    is_tree,
+)
 from headvis_core.headvis_format.sequences import DEFAULT_KEYS_PER_QUERY, DEFAULT_THRESHOLD, sequence_record
 from headvis_core.hooks import capture, pattern_hook
 from headvis_core.models.loader import LoadedModel
@@ -48,12 +59,10 @@ def read_custom_sequences(folder: Path, head: HeadRef) -> list[dict[str, Any]]:
 
 
 def _write(folder: Path, head: HeadRef, sequences: list[dict[str, Any]]) -> None:
-    from headvis_core.headvis_format.contract import dumps
-
     atomic_write_text(custom_path(folder, head), dumps({"sequences": sequences}))
 
 
-def custom_record(loaded: LoadedModel, head: HeadRef, text: str, sequence_id: int,
+def custom_record(loaded: LoadedModel, head: HeadRef, text: str, sequence_id: int | str,
                   keys_per_query: int = DEFAULT_KEYS_PER_QUERY,
                   threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Run ``text`` through the model up to ``head``'s layer and keep its attention as a HeadVis sequence."""
@@ -75,17 +84,24 @@ def add_custom_sequence(loaded: LoadedModel, folder: Path, head: HeadRef, text: 
         raise InputError("Open a scan first: custom sequences are stored with it.")
     with _lock(custom_path(folder, head)):
         existing = read_custom_sequences(folder, head)
-        next_id = 1 + max((int(s.get("sequence_id", 0)) for s in existing), default=0)
-        record = custom_record(loaded, head, text, next_id, keys_per_query, threshold)
+        next_id = 1 + max((_number(s.get("sequence_id")) for s in existing), default=0)
+        record = custom_record(loaded, head, text, custom_sequence_id(next_id) if is_tree(folder) else next_id,
+                               keys_per_query, threshold)
         _write(folder, head, existing + [record])
     return record
 
 
-def delete_custom_sequence(folder: Path, head: HeadRef, sequence_id: int) -> bool:
+def _number(sequence_id: Any) -> int:
+    """The count in an id (``7`` or ``"c7"`` -> 7); 0 for an id of another producer."""
+    text = str(sequence_id).removeprefix(CUSTOM_ID_PREFIX)
+    return int(text) if text.isdigit() else 0
+
+
+def delete_custom_sequence(folder: Path, head: HeadRef, sequence_id: int | str) -> bool:
     """Remove one custom sequence of ``head``; ``False`` if there was none with that id."""
     with _lock(custom_path(folder, head)):
         existing = read_custom_sequences(folder, head)
-        kept = [s for s in existing if int(s.get("sequence_id", -1)) != int(sequence_id)]
+        kept = [s for s in existing if str(s.get("sequence_id")) != str(sequence_id)]
         if len(kept) == len(existing):
             return False
         _write(folder, head, kept)

@@ -1,23 +1,27 @@
 """Write a stored scan as the static ``data/`` tree that the HeadVis frontend loads.
 
-Layout (see :mod:`headvis_core.headvis_format.contract` for the facts behind it)::
+Layout (see :mod:`headvis_core.headvis_format.contract` for what the frontend reads of each file)::
 
     config.json                      model, heads, n_intervals (10: the scan's deciles), metrics, axes, tables
-    scatter_data.json                one row per head: layer, head, the scan's per-head summary metrics and,
-                                     given an atlas, its metrics (HeadVis's logit std/margin/z-score, token
-                                     entropies, q-k distance, copying, retrieval, the classic ones)
+    scatter_data.json                one row per head: layer, head, the scan's per-head statistics (those the
+                                     scan has, HeadVis's logit std/margin/z-score, token entropies and q-k
+                                     distance among them) and, given an atlas, its metrics
     heads/L{l}H{h}.json              sequences (the head's decile sample and exact top windows), top query and
-                                     key tokens, the query-key distance histogram, the window-score histogram
-    umap/L{l}H{h}.json, sequences.json   the stored PCA of the head's Q/K/O/V (only where it was computed)
+                                     key tokens, the query-key distance histogram, the histogram of every
+                                     window's score (``histogram``) and a few statistics
+    umap/L{l}H{h}.json, sequences.json   the stored PCA of the head's Q/K/O/V (only where it was computed);
+                                     a UMAP layout, where stored, as the one entry of ``views``
     server_config.json               {} (a static tree)
     attributions/manifest.json       {} (no attributions)
-    custom_sequences/L{l}H{h}.json   the head's custom sequences, {"sequences": []} where it has none
+    custom_sequences/L{l}H{h}.json   the head's custom sequences (ids ``c1``, ``c2``...), {"sequences": []}
+                                     where it has none
 
 Atlas metrics are matched to heads by (layer, head); a column whose name the scan
-already uses gets the prefix ``atlas_``. A head whose atlas value is NaN (for
-example retrieval when no prompt fits the context) gets ``null`` there, which
-the validator accepts, so that the frontend's axes (the first row's keys) keep
-the column.
+already uses gets the prefix ``atlas_``. A value that is NaN (for example
+retrieval when no prompt fits the context) is written as ``null``. The frontend
+offers as axes only the first row's numeric columns, so the row with the fewest
+``null`` values is written first (rows are found by layer and head, not by
+position), and a column that is ``null`` for every head is left out.
 
 A sequence's ``interval`` is the window's decile for that head (10 highest); a
 top window outside the decile sample gets the decile of its score. Keys that
@@ -25,8 +29,10 @@ the frontend ignores carry what a round trip needs (``score``, ``sample``,
 ``top_rank``, ``token_id``, ``count``, the exact score histogram under
 ``workbench``): :mod:`headvis_core.headvis_format.importer` reads them back.
 
-The tree is written into a temporary sibling folder and renamed into place,
-so a failure leaves the old folder (or none) and never half a tree.
+The tree is written into a temporary sibling folder, checked with the strict
+validator (no errors, no warnings but a metric ``null`` for every head that
+could come first) and renamed into place, so a failure leaves
+the old folder (or none) and never half a tree.
 """
 
 import os
@@ -46,18 +52,20 @@ from headvis_core.heads import HeadRef, all_heads
 from headvis_core.headvis_format import contract
 from headvis_core.headvis_format.custom import read_custom_sequences
 from headvis_core.headvis_format.sequences import DEFAULT_KEYS_PER_QUERY, DEFAULT_THRESHOLD, sequence_record
-from headvis_core.headvis_format.validate import check_tree
+from headvis_core.headvis_format.validate import Problem, check_tree
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.projections.clusters import read_clusters
 from headvis_core.projections.headvis import umap_records
 from headvis_core.projections.store import load_projections
+from headvis_core.projections.umap_fit import MIN_DIST, N_NEIGHBORS
+from headvis_core.scan import result as scan_result
 from headvis_core.scan.params import N_DECILES
 from headvis_core.scan.result import ScanExample, ScanResult
 from headvis_core.scan.state import bin_deciles, score_bins
 
 TOP_TOKENS = 50
 TOP_TOKENS_MIN_COUNT = 5
-SCORE_PLOT_BARS = 50
+MAX_HISTOGRAM_BARS = 50
 
 METRIC_DESCRIPTIONS = {
     "mean_max_attention": "mean over windows of the window score (largest attention weight outside row and "
@@ -69,6 +77,12 @@ METRIC_DESCRIPTIONS = {
     "mean_distance": "attention-weighted mean query-key distance (positions after 0)",
 }
 DEFAULT_X, DEFAULT_Y = "mean_distance", "top_decile_from"
+STATISTICS_DISPLAY = {
+    "n_windows": {"label": "Windows scanned", "format": "integer"},
+    "mean_max_activation": {"label": "Mean window score", "format": "default"},
+    "top_decile_from": {"label": "Top decile from", "format": "default"},
+    "n_sequences": {"label": "Sequences kept", "format": "integer"},
+}
 ATLAS_PREFIX = "atlas_"  # for an atlas column whose name the scan's own metrics already use
 
 
@@ -153,36 +167,57 @@ def _token_table(scan: ScanResult, head: HeadRef, role: str, options: ExportOpti
                                                            table["mean_attention"], table["total_attention"])]
 
 
-def _score_plot(counts: np.ndarray) -> dict[str, list[float]]:
-    """The window-score histogram in ``SCORE_PLOT_BARS`` bars (a custom plot of the frontend)."""
-    group = max(1, len(counts) // SCORE_PLOT_BARS)
-    n = len(counts) // group * group
-    merged = counts[:n].reshape(-1, group).sum(1)
-    edges = np.linspace(0.0, n / len(counts), len(merged) + 1)
-    return {"bin_edges": [round(float(e), 6) for e in edges], "bin_values": [float(v) for v in merged]}
+def activation_histogram(counts: np.ndarray) -> dict[str, list[float]]:
+    """Every window's score as ``{bin_edges, bin_values}`` on [0, 1]: the Metrics tab's "Max Activation Distribution".
+
+    The scan's bins are merged into the most bars (at most ``MAX_HISTOGRAM_BARS``) that divide
+    them evenly, so that no window is dropped and every bar is as wide.
+    """
+    bars = max(b for b in range(1, MAX_HISTOGRAM_BARS + 1) if len(counts) % b == 0)
+    merged = counts.reshape(bars, -1).sum(1)
+    edges = np.linspace(0.0, 1.0, bars + 1)
+    return {"bin_edges": [round(float(e), 6) for e in edges], "bin_values": [int(v) for v in merged]}
 
 
-def head_record(scan: ScanResult, head: HeadRef, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
-    """The content of ``heads/L{l}H{h}.json`` for one head."""
+def head_record(scan: ScanResult, head: HeadRef, options: ExportOptions = ExportOptions(),
+                summary: Optional[pd.DataFrame] = None) -> dict[str, Any]:
+    """The content of ``heads/L{l}H{h}.json`` for one head (``summary``: ``scan.head_summary()``, if at hand)."""
+    summary = scan.head_summary() if summary is None else summary
+    row = summary.iloc[head.layer * scan.n_heads + head.head]
     shares = scan.distance_histogram(head)
     counts = scan.score_histogram(head)[1]
     nonzero = np.nonzero(counts)[0]
+    sequences = _head_sequences(scan, head, options)
     return {
-        "sequences": _head_sequences(scan, head, options),
+        "sequences": sequences,
         "qk_distance_histogram": {"bin_edges": [float(d) for d in range(len(shares) + 1)],
                                   "bin_values": [_finite(v, f"a distance share of head {head}") for v in shares]},
         "top_query_tokens": _token_table(scan, head, "query", options),
         "top_key_tokens": _token_table(scan, head, "key", options),
-        "window_score_histogram": _score_plot(counts),
+        contract.ACTIVATION_HISTOGRAM: activation_histogram(counts),
+        "statistics": {"n_windows": int(counts.sum()),
+                       "mean_max_activation": _finite(row["mean_max_attention"], f"the mean score of head {head}"),
+                       "top_decile_from": _finite(row["top_decile_from"], f"the top decile of head {head}"),
+                       "n_sequences": len(sequences)},
         "workbench": {"score_bins": int(len(counts)),
                       "score_counts": [[int(b), int(counts[b])] for b in nonzero],
                       "top_tokens_min_count": options.top_tokens_min_count},
     }
 
 
+def scan_statistic_descriptions() -> dict[str, str]:
+    """The scan's per-head statistics beyond :data:`METRIC_DESCRIPTIONS` (HeadVis's metrics), as the scan names them.
+
+    Read from ``headvis_core.scan.result.SCAN_METRIC_DESCRIPTIONS`` where the scan module defines it; a
+    scan stored before they existed has no such columns (or NaN), and the export leaves them out.
+    """
+    return dict(getattr(scan_result, "SCAN_METRIC_DESCRIPTIONS", {}))
+
+
 def atlas_column_names() -> dict[str, str]:
     """Atlas metric column -> its column in ``scatter_data.json`` (prefixed where the scan uses the name)."""
-    return {c: ATLAS_PREFIX + c if c in METRIC_DESCRIPTIONS else c for c in METRIC_COLUMNS}
+    taken = set(METRIC_DESCRIPTIONS) | set(scan_statistic_descriptions())
+    return {c: ATLAS_PREFIX + c if c in taken else c for c in METRIC_COLUMNS}
 
 
 def atlas_descriptions() -> dict[str, str]:
@@ -230,29 +265,50 @@ def atlas_table(scan: ScanResult, atlas: "pd.DataFrame | AtlasResult") -> pd.Dat
     return values
 
 
-def scatter_rows(scan: ScanResult, atlas: Optional[pd.DataFrame] = None) -> list[dict[str, Any]]:
-    """Rows of ``scatter_data.json``; ``atlas`` is :func:`atlas_table`'s output (NaN -> ``null``)."""
-    summary = scan.head_summary()
+def scatter_table(scan: ScanResult, atlas: Optional[pd.DataFrame] = None,
+                  summary: Optional[pd.DataFrame] = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """``(rows of scatter_data.json, {column: description})``; ``atlas`` is :func:`atlas_table`'s output.
+
+    The scan's own summary columns must be finite (else the scan is damaged); its HeadVis statistics and
+    the atlas metrics may be NaN, written as ``null``. A column ``null`` for every head is left out, and
+    the row with the fewest ``null`` values comes first (the frontend's axes are its numeric columns).
+    """
+    summary = scan.head_summary() if summary is None else summary
     names = atlas_column_names()
+    statistics = {k: v for k, v in scan_statistic_descriptions().items() if k in summary.columns}
     rows = []
     for _, row in summary.iterrows():
         entry = {"layer": int(row["layer"]), "head": int(row["head"])}
         for metric in METRIC_DESCRIPTIONS:
             entry[metric] = _finite(row[metric], f"{metric} of head {row['name']}")
+        for metric in statistics:
+            entry[metric] = _or_null(row[metric])
         if atlas is not None:
             values = atlas.loc[(entry["layer"], entry["head"])]
             for column in METRIC_COLUMNS:
-                value = float(values[column])
-                entry[names[column]] = value if np.isfinite(value) else None
+                entry[names[column]] = _or_null(values[column])
         rows.append(entry)
-    return rows
+    descriptions = {**METRIC_DESCRIPTIONS, **statistics, **(atlas_descriptions() if atlas is not None else {})}
+    empty = [c for c in descriptions if all(r[c] is None for r in rows)]
+    for row in rows:
+        for column in empty:
+            del row[column]
+    fewest_nulls = min(range(len(rows)), key=lambda i: sum(v is None for v in rows[i].values()))
+    rows.insert(0, rows.pop(fewest_nulls))
+    return rows, {c: d for c, d in descriptions.items() if c not in empty}
+
+
+def _or_null(value: Any) -> Optional[float]:
+    number = float(value)
+    return number if np.isfinite(number) else None
 
 
 def config_record(scan: ScanResult, umap_heads: list[list[int]], options: ExportOptions,
-                  with_atlas: bool = False) -> dict[str, Any]:
+                  descriptions: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """``config.json``; ``descriptions``: the scatter's columns (:func:`scatter_table`), the scan's own by default."""
     meta = scan.meta
     p = scan.params
-    descriptions = {**METRIC_DESCRIPTIONS, **(atlas_descriptions() if with_atlas else {})}
+    descriptions = dict(METRIC_DESCRIPTIONS) if descriptions is None else descriptions
     return {
         "model_name": meta["model"]["name"],
         "heads": [[h.layer, h.head] for h in all_heads(scan.n_layers, scan.n_heads)],
@@ -267,8 +323,8 @@ def config_record(scan: ScanResult, umap_heads: list[list[int]], options: Export
         "scatter": {"default_x": DEFAULT_X, "default_y": DEFAULT_Y},
         "custom_tables": [{"key": "top_query_tokens", "label": "Top query tokens (mean attention paid)"},
                           {"key": "top_key_tokens", "label": "Top key tokens (mean attention received)"}],
-        "custom_plots": [{"key": "qk_distance_histogram", "label": "Attention by query-key distance"},
-                         {"key": "window_score_histogram", "label": "Window scores"}],
+        "custom_plots": [{"key": contract.DISTANCE_PLOT, "label": "Attention by query-key distance"}],
+        "statistics_display": STATISTICS_DISPLAY,
         "workbench": {"scan_key": meta.get("key"), "corpus": meta["corpus"]["description"],
                       "created": meta.get("created"), "n_windows": scan.n_windows, "window_len": p.window_len,
                       "top_k_keys": p.top_k_keys, "examples_per_decile": p.examples_per_decile,
@@ -284,6 +340,23 @@ def _write(path: Path, obj: Any) -> int:
     return len(data)
 
 
+def frontend_umap_record(record: dict[str, Any], n_pairs: int) -> dict[str, Any]:
+    """A head's ``umap/`` record as the frontend reads it, from :func:`umap_records`'s.
+
+    ``views`` becomes a list of ``{embeddings, n_neighbors, min_dist}`` (the UMAP layout; PCA stays under
+    ``pca``), and each cluster names its pairs by ``[seq_idx, top_q, top_k]`` (``points``), the frontend's
+    identity of a point, instead of by position.
+    """
+    out = {key: value for key, value in record.items() if key not in ("views", "clusters")}
+    if "views" in record:
+        out["views"] = [{"embeddings": record["views"]["umap"], "n_neighbors": min(N_NEIGHBORS, n_pairs - 1),
+                         "min_dist": MIN_DIST}]
+    out["clusters"] = [{"name": str(c["name"]),
+                        "points": [[record["seq_idx"][i], record["top_q"][i], record["top_k"][i]]
+                                   for i in c.get("indices", [])]} for c in record.get("clusters", [])]
+    return out
+
+
 def _write_umap(tmp: Path, scan: ScanResult) -> list[list[int]]:
     """``umap/`` from the projections stored with the scan; the heads written."""
     projections = load_projections(scan.path) if scan.path is not None else None
@@ -292,24 +365,37 @@ def _write_umap(tmp: Path, scan: ScanResult) -> list[list[int]]:
     sequences, per_head = umap_records(projections, scan, lambda head: read_clusters(scan.path, head))
     _write(tmp / contract.UMAP_DIR / contract.UMAP_SEQUENCES, sequences)
     for head, record in per_head.items():
-        _write(tmp / contract.UMAP_DIR / contract.head_file_name(head.layer, head.head), record)
+        _write(tmp / contract.UMAP_DIR / contract.head_file_name(head.layer, head.head),
+               frontend_umap_record(record, len(record["seq_idx"])))
     return [[h.layer, h.head] for h in per_head]
+
+
+def exported_custom_sequence(sequence: dict[str, Any]) -> dict[str, Any]:
+    """A stored custom sequence as the frontend expects it: its id a string starting with ``c``."""
+    return {**sequence, "sequence_id": contract.custom_sequence_id(sequence["sequence_id"])}
 
 
 def _write_tree(tmp: Path, scan: ScanResult, options: ExportOptions, progress: Optional[ProgressCallback],
                 atlas: Optional[pd.DataFrame] = None) -> None:
     heads = all_heads(scan.n_layers, scan.n_heads)
+    summary = scan.head_summary()
+    rows, descriptions = scatter_table(scan, atlas, summary)  # a damaged scan is refused before the head files
     for i, head in enumerate(heads):
         name = contract.head_file_name(head.layer, head.head)
-        _write(tmp / contract.HEADS_DIR / name, head_record(scan, head, options))
+        _write(tmp / contract.HEADS_DIR / name, head_record(scan, head, options, summary))
         custom = read_custom_sequences(scan.path, head) if scan.path is not None else []
-        _write(tmp / contract.CUSTOM_DIR / name, {"sequences": custom})
+        _write(tmp / contract.CUSTOM_DIR / name, {"sequences": [exported_custom_sequence(s) for s in custom]})
         report(progress, 0.9 * (i + 1) / len(heads), f"head {head} ({i + 1}/{len(heads)})")
     umap_heads = _write_umap(tmp, scan)
-    _write(tmp / contract.SCATTER, scatter_rows(scan, atlas))
+    _write(tmp / contract.SCATTER, rows)
     _write(tmp / contract.SERVER_CONFIG, {})
     _write(tmp / contract.ATTRIBUTIONS_MANIFEST, {})  # no attributions: no entries
-    _write(tmp / contract.CONFIG, config_record(scan, umap_heads, options, with_atlas=atlas is not None))
+    _write(tmp / contract.CONFIG, config_record(scan, umap_heads, options, descriptions))
+
+
+def _null_in_first_row(problem: Problem) -> bool:
+    """The one warning the data can force: no head has every metric defined, so the first row lacks one."""
+    return problem.file == contract.SCATTER and problem.field.startswith("[0].")
 
 
 def export_headvis(scan: ScanResult, out: Path, force: bool = False, options: ExportOptions = ExportOptions(),
@@ -333,7 +419,7 @@ def export_headvis(scan: ScanResult, out: Path, force: bool = False, options: Ex
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the tree is meant to be served
         _write_tree(tmp, scan, options, progress, atlas_values)
         report(progress, 0.95, "checking the tree against the HeadVis contract")
-        check_tree(tmp)
+        check_tree(tmp, strict=True, tolerated=_null_in_first_row)
         files = [p for p in tmp.rglob("*") if p.is_file()]
         n_bytes = sum(p.stat().st_size for p in files)
         _replace(tmp, out)

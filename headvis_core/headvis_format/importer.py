@@ -4,15 +4,23 @@
 :class:`headvis_core.scan.result.ScanResult` (deciles, top examples, top
 tokens, distance and score histograms, head summary) from the tree alone, with
 no model. The tree is checked against the contract when opened
-(:func:`headvis_core.headvis_format.validate.check_tree`), so a broken one is
-refused naming the file and field.
+(:func:`headvis_core.headvis_format.validate.check_tree`): one the frontend
+could not show is refused naming the file and field; warnings (a missing
+``custom_sequences/`` file, no scatter axes, ``null`` metrics, as Neuronpedia's
+``compute-head-metrics.py`` writes) are kept in :attr:`ImportedScan.warnings`.
 
 What a tree carries decides what comes back: from a tree this project wrote,
 the ``workbench`` keys give back the exact deciles (window counts and score
-ranges), window scores, top-window ranks and the token counts; from any other
-tree, the deciles are its intervals, a window's score is its
-``max_activation``, the score histogram is built from the listed sequences
-only, and token counts are unknown.
+ranges), window scores, top-window ranks and the token counts. From any other
+tree the deciles are its intervals (``n_intervals`` of them, Neuronpedia's 5 by
+default) and a window's score is its ``max_activation``; the score histogram is
+the tree's ``histogram`` (every window, where the producer wrote it) or else
+that of the listed sequences; token counts are unknown and a token's weight is
+the producer's (Neuronpedia: attention mass summed over its sequences); the
+distance histogram's bins, where wider than one position (Neuronpedia's are
+0, 1, 2, 4, 8, ...), are spread evenly over the distances they hold.
+``n_layers``/``n_heads`` come from the config or, where it has none, from its
+``heads``; the older head-file format (a bare list of sequences) is read too.
 """
 
 from functools import cached_property
@@ -26,7 +34,7 @@ from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.heads import HeadRef
 from headvis_core.headvis_format import contract
 from headvis_core.headvis_format.sequences import sparse_from_record
-from headvis_core.headvis_format.validate import check_tree, load_strict
+from headvis_core.headvis_format.validate import Problem, check_tree, load_strict
 from headvis_core.scan.params import ScanParams
 from headvis_core.scan.result import DecileBucket, ScanExample, load_scan
 from headvis_core.scan.state import bin_deciles
@@ -49,14 +57,17 @@ def example_from_record(record: dict[str, Any], decile: int) -> ScanExample:
 class ImportedScan:
     """A HeadVis tree read as a scan result (see the module docstring); head files are read on first use."""
 
-    def __init__(self, root: Path, config: dict[str, Any], scatter: list[dict[str, Any]]):
+    def __init__(self, root: Path, config: dict[str, Any], scatter: list[dict[str, Any]],
+                 warnings: tuple[Problem, ...] = ()):
         self.path = Path(root)
         self.config = config
         self.scatter = scatter
+        self.warnings = warnings
         self._heads: dict[HeadRef, dict[str, Any]] = {}
         extra = config.get("workbench") or {}
-        self.meta = {"model": {"name": str(config["model_name"])}, "n_layers": config["n_layers"],
-                     "n_heads": config["n_heads"], "key": extra.get("scan_key") or self.path.name,
+        self.meta = {"model": {"name": str(config.get("model_name") or "unnamed model")},
+                     "n_layers": self.n_layers, "n_heads": self.n_heads,
+                     "key": extra.get("scan_key") or self.path.name,
                      "corpus": {"description": str(extra.get("corpus") or f"HeadVis data in {self.path.name}")},
                      "created": str(extra.get("created") or "?"), "imported": True}
 
@@ -64,11 +75,11 @@ class ImportedScan:
 
     @property
     def n_layers(self) -> int:
-        return int(self.config["n_layers"])
+        return int(self.config.get("n_layers") or 1 + max(layer for layer, _ in self.config["heads"]))
 
     @property
     def n_heads(self) -> int:
-        return int(self.config["n_heads"])
+        return int(self.config.get("n_heads") or 1 + max(head for _, head in self.config["heads"]))
 
     @property
     def n_intervals(self) -> int:
@@ -79,8 +90,10 @@ class ImportedScan:
         extra = self.config.get("workbench") or {}
         if "n_windows" in extra:
             return int(extra["n_windows"])
-        first = HeadRef(*self.config["heads"][0])
-        return len(self.head_data(first)["sequences"])
+        first = self.head_data(HeadRef(*self.config["heads"][0]))
+        if contract.ACTIVATION_HISTOGRAM in first:  # every window's score, where the producer wrote it
+            return int(sum(first[contract.ACTIVATION_HISTOGRAM]["bin_values"]))
+        return len(first["sequences"])
 
     @property
     def params(self) -> ScanParams:
@@ -102,11 +115,13 @@ class ImportedScan:
         """The parsed ``heads/L{l}H{h}.json`` of ``head``."""
         self._check(head)
         if head not in self._heads:
-            name = contract.head_file_name(head.layer, head.head, self.config["head_data_pattern"])
+            pattern = self.config.get("head_data_pattern", contract.HEAD_DATA_PATTERN)
+            name = contract.head_file_name(head.layer, head.head, pattern)
             try:
-                self._heads[head] = load_strict(self.path / contract.HEADS_DIR / name)
+                data = load_strict(self.path / contract.HEADS_DIR / name)
             except (OSError, ValueError) as err:
                 raise CorruptFileError(f"{contract.HEADS_DIR}/{name} cannot be read ({err}).") from err
+            self._heads[head] = {"sequences": data} if isinstance(data, list) else data
         return self._heads[head]
 
     # -- the lookups of ScanResult ------------------------------------------------------------
@@ -119,6 +134,10 @@ class ImportedScan:
             for bin_index, count in extra["score_counts"]:
                 counts[int(bin_index)] = int(count)
             return counts
+        histogram = data.get(contract.ACTIVATION_HISTOGRAM)
+        if histogram is not None and np.allclose(histogram["bin_edges"],
+                                                 np.linspace(0.0, 1.0, len(histogram["bin_edges"]))):
+            return np.asarray(histogram["bin_values"], dtype=np.float64).round().astype(np.int64)
         scores = np.array([float(s["max_activation"]) for s in data["sequences"]])
         return np.histogram(np.clip(scores, 0, 1), bins=DEFAULT_SCORE_BINS, range=(0.0, 1.0))[0]
 
@@ -179,12 +198,21 @@ class ImportedScan:
         return table.head(n).reset_index(drop=True)
 
     def distance_histogram(self, head: HeadRef) -> np.ndarray:
-        values = np.asarray(self.head_data(head)["qk_distance_histogram"]["bin_values"], dtype=np.float64)
-        return values / max(values.sum(), 1e-12)
+        """Share of attention at each distance 0, 1, ...; a bin wider than one distance is spread evenly over it."""
+        plot = self.head_data(head).get(contract.DISTANCE_PLOT)
+        if plot is None:
+            return np.zeros(1)
+        values = np.asarray(plot["bin_values"], dtype=np.float64)
+        edges = np.asarray(plot["bin_edges"], dtype=np.float64)
+        widths = np.maximum(np.ceil(edges[1:]) - np.ceil(edges[:-1]), 1).astype(np.int64)
+        shares = np.repeat(values / widths, widths)
+        return shares / max(shares.sum(), 1e-12)
 
     def head_summary(self) -> pd.DataFrame:
-        """One row per head from ``scatter_data.json`` (its metric columns, whatever they are)."""
-        table = pd.DataFrame(self.scatter)
+        """One row per head from ``scatter_data.json`` (its metric columns, whatever they are; ``null`` -> NaN)."""
+        table = pd.DataFrame(self.scatter).sort_values(["layer", "head"], kind="stable").reset_index(drop=True)
+        for column in table.columns.drop(["layer", "head"]):
+            table[column] = pd.to_numeric(table[column], errors="coerce")
         table.insert(2, "name", [f"{layer}.{head}" for layer, head in zip(table["layer"], table["head"])])
         return table
 
@@ -204,11 +232,10 @@ def import_headvis(root: Path, check: bool = True) -> ImportedScan:
     root = Path(root).expanduser()
     if not contract.is_tree(root):
         raise InputError(f"{root} is not HeadVis data: it needs config.json and a heads/ folder.")
-    if check:
-        check_tree(root)
+    warnings = tuple(check_tree(root, strict=False)) if check else ()
     config = load_strict(root / contract.CONFIG)
     scatter = load_strict(root / contract.SCATTER)
-    return ImportedScan(root, config, scatter)
+    return ImportedScan(root, config, scatter, warnings)
 
 
 def open_any_scan(path: Path) -> Any:

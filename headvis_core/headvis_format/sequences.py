@@ -65,7 +65,7 @@ def max_activation(indices: list[int], values: list[float], seq_len: int) -> flo
     return float(np.asarray(values)[inner].max()) if inner.any() else 0.0
 
 
-def sequence_record(sequence_id: int, interval: int, str_tokens: list[str], attention: SparseAttention,
+def sequence_record(sequence_id: int | str, interval: int, str_tokens: list[str], attention: SparseAttention,
                     keys_per_query: int = DEFAULT_KEYS_PER_QUERY, threshold: float = DEFAULT_THRESHOLD,
                     extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """One HeadVis sequence (``extra`` keys, which the frontend ignores, are added after the required ones)."""
@@ -73,7 +73,8 @@ def sequence_record(sequence_id: int, interval: int, str_tokens: list[str], atte
     if attention.n_queries != seq_len:
         raise ValueError(f"attention has {attention.n_queries} queries for {seq_len} tokens")
     indices, values = coo_entries(attention, keys_per_query, threshold)
-    record = {"sequence_id": int(sequence_id), "interval": int(interval), "tokens": [str(t) for t in str_tokens],
+    sequence_id = sequence_id if isinstance(sequence_id, str) else int(sequence_id)
+    record = {"sequence_id": sequence_id, "interval": int(interval), "tokens": [str(t) for t in str_tokens],
               "attention_indices": indices, "attention_values": values, "seq_len": seq_len,
               "max_activation": max_activation(indices, values, seq_len)}
     record.update(extra or {})

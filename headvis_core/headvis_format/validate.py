@@ -1,31 +1,35 @@
-"""A contract validator for HeadVis ``data/`` trees, written from the facts in :mod:`.contract`.
+"""A contract validator for HeadVis ``data/`` trees, written from the frontend's reads (see :mod:`.contract`).
 
-:func:`validate_tree` lists every problem as ``file: field: what is wrong``;
-:func:`check_tree` raises :class:`CorruptFileError` with the first few. It
-checks that every file the frontend requests is there and is valid JSON (no
-NaN or Infinity, no repeated key in an object), the config's required keys,
-that the scatter's default axes name columns of ``scatter_data.json``, that
-``custom_tables``/``custom_plots`` name the head-file keys without repeats,
-and, in every head and custom-sequence file, integer intervals in
-``1..n_intervals`` (-1 for custom sequences), ``seq_len == len(tokens)`` and
-COO indices inside ``[0, seq_len ** 2)`` with finite values in [0, 1].
+:func:`validate_tree` lists every problem as ``file: field: what is wrong``,
+each an ``error`` (the frontend breaks, shows nothing, or shows something
+wrong) or a ``warning`` (it works but logs a failed fetch, or loses a view:
+a file it requests is missing, a scatter column is ``null`` in the first
+row). :func:`check_tree` raises :class:`CorruptFileError` with the first few:
+on errors only, or on warnings too with ``strict`` (what this project's own
+export must pass). Trees from other producers, such as Neuronpedia's
+``compute-head-metrics.py`` (no ``custom_sequences/``, no ``scatter`` axes,
+``null`` metrics), are read when they have no errors.
+
+Every file is parsed as the browser would (no NaN or Infinity) and an object
+may not repeat a key.
 """
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from headvis_core.errors import CorruptFileError
 from headvis_core.headvis_format import contract
 
-REQUIRED_TABLES = ("top_query_tokens", "top_key_tokens")
-REQUIRED_PLOTS = ("qk_distance_histogram",)
-PCA_KINDS = ("Q", "K", "O", "V")
 MAX_SHOWN = 5
+ERROR = "error"
+WARNING = "warning"
+MANIFEST_KEY = re.compile(r"^L\d+H\d+S.+$")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Problem:
     file: str
     field: str
     message: str
+    severity: str = ERROR
 
     def __str__(self) -> str:
         return f"{self.file}: {self.field}: {self.message}"
@@ -82,133 +87,227 @@ def _whole_numbers(values: Any) -> bool:
     return isinstance(values, list) and set(map(type, values)) <= {int}
 
 
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value)
+
+
+def _histogram_shape(plot: Any) -> bool:
+    """``{bin_edges, bin_values}`` of finite numbers with one edge more than values (as the Metrics tab pairs them)."""
+    return (isinstance(plot, dict) and _finite_numbers(plot.get("bin_edges"))
+            and _finite_numbers(plot.get("bin_values")) and len(plot["bin_edges"]) == len(plot["bin_values"]) + 1)
+
+
+def _indexes(valid_index: Any, seq_idx: Any) -> bool:
+    """Whether ``seq_idx`` finds a token list (a string ``seq_idx`` is shown as "no token data", which is allowed)."""
+    if isinstance(seq_idx, str):
+        return True
+    if not _is_int(seq_idx):
+        return False
+    return str(seq_idx) in valid_index if isinstance(valid_index, set) else seq_idx in valid_index
+
+
 class _Checker:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.problems: list[Problem] = []
 
-    def add(self, file: str, field: str, message: str) -> None:
-        self.problems.append(Problem(file, field, message))
+    def add(self, file: str, field: str, message: str, severity: str = ERROR) -> None:
+        self.problems.append(Problem(file, field, message, severity))
 
-    def load(self, relative: str) -> Optional[Any]:
+    def errors_in(self, file: str) -> bool:
+        return any(p.file == file and p.severity == ERROR for p in self.problems)
+
+    def load(self, relative: str, missing: str = ERROR, why: str = "the frontend requests it") -> Optional[Any]:
         path = self.root / relative
         if not path.is_file():
-            self.add(relative, "(file)", "missing (the frontend requests it)")
+            self.add(relative, "(file)", f"missing ({why})", missing)
             return None
         try:
             return load_strict(path)
         except _DuplicateKey as err:
             self.add(relative, str(err), "key repeated in one object")
         except (ValueError, UnicodeDecodeError) as err:
-            self.add(relative, "(file)", f"not valid JSON ({err})")
+            self.add(relative, "(file)", f"not valid JSON ({err}); JSON.parse refuses the whole file")
+        except OSError as err:
+            self.add(relative, "(file)", f"cannot be read ({err.strerror or err})")
         return None
 
-    # -- config and scatter -------------------------------------------------------------------
+    # -- config.json ----------------------------------------------------------------------------
 
     def config(self) -> Optional[dict[str, Any]]:
-        config = self.load(contract.CONFIG)
+        file = contract.CONFIG
+        config = self.load(file, why="without it the page shows only an error")
         if config is None:
             return None
         if not isinstance(config, dict):
-            self.add(contract.CONFIG, "(top level)", "must be an object")
+            self.add(file, "(top level)", "must be an object")
             return None
-        missing = [k for k in contract.CONFIG_REQUIRED if k not in config]
-        for key in missing:
-            self.add(contract.CONFIG, key, "missing")
-        for key in ("n_layers", "n_heads", "n_intervals"):
+        for key in contract.CONFIG_REQUIRED:
+            if key not in config:
+                self.add(file, key, "missing")
+        n_intervals = config.get("n_intervals")
+        if "n_intervals" in config and not (_is_int(n_intervals) and n_intervals >= 1):
+            self.add(file, "n_intervals", f"must be a whole number >= 1, not {n_intervals!r} (the first interval "
+                     "shown is n_intervals, and sequences are matched to it exactly)")
+        for key in ("n_layers", "n_heads"):
             if key in config and not (_is_int(config[key]) and config[key] >= 1):
-                self.add(contract.CONFIG, key, f"must be a whole number >= 1, not {config[key]!r}")
-        pattern = config.get("head_data_pattern")
-        if pattern is not None and ("{layer}" not in str(pattern) or "{head}" not in str(pattern)):
-            self.add(contract.CONFIG, "head_data_pattern", f"{pattern!r} must contain {{layer}} and {{head}}")
-        if missing or any(p.file == contract.CONFIG for p in self.problems):
-            return None
-        self._heads_list(config)
+                self.add(file, key, f"must be a whole number >= 1, not {config[key]!r}")
+        pattern = config.get("head_data_pattern", contract.HEAD_DATA_PATTERN)
+        if not (isinstance(pattern, str) and "{layer}" in pattern and "{head}" in pattern):
+            self.add(file, "head_data_pattern", f"{pattern!r} must be a string containing {{layer}} and {{head}}")
+        if not isinstance(config.get("model_name", ""), str):
+            self.add(file, "model_name", "must be a string (the sidebar shows it)")
+        elif "model_name" not in config:
+            self.add(file, "model_name", "missing (the sidebar shows 'Loading...' in its place)", WARNING)
+        descriptions = config.get("metric_descriptions", {})
+        if not isinstance(descriptions, dict):
+            self.add(file, "metric_descriptions", "must be an object {metric: description} (the Help tab lists it)")
+        if "heads" in config:
+            self._heads_list(config)
+        self._umap_flags(config)
         self._tables(config)
-        return config
+        if not isinstance(config.get("statistics_display", {}), dict):
+            self.add(file, "statistics_display", "must be an object {statistic: {label, format}}")
+        return None if self.errors_in(file) else config
 
     def _heads_list(self, config: dict[str, Any]) -> None:
         heads = config["heads"]
         if not isinstance(heads, list) or not heads:
             self.add(contract.CONFIG, "heads", "must be a non-empty list of [layer, head]")
             return
+        n_layers, n_heads = config.get("n_layers"), config.get("n_heads")
         seen = set()
         for i, pair in enumerate(heads):
-            if not (isinstance(pair, list) and len(pair) == 2 and all(_is_int(v) for v in pair)
-                    and 0 <= pair[0] < config["n_layers"] and 0 <= pair[1] < config["n_heads"]):
+            inside = _is_pair(pair) and min(pair) >= 0 and (not _is_int(n_layers) or pair[0] < n_layers) and (
+                not _is_int(n_heads) or pair[1] < n_heads)
+            if not inside:
                 self.add(contract.CONFIG, f"heads[{i}]", f"{pair!r} is not a [layer, head] inside the model")
             elif tuple(pair) in seen:
                 self.add(contract.CONFIG, f"heads[{i}]", f"{pair!r} is listed twice")
             else:
                 seen.add(tuple(pair))
 
+    def _umap_flags(self, config: dict[str, Any]) -> None:
+        if not isinstance(config.get("has_umap", False), bool):
+            self.add(contract.CONFIG, "has_umap", "must be true or false")
+        umap_heads = config.get("umap_heads", [])
+        if not isinstance(umap_heads, list) or not all(_is_pair(p) for p in umap_heads):
+            self.add(contract.CONFIG, "umap_heads", "must be a list of [layer, head]")
+        elif isinstance(config.get("heads"), list):
+            listed = {tuple(p) for p in config["heads"] if _is_pair(p)}
+            for i, pair in enumerate(umap_heads):
+                if tuple(pair) not in listed:
+                    self.add(contract.CONFIG, f"umap_heads[{i}]", f"{pair!r} is not one of config.heads")
+
     def _tables(self, config: dict[str, Any]) -> None:
-        keys_seen: set[str] = set()
-        for field, required in (("custom_tables", REQUIRED_TABLES), ("custom_plots", REQUIRED_PLOTS)):
-            entries = config[field]
+        for field in ("custom_tables", "custom_plots"):
+            entries = config.get(field, [])
             if not isinstance(entries, list):
                 self.add(contract.CONFIG, field, "must be a list of {key, label}")
                 continue
+            keys_seen: set[str] = set()
             for i, entry in enumerate(entries):
                 if not (isinstance(entry, dict) and isinstance(entry.get("key"), str)
                         and isinstance(entry.get("label"), str)):
                     self.add(contract.CONFIG, f"{field}[{i}]", "must be {\"key\": str, \"label\": str}")
                     continue
                 if entry["key"] in keys_seen:
-                    self.add(contract.CONFIG, f"{field}[{i}].key", f"{entry['key']!r} is repeated (the frontend "
-                             "crashes on duplicate keys)")
+                    self.add(contract.CONFIG, f"{field}[{i}].key", f"{entry['key']!r} is repeated (the Metrics tab "
+                             "lists them keyed: a repeated key crashes it)")
                 keys_seen.add(entry["key"])
-            named = {e.get("key") for e in entries if isinstance(e, dict)}
-            for key in required:
-                if key not in named:
-                    self.add(contract.CONFIG, field, f"does not name {key!r}, so the frontend shows none of them")
+                if "max_rows" in entry and not (_is_int(entry["max_rows"]) and entry["max_rows"] >= 1):
+                    self.add(contract.CONFIG, f"{field}[{i}].max_rows", "must be a whole number >= 1")
+        named = self.named_keys(config)
+        for key in (*contract.TOKEN_TABLES, contract.DISTANCE_PLOT):
+            if key not in named:
+                field = "custom_plots" if key == contract.DISTANCE_PLOT else "custom_tables"
+                self.add(contract.CONFIG, field, f"does not name {key!r}, so the Metrics tab shows none of it",
+                         WARNING)
+
+    @staticmethod
+    def named_keys(config: dict[str, Any]) -> dict[str, str]:
+        """Head-file key -> ``"table"`` or ``"plot"`` for every well-formed entry of the config's lists."""
+        named = {}
+        for field, kind in (("custom_tables", "table"), ("custom_plots", "plot")):
+            entries = config.get(field, [])
+            for entry in entries if isinstance(entries, list) else []:
+                if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+                    named[entry["key"]] = kind
+        return named
+
+    # -- scatter_data.json ---------------------------------------------------------------------
 
     def scatter(self, config: dict[str, Any]) -> None:
-        rows = self.load(contract.SCATTER)
+        file = contract.SCATTER
+        rows = self.load(file, why="without it the page shows only an error")
         if rows is None:
             return
         if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-            self.add(contract.SCATTER, "(top level)", "must be a non-empty list of objects")
+            self.add(file, "(top level)", "must be a non-empty list of objects, one per head")
             return
-        columns = list(rows[0])
-        for axis in ("default_x", "default_y"):
-            name = config["scatter"].get(axis) if isinstance(config["scatter"], dict) else None
-            if name not in columns:
-                self.add(contract.CONFIG, f"scatter.{axis}", f"{name!r} is not a column of {contract.SCATTER} "
-                         f"(columns: {', '.join(map(str, columns))}); the plot would be empty")
-        heads = {tuple(h) for h in config["heads"]}
+        dimensions = config.get("dimensions") if isinstance(config.get("dimensions"), dict) else {}
+        dim_x, dim_y = dimensions.get("primary", "layer"), dimensions.get("secondary", "head")
+        axes = [name for name, value in rows[0].items() if name not in (dim_x, dim_y) and _is_number(value)]
+        for name, value in rows[0].items():
+            if value is None and name not in (dim_x, dim_y):
+                self.add(file, f"[0].{name}", "is null in the first row, so the scatter does not offer it as an "
+                         "axis (its axes are the first row's numeric columns)", WARNING)
+        scatter = config.get("scatter")
+        if scatter is None:
+            self.add(contract.CONFIG, "scatter", "missing: no default_x/default_y for the scatter's first axes",
+                     WARNING)
+        elif not isinstance(scatter, dict):
+            self.add(contract.CONFIG, "scatter", "must be an object {default_x, default_y}")
+        else:
+            for axis in ("default_x", "default_y"):
+                name = scatter.get(axis)
+                if name not in axes + [dim_x, dim_y]:
+                    self.add(contract.CONFIG, f"scatter.{axis}", f"{name!r} is not a numeric column of the first row "
+                             f"of {file} (axes: {', '.join(axes)}); the plot would be empty")
         seen = set()
         for i, row in enumerate(rows):
-            if not (_is_int(row.get("layer")) and _is_int(row.get("head"))):
-                self.add(contract.SCATTER, f"[{i}].layer/head", "must be whole numbers")
+            if not (_is_int(row.get(dim_x)) and _is_int(row.get(dim_y))):
+                self.add(file, f"[{i}].{dim_x}/{dim_y}", "must be whole numbers (the head's row is found by them)")
                 continue
-            seen.add((row["layer"], row["head"]))
+            if (row[dim_x], row[dim_y]) in seen:
+                self.add(file, f"[{i}]", f"a second row for head {row[dim_x]}.{row[dim_y]}")
+            seen.add((row[dim_x], row[dim_y]))
             for key, value in row.items():
-                if key not in ("layer", "head") and value is not None and not _is_number(value):
-                    self.add(contract.SCATTER, f"[{i}].{key}", f"{value!r} is not a finite number")
+                if key not in (dim_x, dim_y) and value is not None and not _is_number(value):
+                    self.add(file, f"[{i}].{key}", f"{value!r} is not a finite number or null")
+        heads = {tuple(h) for h in config.get("heads", []) if _is_pair(h)}
         for layer, head in sorted(heads - seen)[:MAX_SHOWN]:
-            self.add(contract.SCATTER, f"L{layer}H{head}", "no row for this head of config.heads")
+            self.add(file, f"L{layer}H{head}", "no row for this head of config.heads (its Metrics tab has no head "
+                     "metrics)", WARNING)
 
-    # -- head files ----------------------------------------------------------------------------
+    # -- sequences -----------------------------------------------------------------------------
 
     def sequence(self, file: str, where: str, seq: Any, n_intervals: int, custom: bool) -> None:
         if not isinstance(seq, dict):
             self.add(file, where, "must be an object")
             return
-        for key in contract.SEQUENCE_REQUIRED:
-            if key not in seq:
-                self.add(file, f"{where}.{key}", "missing")
-        if any(key not in seq for key in contract.SEQUENCE_REQUIRED):
+        required = contract.CUSTOM_SEQUENCE_REQUIRED if custom else contract.SEQUENCE_REQUIRED
+        missing = [key for key in required if key not in seq]
+        for key in missing:
+            self.add(file, f"{where}.{key}", "missing")
+        if missing:
             return
-        if not _is_int(seq["sequence_id"]):
-            self.add(file, f"{where}.sequence_id", f"{seq['sequence_id']!r} is not a whole number")
-        interval = seq["interval"]
+        sequence_id = seq["sequence_id"]
+        if not (_is_int(sequence_id) or isinstance(sequence_id, str)):
+            self.add(file, f"{where}.sequence_id", f"{sequence_id!r} is not a whole number or a string")
+        elif custom and not str(sequence_id).startswith(contract.CUSTOM_ID_PREFIX):
+            self.add(file, f"{where}.sequence_id", f"{sequence_id!r} does not start with "
+                     f"{contract.CUSTOM_ID_PREFIX!r}: a deep link to it finds a dataset sequence first", WARNING)
         if custom:
-            ok, allowed = interval == contract.CUSTOM_INTERVAL, f"{contract.CUSTOM_INTERVAL} (custom)"
+            interval = seq.get("interval", contract.CUSTOM_INTERVAL)
+            if interval != contract.CUSTOM_INTERVAL or not _is_int(interval):
+                self.add(file, f"{where}.interval", f"{interval!r}: a custom sequence's interval is "
+                         f"{contract.CUSTOM_INTERVAL} or absent", WARNING)
         else:
-            ok, allowed = _is_int(interval) and 1 <= interval <= n_intervals, f"1..{n_intervals}"
-        if not (_is_int(interval) and ok):
-            self.add(file, f"{where}.interval", f"{interval!r} must be the JSON integer {allowed}")
+            interval = seq["interval"]
+            if not (_is_int(interval) and 1 <= interval <= n_intervals):
+                self.add(file, f"{where}.interval", f"{interval!r} must be the JSON integer 1..{n_intervals} (the "
+                         "frontend shows a sequence only when its interval equals the chosen one)")
         tokens, seq_len = seq["tokens"], seq["seq_len"]
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             self.add(file, f"{where}.tokens", "must be a list of strings")
@@ -218,7 +317,8 @@ class _Checker:
             return
         self._coo(file, where, seq, seq_len)
         if not _is_number(seq["max_activation"]):
-            self.add(file, f"{where}.max_activation", f"{seq['max_activation']!r} is not a finite number")
+            self.add(file, f"{where}.max_activation", f"{seq['max_activation']!r} is not a finite number (the "
+                     "frontend prints it with toFixed and scales every sequence's colours by the largest)")
 
     def _coo(self, file: str, where: str, seq: dict[str, Any], seq_len: int) -> None:
         indices, values = seq["attention_indices"], seq["attention_values"]
@@ -240,10 +340,14 @@ class _Checker:
         if len(vals) and (vals.min() < 0 or vals.max() > 1 + 1e-6):
             self.add(file, f"{where}.attention_values", "attention weights must be in [0, 1]")
 
+    # -- head files ----------------------------------------------------------------------------
+
     def head_file(self, relative: str, n_intervals: int, config: dict[str, Any]) -> None:
-        data = self.load(relative)
+        data = self.load(relative, why="the head shows no sequences and the console an error")
         if data is None:
             return
+        if isinstance(data, list):  # the frontend's older format: the sequences alone
+            data = {"sequences": data}
         if not isinstance(data, dict) or not isinstance(data.get("sequences"), list):
             self.add(relative, "sequences", "missing or not a list")
             return
@@ -251,23 +355,28 @@ class _Checker:
             self.sequence(relative, f"sequences[{i}]", seq, n_intervals, custom=False)
         ids = [s.get("sequence_id") for s in data["sequences"] if isinstance(s, dict)]
         if len(set(map(str, ids))) != len(ids):
-            self.add(relative, "sequences[].sequence_id", "a sequence_id is repeated")
-        for entry in config["custom_tables"]:
-            table = data.get(entry["key"])
-            if not isinstance(table, list) or not all(isinstance(r, dict) and isinstance(r.get("token"), str)
-                                                      and _is_number(r.get("weight")) for r in table):
-                self.add(relative, entry["key"], "must be a list of {\"token\": str, \"weight\": number}")
-        for entry in config["custom_plots"]:
-            plot = data.get(entry["key"])
-            if not (isinstance(plot, dict) and isinstance(plot.get("bin_edges"), list)
-                    and isinstance(plot.get("bin_values"), list)
-                    and len(plot["bin_edges"]) == len(plot["bin_values"]) + 1
-                    and _finite_numbers(plot["bin_edges"]) and _finite_numbers(plot["bin_values"])):
-                self.add(relative, entry["key"], "must be {bin_edges, bin_values} of finite numbers with one edge "
-                         "more than values")
+            self.add(relative, "sequences[].sequence_id", "a sequence_id is repeated (attributions and deep links "
+                     "name a sequence by it)", WARNING)
+        for key, kind in self.named_keys(config).items():
+            if key not in data:
+                self.add(relative, key, f"missing: the Metrics tab shows no {key}", WARNING)
+            elif kind == "table" and not (isinstance(data[key], list) and all(
+                    isinstance(r, dict) and isinstance(r.get("token"), str) and _is_number(r.get("weight"))
+                    for r in data[key])):
+                self.add(relative, key, "must be a list of {\"token\": str, \"weight\": number} (the table prints "
+                         "the weight with toFixed)")
+            elif kind == "plot" and not _histogram_shape(data[key]):
+                self.add(relative, key, "must be {bin_edges, bin_values} of finite numbers with one edge more "
+                         "than values")
+        if contract.ACTIVATION_HISTOGRAM in data and not _histogram_shape(data[contract.ACTIVATION_HISTOGRAM]):
+            self.add(relative, contract.ACTIVATION_HISTOGRAM, "must be {bin_edges, bin_values} of finite numbers "
+                     "with one edge more than values")
+        if "statistics" in data and not isinstance(data["statistics"], dict):
+            self.add(relative, "statistics", "must be an object {statistic: number}")
 
     def custom_file(self, relative: str, n_intervals: int) -> None:
-        data = self.load(relative)
+        data = self.load(relative, WARNING, "the frontend requests it for every head it opens; without it the "
+                         "console logs a failed fetch")
         if data is None:
             return
         if not isinstance(data, dict) or not isinstance(data.get("sequences"), list):
@@ -276,85 +385,156 @@ class _Checker:
         for i, seq in enumerate(data["sequences"]):
             self.sequence(relative, f"sequences[{i}]", seq, n_intervals, custom=True)
 
-    # -- the rest ------------------------------------------------------------------------------
+    # -- server config and attributions ---------------------------------------------------------
 
     def static_files(self) -> None:
-        server = self.load(contract.SERVER_CONFIG)
+        server = self.load(contract.SERVER_CONFIG, WARNING, "the frontend requests it; without it the console "
+                           "logs a failed fetch")
         if server is not None and not isinstance(server, dict):
             self.add(contract.SERVER_CONFIG, "(top level)", "must be an object ({} for a static tree)")
-        manifest = self.load(contract.ATTRIBUTIONS_MANIFEST)
+        elif server and "server_url" in server and not isinstance(server["server_url"], str):
+            self.add(contract.SERVER_CONFIG, "server_url", "must be a string (the frontend posts to it)")
+        file = contract.ATTRIBUTIONS_MANIFEST
+        manifest = self.load(file, WARNING, "the frontend requests it; without it the console logs a failed fetch")
         if manifest is None:
             return
-        # an object keyed by head (or a list) of entries, each with both lists
-        entries = manifest.values() if isinstance(manifest, dict) else manifest
-        if not isinstance(manifest, (dict, list)):
-            self.add(contract.ATTRIBUTIONS_MANIFEST, "(top level)", "must be an object or a list")
+        if not isinstance(manifest, dict):
+            self.add(file, "(top level)", "must be an object {\"L{l}H{h}S{sequence_id}\": {qk, ov}}")
             return
-        for i, entry in enumerate(entries):
-            if not (isinstance(entry, dict) and isinstance(entry.get("qk"), list)
-                    and isinstance(entry.get("ov"), list)):
-                self.add(contract.ATTRIBUTIONS_MANIFEST, f"[{i}]", "each entry needs both 'qk' and 'ov' lists")
+        for key, entry in manifest.items():
+            if not MANIFEST_KEY.match(key):
+                self.add(file, key, "is not of the form L{layer}H{head}S{sequence_id}; no sequence finds it",
+                         WARNING)
+            if not (isinstance(entry, dict) and all(isinstance(entry.get(t), list) and all(
+                    _is_pair(p) for p in entry[t]) for t in ("qk", "ov"))):
+                self.add(file, key, "needs both 'qk' and 'ov' lists of [query, key] (the frontend reads "
+                         "entry.qk.length and entry.ov.length)")
+
+    # -- umap/ -----------------------------------------------------------------------------------
 
     def umap(self, config: dict[str, Any]) -> None:
         if not config.get("has_umap"):
             return
-        sequences = self.load(f"{contract.UMAP_DIR}/{contract.UMAP_SEQUENCES}")
-        n_sequences = len(sequences) if isinstance(sequences, list) else None
-        if sequences is not None and n_sequences is None:
-            self.add(f"{contract.UMAP_DIR}/{contract.UMAP_SEQUENCES}", "(top level)", "must be a list")
-        for pair in config["umap_heads"]:
-            relative = f"{contract.UMAP_DIR}/{contract.head_file_name(pair[0], pair[1])}"
-            data = self.load(relative)
-            if data is None:
+        name = f"{contract.UMAP_DIR}/{contract.UMAP_SEQUENCES}"
+        sequences = self.load(name, why="the UMAP tab shows an error without it")
+        valid_index: Any = None
+        if isinstance(sequences, list):
+            valid_index = range(len(sequences))
+            bad = [i for i, s in enumerate(sequences) if not (isinstance(s, list) and all(isinstance(t, str)
+                                                                                            for t in s))]
+        elif isinstance(sequences, dict):
+            valid_index = set(sequences)
+            bad = [k for k, s in sequences.items() if not (isinstance(s, list) and all(isinstance(t, str)
+                                                                                         for t in s))]
+        else:
+            bad = []
+            if sequences is not None:
+                self.add(name, "(top level)", "must be a list of token lists, indexed by seq_idx")
+        if bad:
+            self.add(name, f"[{bad[0]}]", "must be a list of token strings")
+        for pair in config.get("umap_heads", []):
+            self.umap_head(f"{contract.UMAP_DIR}/{contract.head_file_name(pair[0], pair[1])}", valid_index)
+
+    def umap_head(self, relative: str, valid_index: Any) -> None:
+        data = self.load(relative, why="the UMAP tab shows an error without it")
+        if data is None:
+            return
+        if not isinstance(data, dict):
+            self.add(relative, "(top level)", "must be an object")
+            return
+        lists = {key: data.get(key) for key in ("seq_idx", "top_q", "top_k", "norms")}
+        if any(not isinstance(v, list) for v in lists.values()) or len({len(v) for v in lists.values()}) != 1:
+            lengths = {k: len(v) if isinstance(v, list) else None for k, v in lists.items()}
+            self.add(relative, "seq_idx/top_q/top_k/norms", f"must be lists of one length ({lengths})")
+            return
+        n = len(lists["seq_idx"])
+        for key in ("top_q", "top_k"):
+            if not _whole_numbers(lists[key]):
+                self.add(relative, key, "must hold whole numbers (token positions)")
+        if not _finite_numbers(lists["norms"]):
+            self.add(relative, "norms", "must hold finite numbers (the points are coloured by their rank)")
+        idx = lists["seq_idx"]
+        if valid_index is not None and not all(_indexes(valid_index, i) for i in idx):
+            self.add(relative, "seq_idx", f"must index {contract.UMAP_SEQUENCES}")
+        views = data.get("views")
+        if "pca" not in data and "embeddings" not in data and not views:
+            self.add(relative, "pca", "no pca, views or embeddings: the UMAP tab has nothing to draw")
+        for key in ("pca", "embeddings"):
+            if key in data:
+                self._embeddings(relative, key, data[key], n)
+        if views is not None:
+            if not isinstance(views, list):
+                self.add(relative, "views", "must be a list of {embeddings, n_neighbors, min_dist} (the frontend "
+                         "iterates it; omit it when there is only PCA)")
+            else:
+                for i, view in enumerate(views):
+                    if not isinstance(view, dict) or "embeddings" not in view:
+                        self.add(relative, f"views[{i}]", "must be {embeddings, n_neighbors, min_dist}")
+                        continue
+                    self._embeddings(relative, f"views[{i}].embeddings", view["embeddings"], n)
+                    for label in ("n_neighbors", "min_dist"):
+                        if not _is_number(view.get(label)):
+                            self.add(relative, f"views[{i}].{label}", "missing (the view chooser prints it)",
+                                     WARNING)
+        self._clusters(relative, data.get("clusters", []))
+
+    def _embeddings(self, relative: str, field: str, embeddings: Any, n: int) -> None:
+        if not isinstance(embeddings, dict) or not embeddings:
+            self.add(relative, field, "must be an object {Q, K, O, V: {d0, d1, d2}}")
+            return
+        for kind, coords in embeddings.items():
+            if kind not in contract.PROJECTION_KINDS:
+                self.add(relative, f"{field}.{kind}", f"is not one of {', '.join(contract.PROJECTION_KINDS)}; the "
+                         "UMAP tab ignores it", WARNING)
                 continue
-            lengths = {key: len(data.get(key) or []) for key in ("seq_idx", "top_q", "top_k", "norms")}
-            if len(set(lengths.values())) != 1 or any(not isinstance(data.get(k), list) for k in lengths):
-                self.add(relative, "seq_idx/top_q/top_k/norms", f"must be lists of one length ({lengths})")
-                continue
-            n = lengths["seq_idx"]
-            idx = data["seq_idx"]
-            if n_sequences is not None and not (_whole_numbers(idx) and (not idx or 0 <= min(idx)
-                                                                         and max(idx) < n_sequences)):
-                self.add(relative, "seq_idx", f"must index {contract.UMAP_SEQUENCES} (0..{n_sequences - 1})")
-            pca = data.get("pca")
-            for kind in PCA_KINDS:
-                coords = pca.get(kind) if isinstance(pca, dict) else None
-                if not isinstance(coords, dict) or any(
-                        not _finite_numbers(coords.get(d)) or len(coords[d]) != n for d in ("d0", "d1", "d2")):
-                    self.add(relative, f"pca.{kind}", f"must hold d0, d1, d2: {n} finite numbers each")
-            views = data.get("views")
-            if views is not None and not isinstance(views, dict):
-                self.add(relative, "views", "must be an object of views (omit it when there is only PCA)")
-            for method, view in (views or {}).items() if isinstance(views, dict) else ():
-                for kind in PCA_KINDS:
-                    coords = view.get(kind) if isinstance(view, dict) else None
-                    if not isinstance(coords, dict) or any(
-                            not _finite_numbers(coords.get(d)) or len(coords[d]) != n for d in ("d0", "d1", "d2")):
-                        self.add(relative, f"views.{method}.{kind}", f"must hold d0, d1, d2: {n} finite numbers each")
-            if not isinstance(data.get("clusters"), list):
-                self.add(relative, "clusters", "must be a list")
+            axes = ("d0", "d1", "d2") if isinstance(coords, dict) and "d2" in coords else (
+                ("d0", "d1") if isinstance(coords, dict) and "d0" in coords else ("x", "y"))
+            if not isinstance(coords, dict) or any(
+                    not _finite_numbers(coords.get(d)) or len(coords[d]) != n for d in axes):
+                self.add(relative, f"{field}.{kind}", f"must hold {', '.join(axes)}: {n} finite numbers each")
+
+    def _clusters(self, relative: str, clusters: Any) -> None:
+        if not isinstance(clusters, list):
+            self.add(relative, "clusters", "must be a list of {name, points: [[seq_idx, top_q, top_k]]}")
+            return
+        for i, cluster in enumerate(clusters):
+            if not (isinstance(cluster, dict) and isinstance(cluster.get("name"), str)):
+                self.add(relative, f"clusters[{i}]", "must be {name, points: [[seq_idx, top_q, top_k]]}")
+            elif not (isinstance(cluster.get("points"), list) and all(
+                    isinstance(p, list) and len(p) == 3 for p in cluster["points"])):
+                self.add(relative, f"clusters[{i}].points", "must be a list of [seq_idx, top_q, top_k] (the "
+                         "frontend finds a cluster's points by them)")
 
 
 def validate_tree(root: Path) -> list[Problem]:
-    """Every way the tree at ``root`` breaks the HeadVis contract (``[]``: none)."""
+    """Every way the tree at ``root`` breaks the HeadVis contract, errors and warnings (``[]``: none)."""
     checker = _Checker(Path(root))
     config = checker.config()
     checker.static_files()
     if config is None:
         return checker.problems
     checker.scatter(config)
+    pattern = config.get("head_data_pattern", contract.HEAD_DATA_PATTERN)
     for layer, head in config["heads"]:
-        name = contract.head_file_name(layer, head, config["head_data_pattern"])
-        checker.head_file(f"{contract.HEADS_DIR}/{name}", config["n_intervals"], config)
-        checker.custom_file(f"{contract.CUSTOM_DIR}/{name}", config["n_intervals"])
+        checker.head_file(f"{contract.HEADS_DIR}/{contract.head_file_name(layer, head, pattern)}",
+                          config["n_intervals"], config)
+        checker.custom_file(f"{contract.CUSTOM_DIR}/{contract.head_file_name(layer, head)}", config["n_intervals"])
     checker.umap(config)
     return checker.problems
 
 
-def check_tree(root: Path) -> None:
-    """Raise :class:`CorruptFileError` naming the file and field of the first problems, if any."""
+def check_tree(root: Path, strict: bool = True,
+               tolerated: Optional[Callable[[Problem], bool]] = None) -> list[Problem]:
+    """Raise :class:`CorruptFileError` naming the file and field of the first problems, if any.
+
+    ``strict`` refuses warnings too (this project's export must have none but those ``tolerated``
+    says it cannot avoid); otherwise only errors are refused. Returns the problems not refused.
+    """
     problems = validate_tree(root)
-    if problems:
-        shown = "; ".join(str(p) for p in problems[:MAX_SHOWN])
-        more = f" (and {len(problems) - MAX_SHOWN} more)" if len(problems) > MAX_SHOWN else ""
+    refused = [p for p in problems if (strict or p.severity == ERROR)
+               and not (p.severity == WARNING and tolerated is not None and tolerated(p))]
+    if refused:
+        shown = "; ".join(str(p) for p in refused[:MAX_SHOWN])
+        more = f" (and {len(refused) - MAX_SHOWN} more)" if len(refused) > MAX_SHOWN else ""
         raise CorruptFileError(f"The HeadVis data in {root} breaks the contract: {shown}{more}.")
+    return [p for p in problems if p not in refused]

@@ -10,7 +10,12 @@ from headvis_core.atlas.run import METRIC_COLUMNS, METRICS, compute_atlas
 from headvis_core.cli.main import main
 from headvis_core.errors import InputError
 from headvis_core.heads import all_heads
-from headvis_core.headvis_format.export import METRIC_DESCRIPTIONS, atlas_column_names, export_headvis
+from headvis_core.headvis_format.export import (
+    METRIC_DESCRIPTIONS,
+    atlas_column_names,
+    export_headvis,
+    scan_statistic_descriptions,
+)
 from headvis_core.headvis_format.importer import open_any_scan
 from headvis_core.headvis_format.validate import validate_tree
 from tests.headvis_format.scans import tiny_scan
@@ -38,12 +43,17 @@ def test_scatter_carries_the_atlas_metrics_and_the_validator_passes(scan_and_atl
     rows = read(out / "scatter_data.json")
     config = read(out / "config.json")
     names = atlas_column_names()
-    assert names["mean_distance"] == "atlas_mean_distance" and names["logit_std"] == "logit_std"
-    assert config["metrics"] == list(METRIC_DESCRIPTIONS) + [names[c] for c in METRIC_COLUMNS]
+    statistics = scan_statistic_descriptions()
+    assert names["mean_distance"] == "atlas_mean_distance"
+    assert names["logit_std"] == ("atlas_logit_std" if "logit_std" in statistics else "logit_std")
+    summary = scan.head_summary().set_index(["layer", "head"])
+    kept = [c for c in statistics if c in summary.columns and summary[c].notna().any()]
+    assert config["metrics"] == list(METRIC_DESCRIPTIONS) + kept + [names[c] for c in METRIC_COLUMNS]
     for m in METRICS:
         assert m.definition in config["metric_descriptions"][names[m.column]]
-    assert [(r["layer"], r["head"]) for r in rows] == [(h.layer, h.head) for h in all_heads(scan.n_layers,
-                                                                                             scan.n_heads)]
+    assert sorted((r["layer"], r["head"]) for r in rows) == [(h.layer, h.head) for h in all_heads(scan.n_layers,
+                                                                                                   scan.n_heads)]
+    assert sum(v is None for v in rows[0].values()) == min(sum(v is None for v in r.values()) for r in rows)
     by_head = table.set_index(["layer", "head"])
     for row in rows:
         assert list(row)[:2] == ["layer", "head"] and set(config["metrics"]) == set(row) - {"layer", "head"}
@@ -53,27 +63,36 @@ def test_scatter_carries_the_atlas_metrics_and_the_validator_passes(scan_and_atl
                 assert row[names[column]] is None
             else:
                 assert row[names[column]] == expected  # exact: JSON round-trips a float64
-    assert rows[3]["retrieval"] is None
+        for column in kept:  # the scan's own HeadVis statistics, NaN as null
+            expected = float(summary.loc[(row["layer"], row["head"]), column])
+            assert row[column] == (None if np.isnan(expected) else expected)
+    row_of = {(r["layer"], r["head"]): r for r in rows}
+    assert row_of[(int(table.loc[3, "layer"]), int(table.loc[3, "head"]))]["retrieval"] is None
     assert "NaN" not in (out / "scatter_data.json").read_text()
     # the scan's own metrics are unchanged and the round trip still exact
     plain = tmp_path / "plain"
     export_headvis(scan, plain)
-    assert [{k: r[k] for k in ("layer", "head", *METRIC_DESCRIPTIONS)} for r in rows] == \
-        read(plain / "scatter_data.json")
+    assert sorted([{k: r[k] for k in ("layer", "head", *METRIC_DESCRIPTIONS)} for r in rows],
+                  key=lambda r: (r["layer"], r["head"])) == \
+        sorted([{k: r[k] for k in ("layer", "head", *METRIC_DESCRIPTIONS)} for r in read(plain / "scatter_data.json")],
+               key=lambda r: (r["layer"], r["head"]))
     imported = open_any_scan(out)
     for head in all_heads(scan.n_layers, scan.n_heads):
         assert [(e.window_index, e.score) for e in scan.top_examples(head)] == \
                [(e.window_index, e.score) for e in imported.top_examples(head)]
         for a, b in zip(scan.deciles(head), imported.deciles(head), strict=True):
             assert [(e.window_index, e.score) for e in a.examples] == [(e.window_index, e.score) for e in b.examples]
-    summary = imported.head_summary()
-    assert np.allclose(summary["logit_std"].to_numpy(), by_head["logit_std"].to_numpy())
+    imported_summary = imported.head_summary()
+    assert imported_summary[["layer", "head"]].values.tolist() == [[h.layer, h.head] for h in all_heads(
+        scan.n_layers, scan.n_heads)]
+    assert np.allclose(imported_summary[names["logit_std"]].to_numpy(), by_head[["logit_std"]].to_numpy().ravel())
 
 
 def test_an_atlas_result_is_accepted_and_another_models_refused(scan_and_atlas, tmp_path):
     scan, atlas = scan_and_atlas
     export_headvis(scan, tmp_path / "a", atlas=atlas)
-    assert read(tmp_path / "a" / "scatter_data.json")[0]["induction"] == float(atlas.table.loc[0, "induction"])
+    rows = {(r["layer"], r["head"]): r for r in read(tmp_path / "a" / "scatter_data.json")}
+    assert rows[(0, 0)]["induction"] == float(atlas.table.set_index(["layer", "head"]).loc[(0, 0), "induction"])
     atlas.model_name, name = "gpt2", atlas.model_name
     try:
         with pytest.raises(InputError, match="The atlas is of gpt2"):
@@ -104,8 +123,9 @@ def test_cli_atlas_option(scan_and_atlas, tmp_path, capsys):
     atlas.table.to_csv(csv, index=False)  # as `headvis_core atlas --out` writes it
     out = tmp_path / "data"
     assert main(["export-headvis", "--scan", str(scan.path), "--out", str(out), "--atlas", str(csv)]) == 0
-    row = read(out / "scatter_data.json")[1]
-    assert row["query_token_entropy"] == float(atlas.table.loc[1, "query_token_entropy"])
+    row = {(r["layer"], r["head"]): r for r in read(out / "scatter_data.json")}[(0, 1)]
+    column = atlas_column_names()["query_token_entropy"]
+    assert row[column] == float(atlas.table.set_index(["layer", "head"]).loc[(0, 1), "query_token_entropy"])
     capsys.readouterr()
     bad = tmp_path / "bad.csv"
     atlas.table.iloc[:2].to_csv(bad, index=False)

@@ -48,7 +48,7 @@ def test_custom_sequences_are_added_kept_and_deleted(tiny_llama, scan, tmp_path)
     out = tmp_path / "data"
     export_headvis(scan, out)
     exported = json.loads((out / "custom_sequences" / "L1H3.json").read_text())["sequences"]
-    assert [s["sequence_id"] for s in exported] == [1, 2]
+    assert [s["sequence_id"] for s in exported] == ["c1", "c2"]  # the frontend's mark of a custom sequence
     assert validate_tree(out) == []
 
     assert delete_custom_sequence(scan.path, head, 1)

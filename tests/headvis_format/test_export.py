@@ -170,11 +170,11 @@ def test_a_failure_leaves_nothing_half_written(scan, tmp_path, monkeypatch):
     out = tmp_path / "data"
     calls = []
 
-    def failing(scan_, head, options=ExportOptions()):
+    def failing(scan_, head, options=ExportOptions(), summary=None):
         calls.append(head)
         if len(calls) == 3:
             raise RuntimeError("disk full")
-        return real(scan_, head, options)
+        return real(scan_, head, options, summary)
 
     real = export.head_record
     monkeypatch.setattr(export, "head_record", failing)

@@ -6,7 +6,9 @@ scan's model) and stores them with the scan, so the tree gets ``umap/``.
 scan's model) adds the atlas metrics to ``scatter_data.json``. ``--umap`` adds
 a UMAP view per kind next to the PCA (needs umap-learn; implies ``--pca``).
 ``--check DATA_DIR`` validates an existing tree (ours or Neuronpedia's) against
-the contract and prints what the Dataset examples page would read from it.
+the contract, prints what the Dataset examples page would read from it and
+lists the warnings (what the frontend would log or leave out); a tree with
+errors is refused.
 """
 
 import argparse
@@ -15,14 +17,20 @@ from pathlib import Path
 from headvis_core.cli.main import check_output_dir, finite_float, positive_int, text_argument
 from headvis_core.errors import CorruptFileError, InputError
 
+MAX_WARNINGS = 10
+
 
 def _check(raw: str) -> int:
     from headvis_core.headvis_format.importer import import_headvis
 
     tree = import_headvis(Path(raw))
     n_sequences = sum(len(tree.head_data(_head(pair))["sequences"]) for pair in tree.config["heads"])
-    print(f"{raw}: valid HeadVis data for {tree.config['model_name']}: {len(tree.config['heads'])} heads, "
+    print(f"{raw}: valid HeadVis data for {tree.meta['model']['name']}: {len(tree.config['heads'])} heads, "
           f"{tree.n_intervals} intervals, {n_sequences} sequences, umap: {bool(tree.config.get('has_umap'))}")
+    for warning in tree.warnings[:MAX_WARNINGS]:
+        print(f"warning: {warning}")
+    if len(tree.warnings) > MAX_WARNINGS:
+        print(f"... and {len(tree.warnings) - MAX_WARNINGS} more warnings")
     return 0
 
 

@@ -123,3 +123,17 @@ def test_an_unwritable_destination_is_a_clear_error(scan, tmp_path, monkeypatch)
     with pytest.raises(InputError, match="Cannot write the HeadVis data.*Permission denied"):
         export_headvis(scan, tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+def test_custom_sequences_in_a_headvis_tree_get_the_frontends_ids(tiny_llama, scan, tmp_path):
+    out = tmp_path / "data"
+    export_headvis(scan, out)
+    head = HeadRef(0, 2)
+    old = {"sequence_id": 4, "interval": -1, "tokens": ["a"], "attention_indices": [0], "attention_values": [1.0],
+           "seq_len": 1, "max_activation": 0.0}  # an id written before ids took the c prefix
+    (out / "custom_sequences" / "L0H2.json").write_text(json.dumps({"sequences": [old]}))
+    added = add_custom_sequence(tiny_llama, out, head, "one two")
+    assert added["sequence_id"] == "c5" and added["interval"] == -1
+    assert [s["sequence_id"] for s in read_custom_sequences(out, head)] == [4, "c5"]
+    assert delete_custom_sequence(out, head, "c5") and delete_custom_sequence(out, head, 4)
+    assert read_custom_sequences(out, head) == []

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from headvis_core.errors import CorruptFileError, InputError
@@ -196,3 +197,64 @@ def test_bad_options_are_refused(scan, tmp_path):
     for options in (ExportOptions(keys_per_query=0), ExportOptions(threshold=-0.1), ExportOptions(threshold=1.0)):
         with pytest.raises(InputError):
             export_headvis(scan, tmp_path / "data", options=options)
+
+
+def test_the_metrics_tab_gets_every_windows_score_and_the_statistics(scan, tree):
+    config = read(tree / contract.CONFIG)
+    assert [p["key"] for p in config["custom_plots"]] == ["qk_distance_histogram"]
+    summary = scan.head_summary()
+    for head in all_heads(scan.n_layers, scan.n_heads):
+        data = read(tree / "heads" / f"L{head.layer}H{head.head}.json")
+        histogram, counts = data["histogram"], scan.score_histogram(head)[1]
+        assert sum(histogram["bin_values"]) == scan.n_windows == counts.sum()  # no window dropped
+        bars = len(histogram["bin_values"])
+        assert len(counts) % bars == 0 and bars <= export.MAX_HISTOGRAM_BARS
+        assert histogram["bin_values"] == counts.reshape(bars, -1).sum(1).tolist()
+        assert histogram["bin_edges"][0] == 0.0 and histogram["bin_edges"][-1] == 1.0
+        row = summary.iloc[head.layer * scan.n_heads + head.head]
+        assert data["statistics"] == {"n_windows": scan.n_windows, "n_sequences": len(data["sequences"]),
+                                      "mean_max_activation": row["mean_max_attention"],
+                                      "top_decile_from": row["top_decile_from"]}
+    assert set(config["statistics_display"]) == set(data["statistics"])
+
+
+@pytest.mark.parametrize("n_bins, bars", [(512, 32), (4096, 32), (1000, 50), (7, 7), (97, 1)])
+def test_activation_histogram_keeps_every_window(n_bins, bars):
+    counts = np.arange(n_bins, dtype=np.int64) % 5
+    histogram = export.activation_histogram(counts)
+    assert len(histogram["bin_values"]) == bars and sum(histogram["bin_values"]) == counts.sum()
+    assert len(histogram["bin_edges"]) == bars + 1
+
+
+def test_umap_records_take_the_frontends_shape():
+    """views: a list of {embeddings, n_neighbors, min_dist}; a cluster names its points by (seq_idx, q, k)."""
+    coords = {"d0": [0.0, 1.0, 2.0], "d1": [1.0, 1.0, 1.0], "d2": [0.0, 0.0, 0.0]}
+    umap = {"d0": [5.0, 6.0, 7.0], "d1": [1.0, 2.0, 3.0], "d2": [0.0, 0.0, 0.0]}
+    record = {"seq_idx": [0, 0, 1], "top_q": [3, 4, 2], "top_k": [1, 4, 0], "norms": [1.0, 2.0, 3.0],
+              "pca": {k: coords for k in "QKOV"}, "views": {"pca": {k: coords for k in "QKOV"},
+                                                            "umap": {k: umap for k in "QKOV"}},
+              "clusters": [{"name": "late", "indices": [2, 0]}]}
+    out = export.frontend_umap_record(record, 3)
+    assert out["pca"] == record["pca"]
+    assert out["views"] == [{"embeddings": {k: umap for k in "QKOV"}, "n_neighbors": 2, "min_dist": 0.1}]
+    assert out["clusters"] == [{"name": "late", "points": [[1, 2, 0], [0, 3, 1]]}]
+    del record["views"]
+    assert "views" not in export.frontend_umap_record(record, 3)
+
+
+def test_a_null_metric_does_not_cost_the_scatter_an_axis(scan):
+    """The frontend's axes are the first row's numbers: the most complete row goes first; an empty column goes."""
+    from headvis_core.atlas.run import METRIC_COLUMNS
+
+    heads = all_heads(scan.n_layers, scan.n_heads)
+    table = pd.DataFrame({"layer": [h.layer for h in heads], "head": [h.head for h in heads],
+                          **{c: np.linspace(0.1, 0.9, len(heads)) for c in METRIC_COLUMNS}})
+    table.loc[0, "induction"] = np.nan  # head 0.0 lacks one metric
+    table["retrieval"] = np.nan  # no head has this one
+    atlas = export.atlas_table(scan, table)
+    rows, descriptions = export.scatter_table(scan, atlas)
+    names = export.atlas_column_names()
+    assert names["retrieval"] not in descriptions and all(names["retrieval"] not in r for r in rows)
+    assert all(v is not None for v in rows[0].values()) and (rows[0]["layer"], rows[0]["head"]) != (0, 0)
+    assert sorted((r["layer"], r["head"]) for r in rows) == [(h.layer, h.head) for h in heads]
+    assert next(r for r in rows if (r["layer"], r["head"]) == (0, 0))[names["induction"]] is None

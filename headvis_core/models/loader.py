@@ -184,7 +184,9 @@ def _empty_model(config) -> Optional[torch.nn.Module]:
 
     try:
         with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config)
+            empty = AutoModelForCausalLM.from_config(config)
+        empty.tie_weights()  # not done on meta weights: tied weights would count (and be placed) twice
+        return empty
     except Exception:
         return None  # unknown; the boot itself will tell if it cannot be built
 

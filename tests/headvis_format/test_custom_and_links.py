@@ -137,3 +137,13 @@ def test_custom_sequences_in_a_headvis_tree_get_the_frontends_ids(tiny_llama, sc
     assert [s["sequence_id"] for s in read_custom_sequences(out, head)] == [4, "c5"]
     assert delete_custom_sequence(out, head, "c5") and delete_custom_sequence(out, head, 4)
     assert read_custom_sequences(out, head) == []
+
+
+def test_check_command_lists_warnings_and_accepts_them(scan, tmp_path, capsys):
+    out = tmp_path / "data"
+    export_headvis(scan, out)
+    (out / "custom_sequences" / "L0H1.json").unlink()  # as Neuronpedia's pipeline writes none
+    assert main(["export-headvis", "--check", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "valid HeadVis data" in printed
+    assert "warning: custom_sequences/L0H1.json: (file): missing" in printed

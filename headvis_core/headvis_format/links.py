@@ -2,7 +2,11 @@
 
 :func:`parse_deep_link` reads the parameters a user may have typed or
 mangled: a value that is missing, not a whole number or out of range falls
-back to its default, and a note says which, so the page can show it.
+back to its default, and a note says which, so the page can show it. A link
+copied from the HeadVis frontend names its tabs ``sequences``, ``metrics`` and
+``umap`` (no ``tab`` for sequences); they open this page's examples, tokens
+and PCA tabs. Its other parameters (``reduction``, ``transpose``, ``attr``,
+``seq``, ``qpos``, ``kpos``) are ignored.
 """
 
 from dataclasses import dataclass, field
@@ -12,6 +16,8 @@ from headvis_core.headvis_format.contract import CUSTOM_INTERVAL
 
 TABS = ("examples", "tokens", "pca", "custom")
 DEFAULT_TAB = "examples"
+# the HeadVis frontend's own tab names (App.svelte: sequences, metrics, umap) -> this page's tabs
+HEADVIS_TABS = {"sequences": "examples", "metrics": "tokens", "umap": "pca"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ def parse_deep_link(params: Mapping[str, str], n_layers: int, n_heads: int, n_in
     head = read("head", 0, n_heads - 1, 0)
     interval = read("interval", 1, n_intervals, n_intervals, also=(CUSTOM_INTERVAL,))
     tab = params.get("tab") or (TABS[3] if interval == CUSTOM_INTERVAL else DEFAULT_TAB)
+    tab = HEADVIS_TABS.get(tab, tab)
     if tab not in TABS:
         notes.append(f"?tab={tab} is not one of {', '.join(TABS)}; showing {DEFAULT_TAB}.")
         tab = DEFAULT_TAB

@@ -76,6 +76,10 @@ def test_deep_links():
     assert (hostile.layer, hostile.head, hostile.tab, hostile.interval) == (0, 0, "examples", 10)
     assert len(hostile.notes) == 4
     assert parse_deep_link({}, 2, 4) == parse_deep_link({"interval": "10"}, 2, 4)
+    # links copied from the HeadVis frontend use its tab names
+    for theirs, ours in (("sequences", "examples"), ("metrics", "tokens"), ("umap", "pca")):
+        link = parse_deep_link({"layer": "1", "head": "3", "tab": theirs, "interval": "10", "reduction": "max"}, 2, 4)
+        assert (link.tab, link.notes) == (ours, ())
 
 
 def test_export_command(scan, tmp_path, capsys):

@@ -204,7 +204,9 @@ def test_named_clusters_are_kept_exported_and_dropped_with_recomputed_projection
     copied = load_scan(folder)
     export_headvis(copied, tmp_path / "data")
     record = json.loads((tmp_path / "data" / "umap" / "L0H3.json").read_text())
-    assert record["clusters"] == [{"name": "first", "indices": [3, 7]}]
+    # the frontend names a cluster's pairs by [seq_idx, top_q, top_k], its identity of a point
+    assert record["clusters"] == [{"name": "first", "points": [[int(p.rows[i]), int(p.queries[i]), int(p.keys[i])]
+                                                               for i in (3, 7)]}]
     assert validate_tree(tmp_path / "data") == []
     project_scan(loaded, copied, ProjectionParams(max_pairs=20, max_windows=4), heads=[head])
     assert read_clusters(folder, head) == []  # they named pairs of the old projections

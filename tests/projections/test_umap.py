@@ -76,14 +76,15 @@ def test_export_writes_views_only_with_umap(projected, tmp_path):
     assert config["has_umap"] and config["umap_heads"] == [[h.layer, h.head] for h in HEADS]
     record = json.loads((out / "umap" / "L1H1.json").read_text())
     p = projections.head(HeadRef(1, 1))
-    assert set(record["views"]) == {"pca", "umap"} and record["views"]["pca"] == record["pca"]
+    # the frontend reads views as a list of UMAP layouts, {embeddings, n_neighbors, min_dist}; PCA stays in pca
+    assert len(record["views"]) == 1 and set(record["views"][0]) == {"embeddings", "n_neighbors", "min_dist"}
     for kind in KINDS:
         for c in range(3):
-            assert np.allclose(record["views"]["umap"][kind][f"d{c}"], p.umap[kind][:, c], atol=1e-5)
-    record["views"]["umap"]["K"]["d2"] = record["views"]["umap"]["K"]["d2"][:-1]
+            assert np.allclose(record["views"][0]["embeddings"][kind][f"d{c}"], p.umap[kind][:, c], atol=1e-5)
+    record["views"][0]["embeddings"]["K"]["d2"] = record["views"][0]["embeddings"]["K"]["d2"][:-1]
     (out / "umap" / "L1H1.json").write_text(json.dumps(record))
     problems = validate_tree(out)
-    assert [(p.file, p.field) for p in problems] == [("umap/L1H1.json", "views.umap.K")]
+    assert [(p.file, p.field) for p in problems] == [("umap/L1H1.json", "views[0].embeddings.K")]
 
 
 def test_without_umap_learn_asking_for_umap_is_refused_clearly(tiny_gpt2, tmp_path, monkeypatch, capsys):
@@ -133,14 +134,14 @@ def test_the_dataset_examples_page_computes_and_shows_umap(scans_dir, text_dir):
     from tests.app.test_dataset_examples import run_scan_on_page
     from tests.conftest import app_test
 
-    at = run_scan_on_page(app_test("pages/3_Dataset_examples.py", layer=1, head=1).run(), text_dir)
+    at = run_scan_on_page(app_test("pages/3_Dataset_examples.py", layer=1, head=1, tab="pca").run(), text_dir)
     assert not at.exception and not at.error, at.exception
     at.number_input(key="ex_pca_pairs").set_value(20)
     at.checkbox(key="ex_pca_umap").check()
     at = at.button(key="ex_pca_run").click().run()
     assert not at.exception and not at.error, at.exception
-    assert at.radio(key="ex_pca_method").options == ["PCA", "UMAP"]
-    at = at.radio(key="ex_pca_method").set_value("UMAP").run()
+    assert at.radio(key="pca_method").options == ["PCA", "UMAP"]
+    at = at.radio(key="pca_method").set_value("UMAP").run()
     assert not at.exception and not at.error, at.exception
     at.text_input(key="ex_pca_prompt").set_value("a b c a b c")
     at = at.run()
@@ -154,12 +155,12 @@ def test_without_umap_learn_the_page_offers_pca_only(scans_dir, text_dir, monkey
     from tests.conftest import app_test
 
     monkeypatch.setattr(umap_fit, "umap_available", lambda: False)
-    at = run_scan_on_page(app_test("pages/3_Dataset_examples.py").run(), text_dir)
+    at = run_scan_on_page(app_test("pages/3_Dataset_examples.py", tab="pca").run(), text_dir)
     assert at.checkbox(key="ex_pca_umap").disabled
     at.number_input(key="ex_pca_pairs").set_value(20)
     at = at.button(key="ex_pca_run").click().run()
     assert not at.exception and not at.error, at.exception
-    assert not any(r.key == "ex_pca_method" for r in at.radio)
+    assert not any(r.key == "pca_method" for r in at.radio)
 
 
 @needs_umap
@@ -172,4 +173,5 @@ def test_cli_umap_flag(tiny_gpt2, tmp_path, capsys):
     stored = load_projections(scan.path)
     assert stored.has_umap and stored.meta["params"]["seed"] == 1
     record = json.loads((out / "umap" / "L0H0.json").read_text())
-    assert np.allclose(record["views"]["umap"]["O"]["d0"], stored.head(HeadRef(0, 0)).umap["O"][:, 0], atol=1e-5)
+    assert np.allclose(record["views"][0]["embeddings"]["O"]["d0"], stored.head(HeadRef(0, 0)).umap["O"][:, 0],
+                       atol=1e-5)

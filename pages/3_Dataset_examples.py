@@ -308,8 +308,11 @@ def show_projections() -> None:
     if projections is None:
         compute_projections_form()
         return
-    with ui.user_errors():
+    try:
         projection = projections.head(head)
+    except HeadVisError as err:  # this head was skipped: the rest of the page stays
+        st.error(str(err))
+        return
     table = stored_pairs_table(projection, projections.arrays["window_tokens"], result._strings)
     v1, v2, v3 = st.columns(3)
     # every view choice is bound to the URL (?pca_kind=&pca_colour=&pca_3d=&pca_method=)
@@ -328,8 +331,10 @@ def show_projections() -> None:
     if prompt_text and not same_model:
         st.caption(f"Projecting a prompt needs {meta['model']['name']} loaded in the sidebar.")
     elif prompt_text:
-        with ui.user_errors():
+        try:
             overlay = project_prompt(loaded, projection, prompt_text)
+        except HeadVisError as err:  # the cloud is still drawn, without the prompt
+            st.error(str(err))
     if overlay is not None and method == "UMAP":
         st.caption("A typed prompt is drawn in the PCA view (a UMAP layout keeps no rotation).")
     fig = projection_figures.projection_figure(table, kind, colour, dims, projection.fits[kind].explained, overlay,

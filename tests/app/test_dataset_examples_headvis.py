@@ -153,6 +153,11 @@ def test_projection_view_choices_are_in_the_url_and_reopen_the_same_figure(scans
     assert not reopened.exception and not reopened.error
     assert reopened.selectbox(key="pca_colour").value == "attention" and reopened.checkbox(key="pca_3d").value
     assert figures(reopened) == figures(at)
+    reopened.text_input(key="ex_pca_prompt").set_value("   ")  # nothing to project: an error, the cloud stays
+    reopened = reopened.run()
+    assert not reopened.exception and reopened.error and figures(reopened) == figures(at)
+    assert "Download projection (HTML)" in downloads(reopened) and "Prepare HeadVis data" in {
+        b.label for b in reopened.button}
     hostile = app_test(PAGE, **{**url, "pca_colour": "<script>", "pca_kind": "Z", "tab": "nope"}).run()
     assert not hostile.exception and control(hostile, "tab").value == "examples"
 

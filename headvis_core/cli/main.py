@@ -212,8 +212,13 @@ def load_model_from_args(args: argparse.Namespace):
     from headvis_core.models.loader import load_model
     from headvis_core.progress import tqdm_progress
 
-    return load_model(args.model, device=None if args.device_map else args.device, dtype=args.dtype,
-                      progress=tqdm_progress("loading model"), **placement_from_args(args))
+    placement = placement_from_args(args)  # refused here, before the progress bar starts
+    try:
+        return load_model(args.model, device=None if placement["device_map"] else args.device, dtype=args.dtype,
+                          progress=tqdm_progress("loading model"), **placement)
+    except HeadVisError:
+        print(file=sys.stderr)  # end the progress bar's line, so the message starts its own
+        raise
 
 
 def placement_from_args(args: argparse.Namespace) -> dict:
@@ -221,14 +226,16 @@ def placement_from_args(args: argparse.Namespace) -> dict:
 
     ``--device`` keeps its default (auto) beside ``--device-map``; only a device the user typed conflicts.
     """
-    from headvis_core.models.devices import parse_device_map, parse_max_memory
+    from headvis_core.models.devices import parse_device_map, parse_max_memory, resolve_placement
 
     if getattr(args, "device_map", None) and args.device not in (None, "", "auto"):
         raise InputError(f"Give --device or --device-map, not both: --device {args.device} puts the whole model on "
                          "one device, --device-map splits it.")
-    return {"device_map": parse_device_map(getattr(args, "device_map", None), "--device-map"),
-            "n_devices": getattr(args, "n_devices", None),
-            "max_memory": parse_max_memory(getattr(args, "max_memory", None), "--max-memory")}
+    placement = {"device_map": parse_device_map(getattr(args, "device_map", None), "--device-map"),
+                 "n_devices": getattr(args, "n_devices", None),
+                 "max_memory": parse_max_memory(getattr(args, "max_memory", None), "--max-memory")}
+    resolve_placement(None if placement["device_map"] else args.device, **placement)
+    return placement
 
 
 def report_stored(stored, what: str) -> None:

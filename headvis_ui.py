@@ -430,3 +430,9 @@ def show_stored(stored: Any, what: str = "") -> None:
 def show_html(html: str, height: int | str = "content") -> None:
     """Show a self-contained HTML document (its text already escaped by the core) in an iframe."""
     st.iframe(html, height=height)
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` shown literally by ``st.markdown``/``st.caption``/``st.error``: a value from the URL or a
+    user's input can hold markdown (a link, emphasis) that would otherwise render."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!<>|~$:])", r"\\\1", text)

@@ -99,7 +99,7 @@ if url_scan and "ex_scan_folder" not in state:
     try:
         state.ex_scan_folder = str(folder_from_url(url_scan))
     except HeadVisError as err:  # the page goes on: a scan can still be run or opened
-        st.error(f"The link's scan is not opened: {err}")
+        st.error(f"The link's scan is not opened: {ui.escape_markdown(str(err))}")  # it quotes the URL
 
 run_tab, open_tab = st.tabs(["Run a scan", f"Open a stored scan ({len(stored)})"])
 with run_tab:
@@ -191,7 +191,7 @@ same_model = meta["model"]["name"] == info.name and (result.n_layers, result.n_h
 TOP = "top"
 link_params = {k: v for k, v in st.query_params.to_dict().items() if not (k == "interval" and v == TOP)}
 for note in parse_deep_link(link_params, result.n_layers, result.n_heads, len(buckets)).notes:
-    st.caption(note)
+    st.caption(ui.escape_markdown(note))  # a note quotes the URL's value
 view = st.segmented_control("View", TABS, default=DEFAULT_TAB, key="tab", bind="query-params", required=True,
                             help="examples: windows by interval; tokens: top query and key tokens, distances; "
                                  "pca: projections of Q, K, V and O at the top pairs; custom: prompts typed for "

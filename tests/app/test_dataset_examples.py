@@ -89,6 +89,7 @@ def test_folder_with_only_a_binary_file_is_an_error(scans_dir, tmp_path, monkeyp
     ({"scan": "../../../etc", "layer": "abc", "head": "1"}, "only from the allowed corpus roots"),
     ({"scan": "/etc", "tab": "<script>", "interval": "1e400"}, "only from the allowed corpus roots"),
     ({"scan": "<script>alert(1)</script>", "layer": "1", "head": "99"}, "names no stored scan and no HeadVis data"),
+    ({"scan": "[a](javascript:alert(1))/x", "tab": "**x**"}, r"\[a\]\(javascript\:alert\(1\)\)/x"),  # literal
     # a name is looked up in the scans root only
     ({"scan": "no-such-scan", "min_count": "inf"}, "No scan is stored"),
 ])

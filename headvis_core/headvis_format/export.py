@@ -58,9 +58,8 @@ from headvis_core.projections.clusters import read_clusters
 from headvis_core.projections.headvis import umap_records
 from headvis_core.projections.store import load_projections
 from headvis_core.projections.umap_fit import MIN_DIST, N_NEIGHBORS
-from headvis_core.scan import result as scan_result
 from headvis_core.scan.params import N_DECILES
-from headvis_core.scan.result import ScanExample, ScanResult
+from headvis_core.scan.result import SCAN_METRIC_DESCRIPTIONS, ScanExample, ScanResult
 from headvis_core.scan.state import bin_deciles, score_bins
 
 TOP_TOKENS = 50
@@ -206,12 +205,11 @@ def head_record(scan: ScanResult, head: HeadRef, options: ExportOptions = Export
 
 
 def scan_statistic_descriptions() -> dict[str, str]:
-    """The scan's per-head statistics beyond :data:`METRIC_DESCRIPTIONS` (HeadVis's metrics), as the scan names them.
+    """The scan's per-head statistics beyond :data:`METRIC_DESCRIPTIONS`: HeadVis's metrics as the scan names them.
 
-    Read from ``headvis_core.scan.result.SCAN_METRIC_DESCRIPTIONS`` where the scan module defines it; a
-    scan stored before they existed has no such columns (or NaN), and the export leaves them out.
+    A scan stored before they existed gives NaN for some of them; a column NaN for every head is left out.
     """
-    return dict(getattr(scan_result, "SCAN_METRIC_DESCRIPTIONS", {}))
+    return dict(SCAN_METRIC_DESCRIPTIONS)
 
 
 def atlas_column_names() -> dict[str, str]:

@@ -258,3 +258,15 @@ def test_a_null_metric_does_not_cost_the_scatter_an_axis(scan):
     assert all(v is not None for v in rows[0].values()) and (rows[0]["layer"], rows[0]["head"]) != (0, 0)
     assert sorted((r["layer"], r["head"]) for r in rows) == [(h.layer, h.head) for h in heads]
     assert next(r for r in rows if (r["layer"], r["head"]) == (0, 0))[names["induction"]] is None
+
+
+def test_a_scan_stored_before_the_headvis_statistics_exports_without_them(scan, tmp_path):
+    arrays = {k: v for k, v in scan.arrays.items() if k not in ("score_sum", "high_totals", "high_weight",
+                                                                 "high_slack")}
+    old = ScanResult(arrays, scan.meta, path=None)
+    export_headvis(old, tmp_path / "data")
+    config = read(tmp_path / "data" / contract.CONFIG)
+    row = read(tmp_path / "data" / contract.SCATTER)[0]
+    assert "logit_std" not in row and "key_token_entropy" not in config["metrics"]
+    assert row["qk_distance"] == pytest.approx(float(old.head_summary().loc[0, "qk_distance"]))
+    assert validate_tree(tmp_path / "data") == []

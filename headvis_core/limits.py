@@ -88,6 +88,10 @@ class ModelDims:
         d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d_model)
         dtype = getattr(cfg, "dtype", None)
         size = getattr(dtype, "itemsize", 4) if dtype is not None else 4
+        # 16-bit activations still count 4 bytes a value: eager attention takes its softmax in float32
+        # (HF's ``softmax(..., dtype=torch.float32)``) and the scan and atlas reduce patterns in float32
+        # or float64, so the per-pattern temporaries are float32 whatever the model's dtype. The
+        # weights (``weight_bytes``) count at their own size.
         return cls(n_layers=int(cfg.n_layers), n_heads=int(cfg.n_heads), d_model=d_model, d_mlp=d_mlp,
                    d_vocab=int(cfg.d_vocab), n_ctx=int(cfg.n_ctx), bytes_per_value=max(4, int(size)))
 

@@ -17,11 +17,14 @@ from headvis_core.limits import (
     PATTERN_COPIES,
     MemoryLimitError,
     ModelDims,
+    check_atlas_memory,
     check_forward,
     forward_estimate,
     largest_tokens,
     memory_cap_bytes,
+    weight_bytes,
 )
+from headvis_core.models.loader import load_model
 from tests.conftest import CORPUS, ROOT
 
 SMOLLM2 = ModelDims(n_layers=30, n_heads=9, d_model=576, d_mlp=1536, d_vocab=49152, n_ctx=8192)
@@ -110,3 +113,14 @@ def test_the_issues_requests_are_refused_and_stay_under_the_cap(args, tmp_path):
     assert peak < memory_cap_bytes(), f"peak RSS {peak / GIB:.2f} GiB"
     if "--batch-size" not in args:
         assert f"over the limit of {DEFAULT_CAP_GB} GiB" in err
+
+
+def test_16_bit_weights_count_at_their_size_and_activations_at_float32(tiny_llama):
+    half = load_model("tiny-llama", device="cpu", dtype="bfloat16")
+    assert weight_bytes(half) * 2 == weight_bytes(tiny_llama)
+    assert ModelDims.of(half).bytes_per_value == ModelDims.of(tiny_llama).bytes_per_value == 4
+    full_parts = check_atlas_memory(tiny_llama, 8, 64, cap_gb=64).parts
+    half_parts = check_atlas_memory(half, 8, 64, cap_gb=64).parts
+    label = "weight copies and score temporaries"
+    assert full_parts[label] - half_parts[label] == (weight_bytes(tiny_llama) - weight_bytes(half)) * 3 // 2
+    assert {k: v for k, v in full_parts.items() if k != label} == {k: v for k, v in half_parts.items() if k != label}

@@ -2,8 +2,8 @@
 
 The facts come from reading the HeadVis frontend's source (anthropics/headvis:
 ``App.svelte``, ``lib/data.js``, ``lib/sparse.js``, ``lib/customSequences.js``,
-``lib/attributions.js`` and the Sidebar, SequencesTab, Example, MetricsTab,
-TokenRankTable, HelpTab and UmapView components). In static mode the frontend
+``lib/attributions.js`` and the Sidebar, ScatterPlot, SequencesTab, Example,
+MetricsTab, TokenRankTable, HelpTab and UmapView components). In static mode the frontend
 fetches, relative to the page:
 
 ==================================  ===========================================  ==================================
@@ -20,17 +20,19 @@ file                                what it reads                               
                                     and ``custom_plots`` ([{key, label}], each
                                     list keyed: a repeated key crashes it),
                                     ``statistics_display``, ``scatter``
-                                    ``{default_x, default_y}``, ``dimensions``
+                                    ``{default_x, default_y, default_color,
+                                    discrete_axes}`` (none: layer against
+                                    head), ``dimensions`` (point labels)
 ``server_config.json``              ``{}`` (or no ``server_url``): static         missing: a failed fetch in the
                                                                                  console, static mode
 ``attributions/manifest.json``      ``{"L{l}H{h}S{sequence_id}": {qk: [[q, k]],   missing: ``{}`` and a failed
                                     ov: [[q, k]]}}``; ``entry.qk.length`` and     fetch; an entry without both
                                     ``entry.ov.length`` are read directly         lists crashes a sequence's view
 ``scatter_data.json``               rows ``{layer, head, <metric>...}``; the      missing: the page shows only an
-                                    axes are the first row's keys whose value     error
-                                    is a number (a ``null`` there drops the
-                                    column); a head's metrics are the row with
-                                    its ``layer`` and ``head``
+                                    axis menus list the first row's keys whose    error; a default axis that is
+                                    value is a number (a ``null`` there drops     no column: an empty plot
+                                    the column); a clicked point and a head's
+                                    metrics are found by ``layer`` and ``head``
 ``custom_sequences/L{l}H{h}.json``  ``{"sequences": [...]}`` (always this name)   missing: none, and a failed fetch
 ``heads/<head_data_pattern>``       ``{"sequences": [...]}`` (or a bare list),     missing: no sequences and an
                                     the ``custom_tables`` keys ([{token,          error in the console; a weight or

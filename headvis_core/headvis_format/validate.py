@@ -246,34 +246,42 @@ class _Checker:
             self.add(file, "(top level)", "must be a non-empty list of objects, one per head")
             return
         dimensions = config.get("dimensions") if isinstance(config.get("dimensions"), dict) else {}
-        dim_x, dim_y = dimensions.get("primary", "layer"), dimensions.get("secondary", "head")
-        axes = [name for name, value in rows[0].items() if name not in (dim_x, dim_y) and _is_number(value)]
+        dims = {dimensions.get("primary", "layer"), dimensions.get("secondary", "head"), "layer", "head"}
+        plotted = {name for row in rows for name, value in row.items() if _is_number(value)}
         for name, value in rows[0].items():
-            if value is None and name not in (dim_x, dim_y):
-                self.add(file, f"[0].{name}", "is null in the first row, so the scatter does not offer it as an "
-                         "axis (its axes are the first row's numeric columns)", WARNING)
+            if value is None and name not in dims:
+                self.add(file, f"[0].{name}", "is null in the first row, so the scatter's menus do not offer it "
+                         "(they list the first row's numeric columns)", WARNING)
         scatter = config.get("scatter")
         if scatter is None:
-            self.add(contract.CONFIG, "scatter", "missing: no default_x/default_y for the scatter's first axes",
-                     WARNING)
+            self.add(contract.CONFIG, "scatter", "missing: the scatter starts as layer against head, with no "
+                     "colour", WARNING)
         elif not isinstance(scatter, dict):
-            self.add(contract.CONFIG, "scatter", "must be an object {default_x, default_y}")
+            self.add(contract.CONFIG, "scatter", "must be an object {default_x, default_y, default_color}")
         else:
             for axis in ("default_x", "default_y"):
                 name = scatter.get(axis)
-                if name not in axes + [dim_x, dim_y]:
-                    self.add(contract.CONFIG, f"scatter.{axis}", f"{name!r} is not a numeric column of the first row "
-                             f"of {file} (axes: {', '.join(axes)}); the plot would be empty")
+                if name is not None and name not in plotted:
+                    self.add(contract.CONFIG, f"scatter.{axis}", f"{name!r} is not a numeric column of {file} "
+                             f"(columns: {', '.join(sorted(plotted))}); the plot would be empty")
+            color = scatter.get("default_color")
+            if color is not None and color not in plotted:
+                self.add(contract.CONFIG, "scatter.default_color", f"{color!r} is not a numeric column of {file}; "
+                         "every point gets one colour", WARNING)
+            if not isinstance(scatter.get("discrete_axes", []), list):
+                self.add(contract.CONFIG, "scatter.discrete_axes", "must be a list of column names")
         seen = set()
         for i, row in enumerate(rows):
-            if not (_is_int(row.get(dim_x)) and _is_int(row.get(dim_y))):
-                self.add(file, f"[{i}].{dim_x}/{dim_y}", "must be whole numbers (the head's row is found by them)")
+            # a clicked point selects (row.layer, row.head) and a head's metrics are found by them, whatever
+            # config.dimensions names for the labels
+            if not (_is_int(row.get("layer")) and _is_int(row.get("head"))):
+                self.add(file, f"[{i}].layer/head", "must be whole numbers (the head's row is found by them)")
                 continue
-            if (row[dim_x], row[dim_y]) in seen:
-                self.add(file, f"[{i}]", f"a second row for head {row[dim_x]}.{row[dim_y]}")
-            seen.add((row[dim_x], row[dim_y]))
+            if (row["layer"], row["head"]) in seen:
+                self.add(file, f"[{i}]", f"a second row for head {row['layer']}.{row['head']}")
+            seen.add((row["layer"], row["head"]))
             for key, value in row.items():
-                if key not in (dim_x, dim_y) and value is not None and not _is_number(value):
+                if key not in dims and value is not None and not _is_number(value):
                     self.add(file, f"[{i}].{key}", f"{value!r} is not a finite number or null")
         heads = {tuple(h) for h in config.get("heads", []) if _is_pair(h)}
         for layer, head in sorted(heads - seen)[:MAX_SHOWN]:

@@ -108,8 +108,9 @@ ERRORS = {
     # scatter_data.json
     "default axis not a column": (edit("config.json", lambda d: d["scatter"].update(default_x="induction")),
                                   "config.json", "scatter.default_x"),
-    "default axis null in the first row": (edit("scatter_data.json", lambda d: d[0].update(top_decile_from=None)),
-                                           "config.json", "scatter.default_y"),
+    "default axis null for every head": (edit("scatter_data.json", lambda d: [r.update(top_decile_from=None)
+                                                                             for r in d]),
+                                         "config.json", "scatter.default_y"),
     "metric a string": (edit("scatter_data.json", lambda d: d[2].update(top_score="high")), "scatter_data.json",
                         "[2].top_score"),
     "layer a string": (edit("scatter_data.json", lambda d: d[1].update(layer="0")), "scatter_data.json",
@@ -197,6 +198,10 @@ WARNINGS = {
     "manifest key of another form": (edit("attributions/manifest.json", lambda d: d.update(
         seq1={"qk": [], "ov": []})), "attributions/manifest.json", "seq1"),
     "no scatter axes": (edit("config.json", lambda d: d.pop("scatter")), "config.json", "scatter"),
+    "colour not a column": (edit("config.json", lambda d: d["scatter"].update(default_color="induction")),
+                            "config.json", "scatter.default_color"),
+    "default axis null in the first row": (edit("scatter_data.json", lambda d: d[0].update(top_decile_from=None)),
+                                           "scatter_data.json", "[0].top_decile_from"),
     "model name missing": (edit("config.json", lambda d: d.pop("model_name")), "config.json", "model_name"),
     "token table not named": (edit("config.json", lambda d: d["custom_tables"].pop(1)), "config.json",
                               "custom_tables"),

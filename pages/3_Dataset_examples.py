@@ -315,7 +315,7 @@ def show_projections() -> None:
         return
     table = stored_pairs_table(projection, projections.arrays["window_tokens"], result._strings)
     v1, v2, v3 = st.columns(3)
-    # every view choice is bound to the URL (?pca_kind=&pca_colour=&pca_3d=&pca_method=)
+    # every view choice is bound to the URL (?pca_kind=&pca_colour=&pca_3d=&pca_method=&pca_prompt=)
     kind = v1.selectbox("Kind", ["Q", "K", "V", "O"], index=3, key="pca_kind", bind="query-params")
     colours = projection_figures.color_options(table)
     colour = v2.selectbox("Colour by", colours, key="pca_colour", bind="query-params",
@@ -326,7 +326,8 @@ def show_projections() -> None:
     dims = 3 if v3.checkbox("3-D", key="pca_3d", bind="query-params") else 2
     method = st.radio("Method", projection_figures.METHODS, horizontal=True, key="pca_method",
                       bind="query-params") if projections.has_umap else "PCA"
-    prompt_text = st.text_input("Project this prompt (its pairs drawn with the saved rotation)", key="ex_pca_prompt")
+    prompt_text = st.text_input("Project this prompt (its pairs drawn with the saved rotation)", key="pca_prompt",
+                                bind="query-params", max_chars=4000)
     overlay = None
     if prompt_text and not same_model:
         st.caption(f"Projecting a prompt needs {meta['model']['name']} loaded in the sidebar.")

@@ -43,6 +43,9 @@ def url_in_the_browser(at) -> dict[str, str]:
     for w in at.get("number_input"):
         if w.proto.query_param_key:
             put(w.proto.query_param_key, str(int(w.value)), str(int(w.proto.default)))
+    for w in at.get("text_input"):
+        if w.proto.query_param_key:
+            put(w.proto.query_param_key, w.value, w.proto.default)
     return params
 
 
@@ -77,7 +80,7 @@ def test_custom_sequences_projections_export_and_headvis_data_on_the_page(scans_
     at = at.button(key="ex_pca_run").click().run()
     assert not at.exception, at.exception
     assert at.selectbox(key="pca_kind").value == "O"
-    at.text_input(key="ex_pca_prompt").set_value("a b c a <script>b c")
+    at.text_input(key="pca_prompt").set_value("a b c a <script>b c")
     at = at.run()
     assert not at.exception and not at.error and len(figures(at)) == 1
     assert "<script>" not in figures(at)[0]
@@ -143,19 +146,22 @@ def test_projection_view_choices_are_in_the_url_and_reopen_the_same_figure(scans
     assert {"query token", "key token", "distance", "attention", "norm", "query position"} <= set(colours)
     at.selectbox(key="pca_kind").set_value("Q")
     at.selectbox(key="pca_colour").set_value("attention")
+    at.text_input(key="pca_prompt").set_value("b a b a")
     at = at.checkbox(key="pca_3d").check().run()
     assert not at.exception and not at.error
     url = url_in_the_browser(at)
-    assert {k: url[k] for k in ("tab", "pca_kind", "pca_colour", "pca_3d")} == {
-        "tab": "pca", "pca_kind": "Q", "pca_colour": "attention", "pca_3d": "true"}
+    assert {k: url[k] for k in ("tab", "pca_kind", "pca_colour", "pca_3d", "pca_prompt")} == {
+        "tab": "pca", "pca_kind": "Q", "pca_colour": "attention", "pca_3d": "true", "pca_prompt": "b a b a"}
     assert '"scatter3d"' in figures(at)[0] and "attention A[q,k]" in figures(at)[0]
+    assert '"name":"prompt"' in figures(at)[0].replace(" ", "")  # the typed prompt's pairs are drawn in
     reopened = app_test(PAGE, **url).run()
     assert not reopened.exception and not reopened.error
     assert reopened.selectbox(key="pca_colour").value == "attention" and reopened.checkbox(key="pca_3d").value
     assert figures(reopened) == figures(at)
-    reopened.text_input(key="ex_pca_prompt").set_value("   ")  # nothing to project: an error, the cloud stays
+    reopened.text_input(key="pca_prompt").set_value("   ")  # nothing to project: an error, the cloud stays
     reopened = reopened.run()
-    assert not reopened.exception and reopened.error and figures(reopened) == figures(at)
+    assert not reopened.exception and reopened.error and len(figures(reopened)) == 1
+    assert '"name":"prompt"' not in figures(reopened)[0].replace(" ", "")
     assert "Download projection (HTML)" in downloads(reopened) and "Prepare HeadVis data" in {
         b.label for b in reopened.button}
     hostile = app_test(PAGE, **{**url, "pca_colour": "<script>", "pca_kind": "Z", "tab": "nope"}).run()

@@ -143,7 +143,7 @@ def test_the_dataset_examples_page_computes_and_shows_umap(scans_dir, text_dir):
     assert at.radio(key="pca_method").options == ["PCA", "UMAP"]
     at = at.radio(key="pca_method").set_value("UMAP").run()
     assert not at.exception and not at.error, at.exception
-    at.text_input(key="ex_pca_prompt").set_value("a b c a b c")
+    at.text_input(key="pca_prompt").set_value("a b c a b c")
     at = at.run()
     assert any("keeps no rotation" in c.value for c in at.caption)
     stored = load_projections(next(scans_dir.iterdir()))

@@ -75,14 +75,17 @@ from jaxtyping import Float, Int
 from headvis_core.atlas.direct_copying import DirectCopyingSums
 from headvis_core.attribution.edge import sliding_window
 from headvis_core.data.probes import InductionProbe
+from headvis_core.errors import InputError
 from headvis_core.hooks import pattern_hook, run_with_hooks
-from headvis_core.progress import ProgressCallback, report
+from headvis_core.progress import ProgressCallback, report, scaled
 
 TEXT_METRICS = ("previous_token", "duplicate_token", "attention_sink", "self_attention", "entropy",
                 "mean_distance", "max_attention_no_bos", "local_attention")
 SCORE_METRICS = ("logit_std", "top_logit_margin", "logit_z_score")
 PAIR_METRICS = ("qk_distance", "qk_distance_variance", "query_token_entropy", "key_token_entropy")
 ATTENTION_METRICS = ("previous_token", "induction") + TEXT_METRICS[1:] + SCORE_METRICS
+TEXT_SUM_METRICS = tuple(name for name in ATTENTION_METRICS if name != "induction")  # summed on real text
+DEFAULT_SHARD_SEQUENCES = 64  # real-text sequences per shard: the atlas's default probe is one shard
 LOCAL_WINDOW = 4  # current token and the three before it
 HIGH_ATTENTION = 0.3  # a (query, key >= 1) pair at or above this attention counts for the token entropies
 
@@ -204,15 +207,20 @@ def score_metric_sums(scores: Float[torch.Tensor, "batch head query key"], dtype
     n_heads = scores.shape[1]
     if S.shape[2] == 0:
         return {name: S.new_zeros(n_heads) for name in SCORE_METRICS}, 0.0
-    n_allowed = allowed.sum(-1).clamp(min=1)
+    n_keys = allowed.sum(-1)
+    n_allowed = n_keys.clamp(min=1)
     kept = S.masked_fill(~allowed, 0.0)
     mean = kept.sum(-1) / n_allowed
     variance = ((S - mean[..., None]).masked_fill(~allowed, 0.0) ** 2).sum(-1) / n_allowed
     std = variance.sqrt()
-    top2 = S.masked_fill(~allowed, -torch.inf).topk(min(2, S.shape[-1]), dim=-1).values
-    top = top2[..., 0]
+    # the two largest scores by two maxima (a topk(2) costs ten times more on the CPU); where two keys
+    # share the top score, the second largest is that score again
+    masked = S.masked_fill(~allowed, -torch.inf)
+    top = masked.amax(-1)
+    at_top = masked == top[..., None]
+    second = torch.where(at_top.sum(-1) >= 2, top, masked.masked_fill(at_top, -torch.inf).amax(-1))
     # a query that sees a single key has no second score: its margin is 0
-    margin = torch.where(allowed.sum(-1) >= 2, top - top2[..., -1], torch.zeros_like(top))
+    margin = torch.where(n_keys >= 2, top - second, torch.zeros_like(top))
     z_score = torch.where(std > 0, (top - mean) / std.clamp(min=1e-300), torch.zeros_like(top))
     sums = {"logit_std": std.sum((0, 2)), "top_logit_margin": margin.sum((0, 2)),
             "logit_z_score": z_score.sum((0, 2))}
@@ -348,8 +356,13 @@ def run_until(model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: dict[st
         pass
 
 
-class _MetricSums:
-    """Per-layer sums and query counts of every attention metric, and attention received per token id."""
+class MetricSums:
+    """Per-layer sums and query counts of every attention metric, and attention received per token id.
+
+    The real-text part (every sum but the induction stripe's) is also the partial result of a text
+    shard: :meth:`take_text_partial` hands it out as arrays and starts the next shard from zero,
+    :meth:`load_text` puts the merged partials back before :meth:`finish`.
+    """
 
     def __init__(self, model: Any, seen_ids: torch.Tensor, direct_copying: bool = True):
         n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -362,6 +375,35 @@ class _MetricSums:
         self.high_query = torch.zeros(n_layers, n_heads, len(seen_ids), dtype=torch.float32)
         self.high_key = torch.zeros(n_layers, n_heads, len(seen_ids), dtype=torch.float32)
         self.copying = DirectCopyingSums(model) if direct_copying else None
+
+    def text_tensors(self) -> dict[str, torch.Tensor]:
+        """The real-text accumulators by name (the tensors themselves, not copies)."""
+        tensors = {}
+        for name in TEXT_SUM_METRICS:
+            tensors[f"sum.{name}"], tensors[f"count.{name}"] = self.sums[name], self.counts[name]
+        tensors.update(received=self.received, moments=self.moments, high_query=self.high_query,
+                       high_key=self.high_key)
+        if self.copying is not None:
+            tensors.update(copying_numerator=self.copying.numerator, copying_mass=self.copying.mass)
+        return tensors
+
+    def reset_text(self) -> None:
+        for tensor in self.text_tensors().values():
+            tensor.zero_()
+
+    def take_text_partial(self) -> dict[str, np.ndarray]:
+        """The real-text sums so far, as arrays (a shard's partial result); the sums start again from zero."""
+        partial = {name: tensor.numpy().copy() for name, tensor in self.text_tensors().items()}
+        self.reset_text()
+        return partial
+
+    def load_text(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the real-text sums to ``tensors`` (merged partials; same names and shapes)."""
+        own = self.text_tensors()
+        if set(own) != set(tensors):
+            raise ValueError(f"text partial has {sorted(tensors)}, expected {sorted(own)}")
+        for name, tensor in own.items():
+            tensor.copy_(tensors[name])
 
     def add_text(self, model: Any, tokens: torch.Tensor) -> None:
         """One hooked pass over a batch of real text: every text metric and the attention received."""
@@ -437,38 +479,129 @@ class _MetricSums:
                                 notes=notes)
 
 
+@dataclass(frozen=True)
+class TextShardPlan:
+    """The real-text batches of a probe, cut into shards of whole batches (the unit of parallel work).
+
+    The batches are :func:`length_batches` of the probe's sequences; shard ``i`` is the batches
+    ``shards[i]``: consecutive batches, a new shard begun where the next batch would take it past
+    ``shard_sequences`` sequences. The plan depends only on the probe, the batch size and
+    ``shard_sequences``, never on who runs the shards. ``seen_ids`` are the token ids of the whole
+    probe (the columns of the attention received per token), the same for every shard.
+    """
+
+    batches: list[torch.Tensor]
+    shards: list[range]
+    seen_ids: torch.Tensor
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    def shard_batches(self, index: int) -> list[torch.Tensor]:
+        return [self.batches[i] for i in self.shards[index]]
+
+
+def plan_text_shards(text_sequences: Sequence[torch.Tensor], batch_size: int,
+                     shard_sequences: int = DEFAULT_SHARD_SEQUENCES) -> TextShardPlan:
+    """The :class:`TextShardPlan` of ``text_sequences`` (``[pos]`` or ``[batch, pos]`` tensors)."""
+    if batch_size < 1 or shard_sequences < 1:
+        raise InputError(f"Batches and shards need at least one sequence (batch size {batch_size}, "
+                         f"shard size {shard_sequences}).")
+    batches = length_batches(text_sequences, batch_size)
+    shards, start, held = [], 0, 0
+    for index, batch in enumerate(batches):
+        if held and held + batch.shape[0] > shard_sequences:
+            shards.append(range(start, index))
+            start, held = index, 0
+        held += batch.shape[0]
+    if batches:
+        shards.append(range(start, len(batches)))
+    # Attention received is kept per token id that occurs in the probe, not per vocabulary entry.
+    if batches:
+        seen_ids = torch.unique(torch.cat([b[:, 1:].reshape(-1) for b in batches]))
+    else:
+        seen_ids = torch.zeros(1, dtype=torch.long)
+    return TextShardPlan(batches=batches, shards=shards, seen_ids=seen_ids)
+
+
+def text_shard_partial(model: Any, metric_sums: MetricSums, batches: Sequence[torch.Tensor],
+                       on_batch: Optional[Callable[[int], None]] = None) -> dict[str, np.ndarray]:
+    """One text shard's partial sums (:meth:`MetricSums.take_text_partial`), computed from zero.
+
+    ``on_batch(batches done)`` is called after every batch (progress). Where the shard runs (here or
+    on a Ray worker) does not change the result: the same batches in the same order.
+    """
+    metric_sums.reset_text()  # from zero, whatever an earlier, failed shard left
+    for done, tokens in enumerate(batches):
+        metric_sums.add_text(model, tokens)
+        if on_batch is not None:
+            on_batch(done + 1)
+    return metric_sums.take_text_partial()
+
+
+# Runs every shard of a plan somewhere else (e.g. :class:`headvis_core.atlas.distributed.RayTextShards`):
+# ``runner(plan, direct_copying, merge, progress)`` calls ``merge(partial)`` once per shard, in shard order.
+TextShardRunner = Callable[[TextShardPlan, bool, Callable[[dict[str, np.ndarray]], None],
+                            Optional[ProgressCallback]], None]
+
+
 def attention_metrics(model: Any, text_sequences: Sequence[torch.Tensor], induction: Optional[InductionProbe],
                       batch_size: int = 16, top_k: int = 10, direct_copying: bool = True,
-                      progress: Optional[ProgressCallback] = None) -> AttentionMetrics:
+                      progress: Optional[ProgressCallback] = None,
+                      shard_sequences: int = DEFAULT_SHARD_SEQUENCES,
+                      text_shards: Optional[TextShardRunner] = None) -> AttentionMetrics:
     """All attention-pattern metrics for every head, from one hooked pass per batch.
 
     ``values`` holds :data:`ATTENTION_METRICS`, :data:`PAIR_METRICS` and (with ``direct_copying``)
     ``direct_copying`` (:mod:`headvis_core.atlas.direct_copying`), each ``[layer, head]``.
+
+    The real text runs shard by shard (:func:`plan_text_shards`): each shard's sums start from
+    zero and the shards' partial sums are added up in shard order. ``text_shards`` runs the shards
+    elsewhere (Ray workers); the result is the same, bit for bit, because the plan and the order of
+    the additions are. The induction probe runs here, after the text.
 
     Args:
         text_sequences: token tensors ``[pos]`` or ``[batch, pos]`` of real text (BOS first); sequences of
             equal length are batched together, so no padding is needed.
         induction: the repeated-random-token probe, or ``None`` to leave ``induction`` as NaN.
         batch_size: sequences per forward pass (bounds the memory of one layer's pattern).
+        shard_sequences: real-text sequences per shard (whole batches).
+        text_shards: where to run the text shards (default: here, one after the other).
     """
-    text_batches = length_batches(text_sequences, batch_size)
-    # Attention received is kept per token id that occurs in the probe, not per vocabulary entry.
-    if text_batches:
-        seen_ids = torch.unique(torch.cat([b[:, 1:].reshape(-1) for b in text_batches]))
-    else:
-        seen_ids = torch.zeros(1, dtype=torch.long)
-    metric_sums = _MetricSums(model, seen_ids, direct_copying=direct_copying)
+    plan = plan_text_shards(text_sequences, batch_size, shard_sequences)
+    metric_sums = MetricSums(model, plan.seen_ids, direct_copying=direct_copying)
+    merged = {name: torch.zeros_like(tensor) for name, tensor in metric_sums.text_tensors().items()}
+
+    def merge(shard_sums: dict[str, np.ndarray]) -> None:
+        if set(shard_sums) != set(merged):
+            raise ValueError(f"text partial has {sorted(shard_sums)}, expected {sorted(merged)}")
+        for name, tensor in merged.items():
+            array = shard_sums[name]  # read-only when it comes from Ray's object store: torch wants a copy then
+            tensor += torch.from_numpy(array if array.flags.writeable else array.copy())
+
     induction_batches = [] if induction is None else length_batches([induction.tokens], batch_size)
-    total = max(1, len(text_batches) + len(induction_batches))
-    for done, tokens in enumerate(text_batches):
-        report(progress, done / total, f"real text: batch {done + 1} of {len(text_batches)}")
-        metric_sums.add_text(model, tokens)
+    n_text = len(plan.batches)
+    total = max(1, n_text + len(induction_batches))
+    text_progress = scaled(progress, 0.0, n_text / total)
+    if text_shards is not None:
+        text_shards(plan, direct_copying, merge, text_progress)
+    else:
+        done = 0
+        for index in range(plan.n_shards):
+            def on_batch(in_shard: int, before: int = done) -> None:
+                report(text_progress, (before + in_shard) / max(n_text, 1),
+                       f"real text: batch {before + in_shard} of {n_text}")
+
+            report(text_progress, done / max(n_text, 1), f"real text: batch {done + 1} of {n_text}")
+            merge(text_shard_partial(model, metric_sums, plan.shard_batches(index), on_batch))
+            done += len(plan.shards[index])
+    metric_sums.load_text(merged)
     for i, tokens in enumerate(induction_batches):
-        report(progress, (len(text_batches) + i) / total, f"induction probe: batch {i + 1} of "
-                                                          f"{len(induction_batches)}")
+        report(progress, (n_text + i) / total, f"induction probe: batch {i + 1} of {len(induction_batches)}")
         metric_sums.add_induction(model, tokens, induction)
     report(progress, 1.0, "attention metrics done")
-    return metric_sums.finish(top_k, bool(text_batches))
+    return metric_sums.finish(top_k, bool(plan.batches))
 
 
 def layer_patterns(model: Any, tokens: Int[torch.Tensor, "1 pos"]) -> Float[torch.Tensor, "layer head query key"]:

@@ -21,7 +21,13 @@ import torch
 
 from headvis_core.atlas.classes import classify_heads
 from headvis_core.atlas.copying import DEFAULT_MAX_VOCAB, copying_scores
-from headvis_core.atlas.metrics import AttentionMetrics, attention_metrics, layer_patterns
+from headvis_core.atlas.metrics import (
+    DEFAULT_SHARD_SEQUENCES,
+    AttentionMetrics,
+    TextShardRunner,
+    attention_metrics,
+    layer_patterns,
+)
 from headvis_core.atlas.retrieval import RetrievalPrompt, load_retrieval_prompts, prompts_that_fit, retrieval_scores
 from headvis_core.data.corpus import TEXT_SUFFIXES, encode, file_encoding, open_corpus
 from headvis_core.data.probes import induction_probe
@@ -279,7 +285,8 @@ def _examples(model: Any, probe: ProbeSet, seed: int) -> dict[str, ExamplePatter
 def run_atlas(model: Any, probe: ProbeSet, n_induction_seqs: Optional[int] = None, batch_size: int = 16,
               max_vocab: Optional[int] = DEFAULT_MAX_VOCAB, seed: int = 0, model_name: str = "",
               retrieval_prompts: Optional[list[RetrievalPrompt]] = None,
-              progress: Optional[ProgressCallback] = None) -> AtlasResult:
+              progress: Optional[ProgressCallback] = None, shard_sequences: int = DEFAULT_SHARD_SEQUENCES,
+              text_shards: Optional[TextShardRunner] = None) -> AtlasResult:
     """Metrics, behaviours and passport material for every head of ``model`` on ``probe``.
 
     Args:
@@ -290,6 +297,12 @@ def run_atlas(model: Any, probe: ProbeSet, n_induction_seqs: Optional[int] = Non
         max_vocab: vocabulary sample size for the copying score (exact below it).
         retrieval_prompts: factual prompts with entity spans for the retrieval score (default the curated
             ``prompts/retrieval.json``).
+        shard_sequences: real-text sequences per shard, the unit of parallel work
+            (:func:`headvis_core.atlas.metrics.plan_text_shards`); it fixes the order in which sums are
+            added, so two atlases agree bit for bit when this agrees.
+        text_shards: where the real-text shards run (default here; e.g.
+            :class:`headvis_core.atlas.distributed.RayTextShards`), with the same result. The induction
+            probe, retrieval, copying scores and passport examples run here.
     """
     started = time.time()
     if not probe.sequences:
@@ -301,7 +314,8 @@ def run_atlas(model: Any, probe: ProbeSet, n_induction_seqs: Optional[int] = Non
     induction = induction_probe(model, n_induction, half, seed=seed)
     retrieval_prompts, too_long = prompts_that_fit(model, retrieval_prompts or load_retrieval_prompts())
     metrics = attention_metrics(model, probe.sequences, induction, batch_size=batch_size,
-                                progress=scaled(progress, 0.0, 0.8))
+                                progress=scaled(progress, 0.0, 0.8), shard_sequences=shard_sequences,
+                                text_shards=text_shards)
     if retrieval_prompts:
         metrics.values["retrieval"] = retrieval_scores(model, retrieval_prompts, batch_size=batch_size,
                                                        progress=scaled(progress, 0.8, 0.85))

@@ -2,6 +2,9 @@
 
 The result goes into the result store: the same atlas asked for again (same
 model weights, probe and sizes) is read back at once; ``--no-cache`` recomputes.
+``--ray auto|ADDRESS --workers N`` runs the real text's shards on Ray workers
+(:mod:`headvis_core.atlas.distributed`); the table is the one-process atlas's, so
+both share one stored result.
 """
 
 import argparse
@@ -11,6 +14,7 @@ from headvis_core.cli.main import (
     add_model_arguments,
     check_output_file,
     corpus_read_errors,
+    int_at_least,
     load_model_from_args,
     non_negative_int,
     positive_int,
@@ -19,6 +23,7 @@ from headvis_core.cli.main import (
 
 
 def _atlas(args: argparse.Namespace) -> int:
+    from headvis_core.atlas.metrics import DEFAULT_SHARD_SEQUENCES
     from headvis_core.atlas.run import MIN_SEQ_LEN, compute_atlas, corpus_files, top_heads
     from headvis_core.errors import InputError
     from headvis_core.limits import check_atlas_memory
@@ -39,16 +44,31 @@ def _atlas(args: argparse.Namespace) -> int:
     if args.corpus is not None:  # a bad folder fails before the model loads
         with corpus_read_errors(args.corpus):
             corpus_files(args.corpus)
+    if args.ray is not None:  # so does a bad cluster address, or Ray missing
+        from headvis_core.ray_jobs import INSTALL_HINT, check_address, ray_available
+
+        if not ray_available():
+            raise InputError(f"--ray needs Ray: {INSTALL_HINT}")
+        check_address(args.ray)
     loaded = load_model_from_args(args)
     check_atlas_memory(loaded.model, args.n_seqs, args.seq_len, args.n_induction_seqs, args.batch_size)
+    shard_sequences = args.shard_seqs or DEFAULT_SHARD_SEQUENCES
+    text_shards = None
+    if args.ray is not None:
+        from headvis_core.atlas.distributed import RayTextShards
+
+        text_shards = RayTextShards(loaded, workers=args.workers, address=args.ray)
 
     def compute():
         return compute_atlas(loaded.model, folder=args.corpus, n_seqs=args.n_seqs, seq_len=args.seq_len,
                              n_induction_seqs=args.n_induction_seqs, batch_size=args.batch_size, seed=args.seed,
                              model_name=loaded.info.name, retrieval_prompts=retrieval_prompts,
-                             progress=tqdm_progress("head atlas"))
+                             progress=tqdm_progress("head atlas"), shard_sequences=shard_sequences,
+                             text_shards=text_shards)
 
     inputs = atlas_inputs(args.corpus, args.n_seqs, args.seq_len, args.n_induction_seqs, args.seed)
+    if shard_sequences != DEFAULT_SHARD_SEQUENCES:  # the shards fix the order of the sums: their last bits
+        inputs["shard_sequences"] = shard_sequences
     if retrieval_prompts is not None:  # the user's prompts and spans are part of what the atlas was computed on
         inputs["retrieval_prompts"] = [[p.text, p.span] for p in retrieval_prompts]
     # the page computes with the default induction set and seed: only then does its URL reopen this atlas
@@ -56,6 +76,10 @@ def _atlas(args: argparse.Namespace) -> int:
     link = atlas_link(args.corpus, args.n_seqs, args.seq_len) if page_settings else None
     stored = cached(ATLAS, loaded, inputs, compute, refresh=args.no_cache, link=link)
     report_stored(stored, "atlas")
+    if text_shards is not None and text_shards.stats:
+        stats = text_shards.stats
+        print(f"real text: {stats['shards']} shards on {args.workers} Ray workers in {stats['text_seconds']:.1f} s "
+              f"(workers started in {stats['worker_start_seconds']:.1f} s)")
     result = stored.value
     for note in result.notes:
         print(f"note: {note}")
@@ -94,5 +118,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "per line and the span in brackets ('The [Eiffel Tower] is located in the city of'), "
                              "or JSON like prompts/retrieval.json (default: that file)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--ray", metavar="auto|ADDRESS", default=None,
+                        help="run the real text's shards on a Ray cluster: 'auto' (a running one, else a local one) "
+                             "or its address; the table equals the one-process atlas's (needs pip install ray==2.60.0)")
+    parser.add_argument("--workers", type=int_at_least(1, "--workers"), default=2,
+                        help="Ray workers with --ray (default 2)")
+    parser.add_argument("--shard-seqs", type=int_at_least(1, "--shard-seqs"), default=None,
+                        help="real-text sequences per shard, the unit of work on Ray (default 64); the same value "
+                             "gives the same table in one process and on Ray")
     add_cache_argument(parser)
     parser.set_defaults(func=_atlas)

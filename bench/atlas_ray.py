@@ -1,0 +1,129 @@
+"""The atlas over a corpus with its real text on 1 and 2 Ray workers, against the one-process atlas, same run.
+
+Each configuration runs in its own child process (so its peak memory is its own):
+
+* ``single-1t`` / ``single-2t``: :func:`compute_atlas` in one process with 1 / 2 torch threads;
+* ``ray-1`` / ``ray-2``: the same with ``text_shards=RayTextShards(loaded, workers)``, 1 CPU (1 thread) per
+  worker, on a local cluster started by the run.
+
+All four use the same shard plan, so their tables must be equal bit for bit (checked here). Ray's overhead
+is ``ray-1``'s real-text time (shards sent, run and merged; workers already started) over ``single-1t``'s
+(the same shards on one thread); worker start (process, imports, model load) is printed apart. The atlas's
+total time (probe, text, induction, retrieval, copying scores, examples) is printed too.
+
+    .venv/bin/python bench/atlas_ray.py [--n-seqs 16] [--seq-len 64] [--shard-seqs 4] [--batch 4]
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "corpus" / "gutenberg"
+
+
+class TimedLocalShards:
+    """The one-process text shards (what ``compute_atlas`` does without ``text_shards``), timed."""
+
+    def __init__(self, model):
+        self.model, self.stats = model, {}
+
+    def __call__(self, plan, direct_copying, merge, progress=None):
+        from headvis_core.atlas.metrics import MetricSums, text_shard_partial
+
+        sums = MetricSums(self.model, plan.seen_ids, direct_copying=direct_copying)
+        started = time.perf_counter()
+        for index in range(plan.n_shards):
+            merge(text_shard_partial(self.model, sums, plan.shard_batches(index)))
+        self.stats = {"text_seconds": time.perf_counter() - started, "worker_start_seconds": 0.0,
+                      "shards": plan.n_shards, "merge_seconds_per_shard": 0.0}
+
+
+def child(mode: str, workers: int, threads: int, args: argparse.Namespace) -> dict:
+    """One configuration, in this (child) process: times, the table and peak memory as a dict."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from headvis_core.atlas.distributed import RayTextShards
+    from headvis_core.atlas.run import compute_atlas
+    from headvis_core.models.loader import load_model
+
+    loaded = load_model(args.model, device="cpu")
+    runner = TimedLocalShards(loaded.model) if mode == "single" else RayTextShards(loaded, workers=workers)
+    started = time.perf_counter()
+    result = compute_atlas(loaded.model, folder=args.corpus, n_seqs=args.n_seqs, seq_len=args.seq_len,
+                           batch_size=args.batch, shard_sequences=args.shard_seqs, text_shards=runner,
+                           model_name=args.model)
+    wall = time.perf_counter() - started
+    with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as handle:
+        table_path = handle.name
+    result.table.to_pickle(table_path)  # exact floats, for the comparison across runs
+    return {"mode": mode, "workers": workers, "threads": threads, "wall": wall, **runner.stats,
+            "table": table_path, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def tables_equal(paths: list[str]) -> bool:
+    """The children's tables, read back, all equal to the first (bit for bit, NaN where NaN)."""
+    import pandas as pd
+
+    tables = [pd.read_pickle(path) for path in paths]
+    return all(table.equals(tables[0]) for table in tables[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument("--n-seqs", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--shard-seqs", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "WORKERS", "THREADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, workers, threads = args.child
+        print(json.dumps(child(mode, int(workers), int(threads), args)))
+        return
+    if not args.corpus.is_dir():
+        sys.exit(f"{args.corpus} is not here (../shared/corpus); give --corpus")
+    base = [sys.executable, __file__, "--model", args.model, "--corpus", str(args.corpus), "--n-seqs",
+            str(args.n_seqs), "--seq-len", str(args.seq_len), "--shard-seqs", str(args.shard_seqs), "--batch",
+            str(args.batch)]
+    runs = {}
+    for label, child_args in (("single-1t", ["single", "0", "1"]), ("ray-1", ["ray", "1", "1"]),
+                              ("single-2t", ["single", "0", "2"]), ("ray-2", ["ray", "2", "1"])):
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
+        out = subprocess.run(base + ["--child", *child_args], capture_output=True, text=True, env=env)
+        if out.returncode:
+            sys.exit(f"{label} failed:\n{out.stderr[-3000:]}")
+        runs[label] = json.loads(out.stdout.strip().splitlines()[-1])
+    same = tables_equal([run["table"] for run in runs.values()])
+    for run in runs.values():
+        os.unlink(run["table"])
+    tokens = args.n_seqs * args.seq_len
+    print(f"{args.model}: atlas over {args.corpus.name}, {args.n_seqs} x {args.seq_len} tokens, "
+          f"shards of {args.shard_seqs} sequences ({runs['single-1t']['shards']} shards), batch {args.batch}, "
+          f"{os.cpu_count()} cores")
+    print(f"{'run':<10} {'text s':>7} {'tokens/s':>9} {'worker start s':>15} {'merge/shard s':>14} "
+          f"{'atlas s':>8} {'peak MiB':>9}")
+    for label, run in runs.items():
+        print(f"{label:<10} {run['text_seconds']:>7.2f} {tokens / run['text_seconds']:>9.0f} "
+              f"{run['worker_start_seconds']:>15.1f} {run['merge_seconds_per_shard']:>14.4f} {run['wall']:>8.1f} "
+              f"{run['peak_rss_mb']:>9.0f}")
+    overhead = runs["ray-1"]["text_seconds"] / runs["single-1t"]["text_seconds"] - 1
+    speedup = runs["single-2t"]["text_seconds"] / runs["ray-2"]["text_seconds"]
+    print(f"Ray overhead on the real text, 1 worker vs one process on 1 thread: {100 * overhead:+.1f}%")
+    print(f"2 Ray workers vs one process on 2 threads (real text): {speedup:.2f}x")
+    print(f"tables equal bit for bit across the four runs: {same}")
+    print(json.dumps({"overhead": round(overhead, 4), "speedup_2": round(speedup, 3), "tables_equal": same,
+                      "text_s": {label: round(run["text_seconds"], 2) for label, run in runs.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,15 @@ Tolerance, per quantity q (the float32 value q32, the 16-bit one q16):
 Measured on tiny-llama (window 32, 32 windows; atlas 6 x 32 tokens): the largest |q16 - q32| /
 max|q32| was 2.4% of a near-zero metric (retrieval, max 0.0017: within atol) and otherwise below
 0.5% in bfloat16, below 0.1% in float16. float16 runs on the CPU in torch 2.13 (no op refused).
+
+A real model drifts more through its 30 layers. SmolLM2 (window 32, 16 windows of Austen), worst
+|q16 - q32| / max|q32| per quantity: bfloat16 7% (the top windows' scores), 3.2% (q-k distance),
+1.9% (its variance), 1.3% (logit z-score), 0.5% or less for the distance and score sums, logit std
+and margin; float16 1% (top scores) and 0.1% or less elsewhere. So the SmolLM2 test allows rtol 1e-1
+(bfloat16) and 2e-2 (float16), atol 1e-3 and 1e-4. The entropies of a head's high-attention tokens
+are left out there: they count the tokens above a threshold, so one rounding moves a token across
+it (measured: 0.9 bits of 7.3 in both 16-bit dtypes, on 16 windows), or leaves a head with no token
+over it (the entropy is then undefined, NaN, in one dtype only); they are not a precision figure.
 """
 
 import math
@@ -20,16 +29,19 @@ from headvis_core.models.loader import load_model
 from headvis_core.scan import ScanParams, run_scan
 
 TOLERANCE = {"bfloat16": (1e-2, 1e-4), "float16": (2e-3, 2e-5)}  # (rtol, atol)
+REAL_MODEL_TOLERANCE = {"bfloat16": (1e-1, 1e-3), "float16": (2e-2, 1e-4)}
+THRESHOLD_METRICS = ("query_token_entropy", "key_token_entropy")  # discontinuous: see the module docstring
 SCAN_SUMS = ("distance_sum", "score_sum", "top_scores")
 
 
-def assert_close(reference: np.ndarray, value: np.ndarray, dtype: str, what: str) -> None:
+def assert_close(reference: np.ndarray, value: np.ndarray, dtype: str, what: str,
+                 tolerance: dict = TOLERANCE) -> None:
     reference, value = np.asarray(reference, dtype=np.float64), np.asarray(value, dtype=np.float64)
     assert not np.isnan(value[~np.isnan(reference)]).any(), f"{what}: NaN in {dtype} where float32 has a number"
     finite = np.isfinite(reference)
     if not finite.any():
         return
-    rtol, atol = TOLERANCE[dtype]
+    rtol, atol = tolerance[dtype]
     bound = atol + rtol * np.abs(reference[finite]).max()
     worst = np.abs(value[finite] - reference[finite]).max()
     assert worst <= bound, f"{what} in {dtype}: off by {worst:.3g}, more than {bound:.3g}"
@@ -56,14 +68,16 @@ def float32_scan(text_corpus, tmp_path_factory):
     return scan("tiny-llama", "float32", text_corpus, tmp_path_factory.mktemp("f32"))
 
 
-def assert_scans_close(reference, other, dtype: str) -> None:
+def assert_scans_close(reference, other, dtype: str, tolerance: dict = TOLERANCE, skip: tuple = ()) -> None:
     assert other.meta["model"]["dtype"] == dtype and other.n_windows == reference.n_windows
     for name in SCAN_SUMS:
-        assert_close(reference.arrays[name], other.arrays[name], dtype, name)
+        assert_close(reference.arrays[name], other.arrays[name], dtype, name, tolerance)
     assert np.array_equal(reference.arrays["token_count"], other.arrays["token_count"])  # same tokens seen
     ours, theirs = reference.headvis_metrics(), other.headvis_metrics()
     for name in ours:
-        assert_close(ours[name], theirs[name], dtype, f"scan {name}")
+        if skip and name.startswith(skip):
+            continue  # counts of tokens over a threshold: see the module docstring
+        assert_close(ours[name], theirs[name], dtype, f"scan {name}", tolerance)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -96,7 +110,7 @@ def test_the_tolerance_would_catch_a_real_difference():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_a_short_smollm2_scan_in_16_bits_is_close_to_float32(smollm2, dtype, text_corpus, tmp_path):
-    reference = run_scan(smollm2, text_corpus, ScanParams(window_len=16, max_windows=4, reservoir_size=4),
+    reference = run_scan(smollm2, text_corpus, ScanParams(window_len=16, max_windows=4, reservoir_size=8),
                          out_dir=tmp_path / "f32", batch_size=4)
     other = scan("smollm2-135m", dtype, text_corpus, tmp_path / dtype, window=16, windows=4)
-    assert_scans_close(reference, other, dtype)
+    assert_scans_close(reference, other, dtype, REAL_MODEL_TOLERANCE, skip=THRESHOLD_METRICS)

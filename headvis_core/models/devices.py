@@ -151,7 +151,7 @@ def _check_target(module: str, target: Any) -> Union[int, str]:
                          "directly, and offloaded weights are not in memory). Give a GPU or \"cpu\".")
     kind, _, index = device.partition(":")
     if kind == "cuda":
-        if not torch.cuda.is_available():
+        if not n_cuda_devices():
             raise InputError(f"{what} is {target!r}, but no CUDA GPU is available here.")
         if index:
             if not index.isdigit():
@@ -264,6 +264,9 @@ def resolve_placement(device: Optional[str] = None, device_map: Any = None, n_de
                          "device, device_map splits it.")
     resolved_map = parse_device_map(device_map)
     budgets = parse_max_memory(max_memory)
+    if budgets is not None and 0 < sum(isinstance(k, int) for k in budgets) < len(budgets):
+        raise InputError("max_memory gives budgets to GPUs and to the CPU: TransformerLens's bridge refuses a split "
+                         "that puts some weights on a GPU and some on the CPU. Give budgets to GPUs only.")
     if n_devices is not None and n_devices > 1:
         if explicit_device and str(device).split(":")[0] != "cuda":
             raise InputError(f"n_devices={n_devices} splits the model over CUDA GPUs, but device={device!r}.")

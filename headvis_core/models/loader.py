@@ -303,7 +303,7 @@ def _example_modules(empty: torch.nn.Module) -> str:
     return ", ".join(map(repr, names))
 
 
-def _dispatch_budgets(placement: Placement) -> Optional[dict[str, int]]:
+def _dispatch_budgets(placement: Placement) -> dict[str, int]:
     """The per-device budgets a strategy or ``n_devices`` may fill (GPUs only where there are GPUs).
 
     With no ``max_memory`` the dispatcher would spill what does not fit on the GPUs to the CPU,
@@ -372,7 +372,7 @@ def _random_weights_folder(source: ResolvedSource, config, seed: int) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(source.target) / "weights"
-    if not (folder / "model.safetensors").is_file():
+    if not folder.is_dir():  # written whole, then renamed into place: a folder there is complete
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
         staging = folder.with_name(f"weights.partial-{os.getpid()}")

@@ -15,10 +15,11 @@ A real model drifts more through its 30 layers. SmolLM2 (window 32, 16 windows o
 1.9% (its variance), 1.3% (logit z-score), 0.5% or less for the distance and score sums, logit std
 and margin; float16 1% (top scores) and 0.4% or less elsewhere. So the SmolLM2 test allows rtol 1e-1
 (bfloat16) and 2e-2 (float16), atol 1e-3 and 1e-4; on the test's 4 windows of 16 tokens the worst
-quantity (the top scores) uses 66% of its bound in bfloat16, 39% in float16. The entropies of a head's high-attention tokens
-are left out there: they count the tokens above a threshold, so one rounding moves a token across
-it (measured: 0.9 bits of 7.3 in both 16-bit dtypes, on 16 windows), or leaves a head with no token
-over it (the entropy is then undefined, NaN, in one dtype only); they are not a precision figure.
+quantity (the top scores) uses 66% of its bound in bfloat16, 39% in float16. The entropies of a
+head's high-attention tokens are left out there: they count the tokens above a threshold, so one
+rounding moves a token across it (measured: 0.9 bits of 7.3 in both 16-bit dtypes, on 16 windows),
+or leaves a head with no token over it (the entropy is then undefined, NaN, in one dtype only); they
+are not a precision figure.
 """
 
 import math

@@ -224,3 +224,25 @@ def test_smollm2_split_module_by_module_gives_the_plain_logits_and_patterns(smol
     split_logits, captured = capture(split.model, tokens, names)
     assert torch.equal(plain_logits, split_logits)
     assert all(torch.equal(plain[name], captured[name]) for name in names)
+
+
+def test_placements_over_pretend_gpus(monkeypatch):
+    """The checks that need GPUs, with the GPU count pretended (nothing is loaded)."""
+    from headvis_core.models import devices
+
+    monkeypatch.setattr(devices, "n_cuda_devices", lambda: 2)
+    split = resolve_placement(n_devices=2, max_memory='{"0": "20GiB", "1": "20GiB"}')
+    assert split.is_split and split.boot_arguments() == {"device_map": None, "n_devices": 2,
+                                                         "max_memory": {0: 20 * 2**30, 1: 20 * 2**30}}
+    assert resolve_placement(device_map={"model": 0, "lm_head": "cuda:1"}).device_map == {"model": 0,
+                                                                                         "lm_head": "cuda:1"}
+    with pytest.raises(InputError, match="n_devices=3, but this machine has only 2 CUDA GPU"):
+        resolve_placement(n_devices=3)
+    with pytest.raises(InputError, match="give a budget for each of them"):
+        resolve_placement(n_devices=2, max_memory={"0": "1GB"})
+    with pytest.raises(InputError, match="budgets to GPUs and to the CPU"):
+        resolve_placement(device_map="auto", max_memory={"0": "1GB", "cpu": "8GB"})
+    with pytest.raises(InputError, match="mixes GPUs"):
+        resolve_placement(device_map={"model": 0, "lm_head": "cpu"})
+    with pytest.raises(InputError, match="device='cpu'"):
+        resolve_placement(device="cpu", n_devices=2)

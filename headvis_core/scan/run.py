@@ -62,7 +62,9 @@ scan needs no logits). For every head it keeps:
     heavy-hitters summaries beside the top tokens': the entropy is exact
     while a head has at most ``token_capacity`` distinct high-attention
     tokens on that side (the summary's ``slack`` is then 0, and the result
-    records it); beyond that, the result gives a bound on its error
+    records it per head: ``*_token_entropy_exact``); beyond that, the value
+    is the middle of a proven interval around the true entropy and
+    ``*_token_entropy_error`` its half-width
     (:func:`headvis_core.scan.heavy_hitters.entropy_bits_bounded`).
 
 All state (:mod:`headvis_core.scan.state`) has a fixed size set by the model
@@ -185,6 +187,10 @@ def reduce_batch(model: Any, state: ScanState, seq_tokens: Int[torch.Tensor, "ba
         hooks[f"blocks.{layer}.attn.hook_attn_scores"] = partial(reduce_scores, layer)
         hooks[pattern_hook(layer)] = partial(reduce_pattern, layer)
     run_until(model, seq_tokens.to(device), hooks, last=pattern_hook(state.n_layers - 1))
+    missing = [layer for layer in range(state.n_layers) if out[layer].score_sums is None]
+    if missing:
+        raise InputError(f"This model's attention does not expose pre-softmax scores (hook_attn_scores) on "
+                         f"layers {missing}, which a scan needs for its score statistics.")
     return ReducedBatch(out, res_rows, res_slots, priorities)
 
 

@@ -15,11 +15,13 @@ import torch
 from headvis_core.atlas.metrics import HIGH_ATTENTION, attention_metrics
 from headvis_core.attribution.edge import sliding_window
 from headvis_core.data.corpus import iter_windows, open_corpus
+from headvis_core.errors import InputError
 from headvis_core.heads import HeadRef
 from headvis_core.hooks import capture, pattern_hook
 from headvis_core.models.loader import load_model
 from headvis_core.scan import ScanParams, list_scans, run_scan
 from headvis_core.scan.result import SCAN_METRIC_DESCRIPTIONS, ScanResult
+from headvis_core.scan.run import reduce_layer_scores
 from headvis_core.scan.shards import with_bos
 from headvis_core.scan.store import read_stage, write_stage
 from headvis_core.tokens import bos_token_id
@@ -236,3 +238,43 @@ def test_smollm2_scan_statistics_equal_the_atlas_and_find_a_previous_token_head(
         assert summary[name].to_numpy() == pytest.approx(expected, rel=1e-4, abs=1e-4, nan_ok=True), name
     prev = summary.set_index("name").loc["16.0"]  # the previous-token head of test_run's SmolLM2 check
     assert 1.0 <= prev["qk_distance"] < 1.5 and prev["qk_distance_variance"] < 1.0
+
+
+def test_a_model_without_pre_softmax_scores_is_refused_before_anything_is_merged(tiny_gpt2, text_dir, tmp_path,
+                                                                                monkeypatch):
+    import headvis_core.scan.run as scan_run
+
+    run_until = scan_run.run_until
+
+    def without_scores(model, tokens, hooks, last):
+        run_until(model, tokens, {name: hook for name, hook in hooks.items() if "attn_scores" not in name}, last)
+
+    monkeypatch.setattr(scan_run, "run_until", without_scores)
+    with pytest.raises(InputError, match="pre-softmax scores"):
+        run_scan(tiny_gpt2, open_corpus(str(text_dir)), scan_params(), out_dir=tmp_path, batch_size=BATCH)
+    assert list_scans(tmp_path) == []  # the first batch failed: nothing to save
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_layers_score_sums_follow_the_per_query_definitions_with_tied_top_scores(window):
+    """The scan's float32 reduction of one layer; ties at the top (common in fp16/bf16 scores) give margin 0."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 3, 9, 9, generator=generator).half()
+    scores[:, :, :, 2] = scores[:, :, :, 1] = scores.amax(-1) + 1  # keys 1 and 2 tie at the top
+    pos = torch.arange(9)
+    allowed = pos[None, :] <= pos[:, None]
+    if window is not None:
+        allowed &= pos[:, None] - pos[None, :] < window
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float16).min)
+    expected = np.zeros((3, 3))
+    for b in range(2):
+        for h in range(3):
+            for q in range(1, 9):
+                row = [float(scores[b, h, q, k]) for k in range(9) if allowed[q, k]]
+                mean = sum(row) / len(row)
+                std = math.sqrt(sum((s - mean) ** 2 for s in row) / len(row))
+                ordered = sorted(row, reverse=True)
+                expected[h] += [std, ordered[0] - ordered[1] if len(row) > 1 else 0.0,
+                                (ordered[0] - mean) / std if std > 0 else 0.0]
+    sums = reduce_layer_scores(scores)  # [head, SCORE_METRICS]
+    assert sums.numpy() == pytest.approx(expected, rel=1e-5, abs=1e-5)

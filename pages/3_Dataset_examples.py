@@ -1,4 +1,5 @@
-"""Dataset examples: a head's windows across a corpus by decile, its top tokens and attention distances."""
+"""Dataset examples: a head's windows across a corpus by decile, its top tokens and attention distances, the
+projections of its Q/K/V/O and its custom sequences; every view choice is in the URL (HeadVis's deep links)."""
 
 import shutil
 import tempfile
@@ -173,14 +174,15 @@ except CorruptFileError as err:
 # -- results ------------------------------------------------------------------------------------------------------
 meta = result.meta
 if (result.n_layers, result.n_heads) != (info.n_layers, info.n_heads) or meta["model"]["name"] != info.name:
-    st.warning(f"This scan was made with {meta['model']['name']}, not {info.name}.")
+    st.warning(f"This scan was made with {ui.escape_markdown(str(meta['model']['name']))}, not {info.name}.")
 with ui.user_errors():
     buckets = result.deciles(head)
 params = result.params
 st.subheader(f"Head {head} on {result.n_windows} windows of {params.window_len} tokens")
-st.caption(f"{meta['corpus']['description']}; scanned {meta['created']}. A window's score is its largest attention "
-           "weight outside the row and column of position 0; deciles of that score, 10 = highest. Examples per decile "
-           "are a random sample; 'top' holds the exact highest-scoring windows.")
+corpus_text = ui.escape_markdown(str(meta["corpus"]["description"]))  # an imported tree's text is anyone's
+st.caption(f"{corpus_text}; scanned {meta['created']}. A window's score is its largest attention weight outside "
+           "the row and column of position 0; deciles of that score, 10 = highest. Examples per decile are a random "
+           "sample; 'top' holds the exact highest-scoring windows.")
 
 imported = isinstance(result, ImportedScan)
 same_model = meta["model"]["name"] == info.name and (result.n_layers, result.n_heads) == (info.n_layers,

@@ -70,6 +70,12 @@ def test_custom_sequences_projections_export_and_headvis_data_on_the_page(scans_
     assert not at.exception and not at.error
     assert any("custom 1: the <b>cat</b> sat" in t.value for t in at.text)
     assert all("<b>cat" not in v for v in iframes(at)) and any("&lt;" in v for v in iframes(at))
+    # the same sequences under ?tab=custom, from a URL in a new session
+    url = {k: v for k, v in url_in_the_browser(at).items() if k != "interval"}
+    as_tab = app_test(PAGE, **url, tab="custom").run()
+    assert not as_tab.exception and control(as_tab, "tab").value == "custom"
+    assert [t.value for t in as_tab.text if t.value.startswith("custom ")] == ["custom 1: the <b>cat</b> sat"]
+    assert iframes(as_tab) == iframes(at)
     at = at.button(key="ex_custom_delete_1").click().run()
     assert not any("custom 1" in t.value for t in at.text)
     at.text_area(key="ex_custom_text").set_value("   ")

@@ -28,6 +28,7 @@ from headvis_core.errors import (
     UnknownModelError,
     UnsupportedArchitectureError,
 )
+from headvis_core.limits import gib
 from headvis_core.models.devices import (
     Placement,
     n_cuda_devices,
@@ -191,11 +192,6 @@ def _empty_model(config) -> Optional[torch.nn.Module]:
         return None  # unknown; the boot itself will tell if it cannot be built
 
 
-def _count_parameters(config) -> int:
-    empty = _empty_model(config)
-    return sum(p.numel() for p in empty.parameters()) if empty is not None else 0
-
-
 def _available_bytes(device: str) -> int:
     """Free memory on ``device`` now (a GPU's own free memory; host memory for cpu and mps)."""
     if device.startswith("cuda"):
@@ -229,25 +225,21 @@ def check_split_memory(params_per_device: dict[str, int], dtype: torch.dtype, na
         capacity = {device: min(budget, _available_bytes(device)) for device, budget in budgets.items()}
         needed = weight_bytes_needed(n_params, dtype)
         if needed > sum(capacity.values()):
-            shares = ", ".join(f"{_gib(b)} on {d}" for d, b in capacity.items())
+            shares = ", ".join(f"{gib(b)} on {d}" for d, b in capacity.items())
             raise NotEnoughMemoryError(
-                f"{name!r} has {n_params / 1e6:.0f}M parameters and needs about {_gib(needed)} across its devices, "
-                f"but the split can use only {_gib(sum(capacity.values()))} ({shares}: each device's budget or its "
+                f"{name!r} has {n_params / 1e6:.3g}M parameters and needs about {gib(needed)} across its devices, "
+                f"but the split can use only {gib(sum(capacity.values()))} ({shares}: each device's budget or its "
                 "free memory, whichever is less). Add devices, raise max_memory, or use a 16-bit dtype.")
         return
     for device, count in params_per_device.items():
         needed = weight_bytes_needed(count, dtype)
         available = _available_bytes(device)
         if needed > available:
-            share = "" if len(params_per_device) == 1 else f" for its {count / 1e6:.0f}M parameters mapped there"
+            share = "" if len(params_per_device) == 1 else f" for its {count / 1e6:.3g}M parameters mapped there"
             raise NotEnoughMemoryError(
-                f"{name!r} has {n_params / 1e6:.0f}M parameters and needs about {_gib(needed)} on {device}{share}, "
-                f"but only {_gib(available)} is free. Try a smaller model, a 16-bit dtype"
+                f"{name!r} has {n_params / 1e6:.3g}M parameters and needs about {gib(needed)} on {device}{share}, "
+                f"but only {gib(available)} is free. Try a smaller model, a 16-bit dtype"
                 + (", or a split over more devices." if device.startswith("cuda") else "."))
-
-
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.1f} GiB"
 
 
 def _module_target(name: str, device_map: dict) -> Optional[str]:

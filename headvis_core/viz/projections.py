@@ -44,14 +44,17 @@ def _hover(table: pd.DataFrame) -> list[str]:
 def color_options(table: pd.DataFrame) -> list[str]:
     """The colourings ``table`` has values for (projections stored before attention weights were kept
     have no ``attention`` or ``value norm``)."""
-    return [option for option in COLOR_OPTIONS if option in COLOR_TOKENS
-            or table[COLOR_METRICS[option][0]].notna().all()]
+    def has_values(option: str) -> bool:
+        column = COLOR_METRICS[option][0]
+        return column in table.columns and bool(table[column].notna().all())
+
+    return [option for option in COLOR_OPTIONS if option in COLOR_TOKENS or has_values(option)]
 
 
 def color_values(table: pd.DataFrame, color_by: str) -> pd.Series:
     """The per-pair values a metric colouring draws (the table's own column, unchanged)."""
     column = COLOR_METRICS[color_by][0]
-    if column not in table.columns or not table[column].notna().all():
+    if color_by not in color_options(table):
         raise ValueError(f"these pairs have no {color_by!r} values (recompute the projections to get them)")
     return table[column]
 

@@ -193,6 +193,8 @@ def test_an_imported_tree_reopens_from_scan_in_the_url_and_one_outside_the_roots
     assert not reopened.exception and not reopened.error
     assert reopened.subheader[0].value == at.subheader[0].value == "Head 1.3 on 12 windows of 8 tokens"
     assert iframes(reopened) == iframes(at) and control(reopened, "interval").value == "9"
+    relative = app_test(PAGE, **{**url, "scan": "exported/data"}).run()  # a path under a root, as typed
+    assert not relative.exception and not relative.error and iframes(relative) == iframes(at)
     # the same tree outside the allowed roots is refused, with the reason; a folder that is no tree too
     for scan, message in ((tmp_path / "elsewhere" / "data", "only from the allowed corpus roots"),
                           (text_dir, "not HeadVis data")):

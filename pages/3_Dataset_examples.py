@@ -185,6 +185,10 @@ st.caption(f"{corpus_text}; scanned {meta['created']}. A window's score is its l
            "sample; 'top' holds the exact highest-scoring windows.")
 
 imported = isinstance(result, ImportedScan)
+if imported and result.warnings:  # what the HeadVis frontend would miss or log about this tree
+    with st.expander(f"{len(result.warnings)} warning(s) about this HeadVis data"):
+        for warning in result.warnings:
+            st.text(str(warning))
 same_model = meta["model"]["name"] == info.name and (result.n_layers, result.n_heads) == (info.n_layers,
                                                                                            info.n_heads)
 # HeadVis's deep link ?layer=&head=&tab=&interval= (interval -1: the custom sequences). The view and the interval

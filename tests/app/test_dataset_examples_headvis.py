@@ -201,3 +201,19 @@ def test_an_imported_tree_reopens_from_scan_in_the_url_and_one_outside_the_roots
         refused = app_test(PAGE, scan=str(scan)).run()
         assert not refused.exception and not refused.subheader and not iframes(refused)
         assert any(message in e.value for e in refused.error), [e.value for e in refused.error]
+
+
+def test_an_imported_tree_with_warnings_lists_them_on_the_page(scans_dir, text_dir):
+    at = run_scan_on_page(app_test(PAGE).run(), text_dir)
+    at = at.button(key="ex_export").click().run()
+    zipfile.ZipFile(io.BytesIO(at.session_state["ex_export_zip"][1])).extractall(text_dir / "exported")
+    tree = text_dir / "exported" / "data"
+    clean = app_test(PAGE, scan=str(tree)).run()
+    assert not clean.exception and not clean.error and clean.subheader
+    assert not any("about this HeadVis data" in e.label for e in clean.expander)
+    (tree / "server_config.json").unlink()  # the frontend would log a failed fetch: a warning, not an error
+    warned = app_test(PAGE, scan=str(tree)).run()
+    assert not warned.exception and not warned.error and warned.subheader
+    labels = [e.label for e in warned.expander if "about this HeadVis data" in e.label]
+    assert labels == ["1 warning(s) about this HeadVis data"], [e.label for e in warned.expander]
+    assert any("server_config.json" in t.value for t in warned.text)

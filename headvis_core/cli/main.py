@@ -194,7 +194,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     placement = parser.add_argument_group("splitting a model across devices (instead of --device)")
     placement.add_argument("--device-map", default=None, type=text_argument,
                            help="auto, balanced, balanced_low_0, sequential, or a JSON object of module -> device "
-                                "such as '{\"model.embed_tokens\": 0, \"model.layers\": 1, \"lm_head\": 0}'")
+                                "such as '{\"model.embed_tokens\": 0, \"model.layers\": 1, \"model.norm\": 1, "
+                                "\"lm_head\": 0}'")
     placement.add_argument("--n-devices", default=None, type=int_at_least(1, "--n-devices"),
                            help="split the model evenly over this many CUDA GPUs")
     placement.add_argument("--max-memory", default=None, type=text_argument,

@@ -234,8 +234,9 @@ def estimate_heads(model: Any, prompts: PromptPairs, ablation: Optional[Ablation
             weights = weights / weights.sum(-1, keepdim=True)
             group_kl = torch.zeros(len(indices), n_layers, n_heads, dtype=torch.float64)
             for j in range(n_answers):
-                # delta[m]: [P, n_layers, n_heads], the linearised change of the m-th top logit
-                delta = torch.stack([torch.stack([_head_dot(grads[j * n_tokens + m][layer], changes[layer])
+                # delta[m]: [P, n_layers, n_heads], the linearised change of the m-th top logit (on the CPU, as
+                # the totals are: under a device_map split each layer's gradients live on their own device)
+                delta = torch.stack([torch.stack([_head_dot(grads[j * n_tokens + m][layer], changes[layer]).cpu()
                                                   for layer in range(n_layers)], dim=1)
                                      for m in range(n_tokens)]).double()
                 w = weights[:, j].T.double()[:, :, None, None]  # [M, P, 1, 1]
@@ -243,7 +244,8 @@ def estimate_heads(model: Any, prompts: PromptPairs, ablation: Optional[Ablation
                 group_kl += 0.5 * (w * (delta - mean) ** 2).sum(0)
             total += (group_kl / n_answers).sum(0)
         else:
-            change = torch.stack([_head_dot(grads[0][layer], changes[layer]) for layer in range(n_layers)],
+            change = torch.stack([_head_dot(grads[0][layer], changes[layer]).cpu()
+                                  for layer in range(n_layers)],
                                  dim=1).double()  # [P, n_layers, n_heads]
             sign = -1.0 if metric == "logit_diff" else 1.0  # the drop of the logit difference, the rise of the loss
             total += sign * change.sum(0)

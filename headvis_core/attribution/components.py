@@ -174,7 +174,9 @@ def head_writes(model: Any, acts: EdgeActivations, layers: int,
     bias = torch.zeros(d_model, dtype=torch.float64)
     if layers == 0:
         return torch.zeros(0, int(model.cfg.n_heads), d_model, dtype=torch.float64), bias
-    z = torch.stack([acts[f"blocks.{layer}.attn.hook_z"][position] for layer in range(layers)]).double()
+    # to one device: under a device_map split each layer's activations live on its own device
+    z = torch.stack([acts[f"blocks.{layer}.attn.hook_z"][position].to(model.cfg.device)
+                     for layer in range(layers)]).double()
     W_O = acts.stacked_parameter(model, "W_O")[:layers]  # [layer, head, d_head, d_model]
     n_heads, d_head = W_O.shape[1], W_O.shape[2]
     # per layer and head z_h @ W_O[h], as one batched matmul over layers of [head, head*d_head] blocks

@@ -115,7 +115,8 @@ def later_readers(model: Any, acts: EdgeActivations, write: Float[torch.Tensor, 
     for kind in ("q", "k", "v"):
         weight = acts.stacked_reader(model, f"W_{kind.upper()}")[layer + 1:]  # [later, d_model, head * d_head]
         part = torch.bmm(normed[:, None, :].float(), weight)[:, 0].unflatten(-1, (-1, d_head)).norm(dim=-1)
-        whole = torch.stack([acts[f"blocks.{b}.attn.hook_{kind}"][query_position] for b in later]).float()
+        whole = torch.stack([acts[f"blocks.{b}.attn.hook_{kind}"][query_position].to(model.cfg.device)
+                             for b in later]).float()  # one device under a device_map split
         share = part / whole.norm(dim=-1).clamp_min(1e-30)
         if kind != "q":  # a query head reads the key/value head of its group
             share = share[:, kv_index]

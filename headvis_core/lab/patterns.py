@@ -19,4 +19,5 @@ def head_patterns(model: Any, tokens: Int[torch.Tensor, "batch pos"],
     """
     layers = sorted({h.layer for h in heads})
     _, cache = capture(model, tokens, [pattern_hook(l) for l in layers], stop_at_layer=layers[-1] + 1)
-    return torch.stack([cache[pattern_hook(h.layer)][:, h.head] for h in heads], dim=1).float().cpu()
+    # each layer's pattern to the CPU first: under a device_map split the layers live on different devices
+    return torch.stack([cache[pattern_hook(h.layer)][:, h.head].float().cpu() for h in heads], dim=1)

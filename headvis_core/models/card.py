@@ -20,5 +20,6 @@ def model_facts(info: ModelInfo) -> dict[str, str]:
         "Prepends BOS": "yes" if info.prepends_bos else "no",
         "Parameters": f"{info.n_params / 1e6:.1f}M",
         "Device / dtype": f"{info.device} / {info.dtype}",
+        **({"Placement": f"{info.device_map} ({info.n_devices} devices)"} if info.device_map else {}),
         "Source": info.source,
     }

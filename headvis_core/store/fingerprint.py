@@ -64,7 +64,12 @@ def _tokenizer_text(bridge: Any) -> str:
         return ""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
-        return backend.to_str()
+        # padding and truncation are call state that encoding sets on the backend, not the tokenizer's identity:
+        # without this the first padded to_tokens call would change the model's fingerprint
+        spec = json.loads(backend.to_str())
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+        return json.dumps(spec, sort_keys=True)
     return json.dumps(sorted(tokenizer.get_vocab().items()))
 
 

@@ -169,12 +169,12 @@ def _read_attention(out: _Outputs, rows: np.ndarray, plan: SweepPlan, heads: lis
                     captured: dict[str, torch.Tensor], n_shared: int) -> None:
     """Each head's query-to-key attention for the chunk's values, from its layer's captured pattern."""
     # patterns cover the queries run in this pass and every key, shared ones included
-    device = next(iter(captured.values())).device
-    q = torch.as_tensor(plan.query_pos[rows] - n_shared, device=device)
-    k = torch.as_tensor(plan.key_pos[rows], device=device)
-    batch_index = torch.arange(len(rows), device=device)
     for j, head in enumerate(heads):
         pattern = captured[pattern_hook(head.layer)]  # [batch, head, query - shared, key]
+        # indices on the pattern's own device: under a device_map split each layer has its own
+        q = torch.as_tensor(plan.query_pos[rows] - n_shared, device=pattern.device)
+        k = torch.as_tensor(plan.key_pos[rows], device=pattern.device)
+        batch_index = torch.arange(len(rows), device=pattern.device)
         out.attn[rows, j] = pattern[batch_index, head.head, q, k].float().cpu().numpy()
 
 

@@ -203,3 +203,16 @@ def test_peek_finds_a_stored_result_without_computing(tiny_gpt2, store):
     cached("atlas", tiny_gpt2, {"n": 3}, lambda: "value", store=store)
     found = peek("atlas", tiny_gpt2, {"n": 3}, store=store)
     assert found.value == "value" and found.from_store
+
+
+def test_tokenizing_with_padding_does_not_change_the_fingerprint():
+    from headvis_core.models.loader import load_model
+    from headvis_core.store import fingerprint as fp
+
+    loaded = load_model("tiny-llama", device="cpu")
+    before = model_fingerprint(loaded).digest
+    tokenizer = loaded.model.tokenizer
+    tokenizer(["a b c", "a"], padding=True, truncation=True, max_length=8)  # sets the backend's call state
+    assert "padding" in tokenizer.backend_tokenizer.to_str()
+    fp._fingerprints.pop(loaded.model, None)  # hash again, now that the tokenizer has been used
+    assert model_fingerprint(loaded).digest == before

@@ -258,8 +258,10 @@ class ScanResult:
 
     def headvis_metrics(self) -> dict[str, np.ndarray]:
         """``{metric: [layer * n_heads + head]}`` for :data:`SCAN_METRIC_DESCRIPTIONS`, and per side whether
-        the token entropy is exact (``query_token_entropy_exact``) and its error bound otherwise
-        (``query_token_entropy_error``: the true entropy is within it; 0 when exact).
+        the token entropy is exact (``query_token_entropy_exact``: the head's high-attention tokens fit the
+        summary) and its error bound (``query_token_entropy_error``: 0 when exact; otherwise the value is
+        the middle of an interval proven to hold the true entropy, and this its half-width; see
+        :func:`headvis_core.scan.heavy_hitters.entropy_bits_bounded`). Definitions: ``scan/run.py``.
 
         Scans stored before these statistics give NaN for the score and entropy ones (and ``exact``
         False); the distances come from the distance histogram every scan has.
@@ -274,7 +276,7 @@ class ScanResult:
         if "score_sum" in self.arrays:
             n_queries = int(self.arrays["hist"][0].sum()) * dist.shape[1]  # windows x queries 1.. of each
             for i, name in enumerate(SCORE_METRICS):
-                out[name] = self.arrays["score_sum"][:, i] / max(n_queries, 1) if n_queries else nan
+                out[name] = self.arrays["score_sum"][:, i] / n_queries if n_queries else nan
         else:
             out.update({name: nan for name in SCORE_METRICS})
         for side, rows in (("query", slice(0, heads)), ("key", slice(heads, 2 * heads))):

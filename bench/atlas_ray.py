@@ -6,12 +6,14 @@ Each configuration runs in its own child process (so its peak memory is its own)
 * ``ray-1`` / ``ray-2``: the same with ``text_shards=RayTextShards(loaded, workers)``, 1 CPU (1 thread) per
   worker, on a local cluster started by the run.
 
-All four use the same shard plan, so their tables must be equal bit for bit (checked here). Ray's overhead
+All four use the same shard plan, so the columns of the real text must be equal bit for bit (checked
+here). What the driver computes itself (induction probe, retrieval, copying scores) may differ in its
+last bits between one and two driver threads (single-2t: retrieval did), as any torch computation may. Ray's overhead
 is ``ray-1``'s real-text time (shards sent, run and merged; workers already started) over ``single-1t``'s
 (the same shards on one thread); worker start (process, imports, model load) is printed apart. The atlas's
 total time (probe, text, induction, retrieval, copying scores, examples) is printed too.
 
-    .venv/bin/python bench/atlas_ray.py [--n-seqs 16] [--seq-len 64] [--shard-seqs 4] [--batch 4]
+    .venv/bin/python bench/atlas_ray.py [--n-seqs 16] [--seq-len 64] [--shard-seqs 4] [--batch 4] [--repeats 2]
 """
 
 import argparse
@@ -55,25 +57,29 @@ def child(mode: str, workers: int, threads: int, args: argparse.Namespace) -> di
     from headvis_core.models.loader import load_model
 
     loaded = load_model(args.model, device="cpu")
-    runner = TimedLocalShards(loaded.model) if mode == "single" else RayTextShards(loaded, workers=workers)
-    started = time.perf_counter()
-    result = compute_atlas(loaded.model, folder=args.corpus, n_seqs=args.n_seqs, seq_len=args.seq_len,
-                           batch_size=args.batch, shard_sequences=args.shard_seqs, text_shards=runner,
-                           model_name=args.model)
-    wall = time.perf_counter() - started
+    best: dict = {}
+    for _ in range(args.repeats):  # the fastest of the repeats: the cores are shared with other work
+        runner = TimedLocalShards(loaded.model) if mode == "single" else RayTextShards(loaded, workers=workers)
+        started = time.perf_counter()
+        result = compute_atlas(loaded.model, folder=args.corpus, n_seqs=args.n_seqs, seq_len=args.seq_len,
+                               batch_size=args.batch, shard_sequences=args.shard_seqs, text_shards=runner,
+                               model_name=args.model)
+        timings = {"wall": time.perf_counter() - started, **runner.stats}
+        best = {key: min(value, best.get(key, value)) for key, value in timings.items()}
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as handle:
         table_path = handle.name
     result.table.to_pickle(table_path)  # exact floats, for the comparison across runs
-    return {"mode": mode, "workers": workers, "threads": threads, "wall": wall, **runner.stats,
-            "table": table_path, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"mode": mode, "workers": workers, "threads": threads, **best, "table": table_path,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def tables_equal(paths: list[str]) -> bool:
-    """The children's tables, read back, all equal to the first (bit for bit, NaN where NaN)."""
+def differing_columns(paths: dict[str, str], reference: str) -> dict[str, list[str]]:
+    """Per run, the table columns that are not bit for bit those of the ``reference`` run (NaN where NaN)."""
     import pandas as pd
 
-    tables = [pd.read_pickle(path) for path in paths]
-    return all(table.equals(tables[0]) for table in tables[1:])
+    tables = {label: pd.read_pickle(path) for label, path in paths.items()}
+    return {label: [column for column in table.columns if not table[column].equals(tables[reference][column])]
+            for label, table in tables.items() if label != reference}
 
 
 def main() -> None:
@@ -84,6 +90,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--shard-seqs", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="atlases per run; the fastest counts")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "WORKERS", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -94,7 +101,7 @@ def main() -> None:
         sys.exit(f"{args.corpus} is not here (../shared/corpus); give --corpus")
     base = [sys.executable, __file__, "--model", args.model, "--corpus", str(args.corpus), "--n-seqs",
             str(args.n_seqs), "--seq-len", str(args.seq_len), "--shard-seqs", str(args.shard_seqs), "--batch",
-            str(args.batch)]
+            str(args.batch), "--repeats", str(args.repeats)]
     runs = {}
     for label, child_args in (("single-1t", ["single", "0", "1"]), ("ray-1", ["ray", "1", "1"]),
                               ("single-2t", ["single", "0", "2"]), ("ray-2", ["ray", "2", "1"])):
@@ -103,7 +110,10 @@ def main() -> None:
         if out.returncode:
             sys.exit(f"{label} failed:\n{out.stderr[-3000:]}")
         runs[label] = json.loads(out.stdout.strip().splitlines()[-1])
-    same = tables_equal([run["table"] for run in runs.values()])
+    differing = differing_columns({label: run["table"] for label, run in runs.items()}, "single-1t")
+    same = not any(differing.values())
+    driver_side = {"induction", "retrieval", "copying", "behaviour", "confidence", "behaviours"}
+    text_same = not any(set(columns) - driver_side for columns in differing.values())
     for run in runs.values():
         os.unlink(run["table"])
     tokens = args.n_seqs * args.seq_len
@@ -120,8 +130,12 @@ def main() -> None:
     speedup = runs["single-2t"]["text_seconds"] / runs["ray-2"]["text_seconds"]
     print(f"Ray overhead on the real text, 1 worker vs one process on 1 thread: {100 * overhead:+.1f}%")
     print(f"2 Ray workers vs one process on 2 threads (real text): {speedup:.2f}x")
-    print(f"tables equal bit for bit across the four runs: {same}")
-    print(json.dumps({"overhead": round(overhead, 4), "speedup_2": round(speedup, 3), "tables_equal": same,
+    print(f"real-text columns equal bit for bit across the four runs: {text_same}; whole tables: {same}")
+    for label, columns in differing.items():
+        if columns:
+            print(f"  {label} differs from single-1t in: {', '.join(columns)}")
+    print(json.dumps({"overhead": round(overhead, 4), "speedup_2": round(speedup, 3),
+                      "text_columns_equal": text_same, "tables_equal": same,
                       "text_s": {label: round(run["text_seconds"], 2) for label, run in runs.items()}}))
 
 

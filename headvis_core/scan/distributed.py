@@ -34,7 +34,15 @@ from headvis_core.data.corpus import Corpus, iter_window_batches
 from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.models.loader import LoadedModel
 from headvis_core.progress import ProgressCallback, report
-from headvis_core.ray_jobs import INSTALL_HINT, ModelWorker, ShardDriver, check_workers, ray_available, worker_pool
+from headvis_core.ray_jobs import (
+    INSTALL_HINT,
+    ModelWorker,
+    ShardDriver,
+    check_address,
+    check_workers,
+    ray_available,
+    worker_pool,
+)
 from headvis_core.scan.params import ScanParams
 from headvis_core.scan.result import ScanResult
 from headvis_core.scan.run import _key_lock, _ScanRun, interrupts_deferred, new_state, scan_folder, start_scan
@@ -156,6 +164,7 @@ def run_sharded_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = S
     folder are the one-process scan's: either can resume what the other stored.
     """
     check_workers(workers)
+    check_address(address)
     if not ray_available():
         raise InputError(f"Sharded scans need Ray: {INSTALL_HINT}")
     params.check(int(loaded.model.cfg.n_ctx))

@@ -132,6 +132,9 @@ def test_a_one_process_checkpoint_is_finished_and_resumed(cluster, tiny_llama, c
 def test_bad_worker_counts_and_addresses(tiny_llama, corpus, tmp_path):
     with pytest.raises(InputError, match="workers"):
         run_sharded_scan(tiny_llama, corpus, PARAMS, workers=0, out_dir=tmp_path)
+    with pytest.raises(InputError, match="not a Ray cluster address"):
+        run_sharded_scan(tiny_llama, corpus, PARAMS, workers=2, address="head node", out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_smollm2_over_two_workers_equals_the_one_process_scan(cluster, smollm2, corpus_dir, tmp_path):

@@ -223,14 +223,17 @@ def set_query_params(**params: Any) -> None:
             continue  # a widget on this page is bound to the parameter (?layer= on Edge attribution): it owns it
 
 
-def repair_url(lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), integers: tuple[str, ...] = ()) -> None:
+def repair_url(lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), integers: tuple[str, ...] = (),
+               values: Optional[dict[str, Optional[str]]] = None) -> None:
     """Put URL parameters into the form that widgets bound with ``bind="query-params"`` read.
 
     ``lists``: an old link's comma list (``?heads=1.2,0.3``) becomes repeated parameters
     (``?heads=1.2&heads=0.3``) for a multiselect. ``flags``: an old link's ``1``/``0`` becomes
     ``true``/``false`` for a checkbox. ``integers``: a value that is not a finite number
     (``?n=inf``, ``?n=1e400``) is dropped, because Streamlit 1.67 raises OverflowError, not a
-    clean fallback to the default, when it seeds an integer widget with one.
+    clean fallback to the default, when it seeds an integer widget with one. ``values``: parameters
+    the page has read and rewrites as given (``None`` removes one), such as a HeadVis link's tab
+    name translated into the page's.
 
     Call it before the page draws its bound widgets: a widget seeds itself from the URL the run
     started with, so after a repair the page reruns once with the new URL.
@@ -246,14 +249,19 @@ def repair_url(lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), integer
     for key in integers:
         if key in st.query_params and not _finite_number(st.query_params[key]):
             repaired[key] = None
+    for key, value in (values or {}).items():
+        if st.query_params.get(key) != value:
+            repaired[key] = value
     changed = False
     for key, value in repaired.items():
         try:  # a parameter bound earlier in this session cannot be changed here: leave it to the widget
             if value is None:
-                del st.query_params[key]
+                if key in st.query_params:
+                    del st.query_params[key]
+                    changed = True
             else:
                 st.query_params[key] = value
-            changed = True
+                changed = True
         except StreamlitAPIException:
             continue
     if changed:
@@ -405,8 +413,7 @@ def page_url(page_file: str, query: dict[str, Any]) -> str:
 
 def link_to_page(page_file: str, label: str, query: dict[str, Any]) -> None:
     """A markdown link to another page with its URL parameters (the label's markdown is escaped)."""
-    escaped = re.sub(r"([\\`*_{}\[\]()#+\-.!<>|~$])", r"\\\1", label)
-    st.markdown(f"[{escaped}]({page_url(page_file, query)})")
+    st.markdown(f"[{escape_markdown(label)}]({page_url(page_file, query)})")
 
 
 def recompute_button(key: str) -> bool:

@@ -12,14 +12,15 @@ import headvis_ui as ui
 from headvis_core import scan as scans
 from headvis_core.attribution.edge import EdgeSpec, attribution_link_for_window
 from headvis_core.data.corpus import open_corpus
-from headvis_core.data.roots import DisallowedPathError, check_corpus_path, list_corpora, resolve_app_corpus
-from headvis_core.errors import CorruptFileError, HeadVisError, InputError
+from headvis_core.data.roots import list_corpora, resolve_app_corpus
+from headvis_core.errors import HeadVisError
 from headvis_core.heads import HeadRef
-from headvis_core.headvis_format.contract import CUSTOM_INTERVAL, is_tree
+from headvis_core.headvis_format.contract import CUSTOM_INTERVAL
 from headvis_core.headvis_format.custom import add_custom_sequence, delete_custom_sequence, read_custom_sequences
 from headvis_core.headvis_format.export import export_headvis
 from headvis_core.headvis_format.importer import ImportedScan, example_from_record, open_any_scan
-from headvis_core.headvis_format.links import DEFAULT_TAB, TABS, parse_deep_link
+from headvis_core.headvis_format.links import DEFAULT_TAB, TABS, TOP_INTERVAL, page_view
+from headvis_core.headvis_format.locate import scan_folder_from_url, tree_under_roots
 from headvis_core.limits import check_scan_memory
 from headvis_core.projections.clusters import delete_cluster, read_clusters, save_cluster
 from headvis_core.projections.prompt import project_prompt, stored_pairs_table
@@ -63,42 +64,12 @@ c3.caption("The head chosen here is shared with the other pages (and comes from 
            "there).")
 
 # -- scan: run or open ----------------------------------------------------------------------------------------
-def open_tree(path: str) -> Path:
-    """A HeadVis data/ tree typed on the page or named by ?scan=: only under the allowed corpus roots."""
-    try:
-        tree = check_corpus_path(path, ui.corpus_roots())  # like a corpus: only under the allowed roots
-    except DisallowedPathError as err:
-        roots = ", ".join(str(root) for root in ui.corpus_roots())
-        raise DisallowedPathError(f"HeadVis data is opened only from the allowed corpus roots ({roots}); "
-                                  f"{path!r} is outside them.") from err
-    if not is_tree(tree):
-        raise CorruptFileError(f"{path!r} is not HeadVis data: it needs config.json and a heads/ folder.")
-    return tree
-
-
-def folder_from_url(value: str) -> Path:
-    """?scan=: a stored scan's folder name (looked up in the scans root only) or an imported HeadVis tree's path."""
-    name = Path(value).name
-    stored_folder = scan_store.scans_root() / name
-    if value == name and name not in (".", "..") and stored_folder.exists():
-        return stored_folder
-    try:
-        return open_tree(value)
-    except DisallowedPathError:
-        raise
-    except InputError:
-        if value == name:
-            return stored_folder  # neither: opening it says that no scan is stored there
-        raise InputError(f"?scan={value!r} names no stored scan and no HeadVis data under the allowed corpus "
-                         "roots.") from None
-
-
 stored = [s for s in scans.list_scans(model_name=info.name)]
 folder = None
 url_scan = ui.query_param("scan")
 if url_scan and "ex_scan_folder" not in state:
     try:
-        state.ex_scan_folder = str(folder_from_url(url_scan))
+        state.ex_scan_folder = str(scan_folder_from_url(url_scan, ui.corpus_roots()))
     except HeadVisError as err:  # the page goes on: a scan can still be run or opened
         st.error(f"The link's scan is not opened: {ui.escape_markdown(str(err))}")  # it quotes the URL
 
@@ -156,7 +127,7 @@ with open_tab:
                                    "the allowed corpus roots; read without a model.")
     if tree_path and st.button("Open HeadVis data", key="ex_open_tree"):
         with ui.user_errors():
-            state.ex_scan_folder = str(open_tree(tree_path))
+            state.ex_scan_folder = str(tree_under_roots(tree_path, ui.corpus_roots()))
 
 if "ex_scan_folder" not in state:
     st.info("Run a scan or open a stored one to see this head's examples.")
@@ -167,14 +138,20 @@ folder = Path(state.ex_scan_folder)
 ui.set_query_params(scan=folder.name if folder.parent == scan_store.scans_root() else str(folder))
 try:
     result = open_scan(str(folder), files_stamp(folder))
-except CorruptFileError as err:
-    st.error(f"{err} It is not shown; run the scan again and it will be recomputed.")
+except HeadVisError as err:  # a broken tree or scan: the message names the file and the field
+    advice = (" Fix the HeadVis data or export it again." if folder.parent != scan_store.scans_root()
+              else " Run the scan again and it will be recomputed.")
+    st.error(f"{ui.escape_markdown(str(err))} It is not shown.{advice}")
     st.stop()
 
 # -- results ------------------------------------------------------------------------------------------------------
 meta = result.meta
-if (result.n_layers, result.n_heads) != (info.n_layers, info.n_heads) or meta["model"]["name"] != info.name:
-    st.warning(f"This scan was made with {ui.escape_markdown(str(meta['model']['name']))}, not {info.name}.")
+made_with = ui.escape_markdown(str(meta["model"]["name"]))
+if meta["model"]["name"] != info.name:
+    st.warning(f"This scan was made with {made_with}, not {ui.escape_markdown(info.name)}.")
+elif (result.n_layers, result.n_heads) != (info.n_layers, info.n_heads):
+    st.warning(f"This scan was made with a {made_with} of {result.n_layers} layers x {result.n_heads} heads; the "
+               f"one loaded has {info.n_layers} x {info.n_heads}.")
 with ui.user_errors():
     buckets = result.deciles(head)
 params = result.params
@@ -194,9 +171,14 @@ same_model = meta["model"]["name"] == info.name and (result.n_layers, result.n_h
 # HeadVis's deep link ?layer=&head=&tab=&interval= (interval -1: the custom sequences). The view and the interval
 # are widgets bound to those URL parameters, so the URL always names the view shown; an option's label is its
 # value in the URL, hence HeadVis's names. "top" (the default, absent from the URL) is ours: the exact top windows.
-TOP = "top"
-link_params = {k: v for k, v in st.query_params.to_dict().items() if not (k == "interval" and v == TOP)}
-for note in parse_deep_link(link_params, result.n_layers, result.n_heads, len(buckets)).notes:
+# One reading of ?tab= and ?interval= (HeadVis's tab names, an interval this scan has not) rewrites the URL before
+# the controls bound to it are drawn; the notes say what the page then shows, and survive that rerun.
+TOP = TOP_INTERVAL
+shown_link = page_view(st.query_params.to_dict(), result.n_layers, result.n_heads, len(buckets))
+if shown_link.repairs(st.query_params.to_dict()):
+    state.ex_link_notes = shown_link.notes
+    ui.repair_url(values=shown_link.repairs(st.query_params.to_dict()))  # reruns where it changed the URL
+for note in dict.fromkeys((*state.pop("ex_link_notes", ()), *shown_link.notes)):
     st.caption(ui.escape_markdown(note))  # a note quotes the URL's value
 view = st.segmented_control("View", TABS, default=DEFAULT_TAB, key="tab", bind="query-params", required=True,
                             help="examples: windows by interval; tokens: top query and key tokens, distances; "
@@ -231,14 +213,17 @@ def show_custom_sequences() -> None:
             if st.button("Delete", key=f"ex_custom_delete_{seq['sequence_id']}"):
                 delete_custom_sequence(folder, head, seq["sequence_id"])
                 st.rerun()
+    if state.pop("ex_custom_added", False):  # the prompt is stored: empty the box so a second click adds nothing
+        state.ex_custom_text = ""
     custom_text = st.text_area("Add a prompt for this head", key="ex_custom_text")
     if st.button("Add", key="ex_custom_add", disabled=not same_model,
-                 help=None if same_model else f"Needs {meta['model']['name']} loaded in the sidebar."):
+                 help=None if same_model else f"Needs {made_with} loaded in the sidebar."):
         try:  # an error here is shown without stopping the page
             add_custom_sequence(loaded, folder, head, custom_text)
         except HeadVisError as err:
-            st.error(str(err))
+            st.error(ui.escape_markdown(str(err)))
         else:
+            state.ex_custom_added = True
             st.rerun()
 
 
@@ -296,7 +281,7 @@ def compute_projections_form() -> None:
                             help="a UMAP layout of each kind next to the PCA (seed 0)" if umap_available()
                             else "needs the package umap-learn (pip install umap-learn==0.5.12)")
     if st.button("Compute projections", key="ex_pca_run", disabled=not same_model,
-                 help=None if same_model else f"Needs {meta['model']['name']} loaded in the sidebar."):
+                 help=None if same_model else f"Needs {made_with} loaded in the sidebar."):
         with ui.user_errors():
             project_scan(loaded, result, ProjectionParams(max_pairs=int(n_pairs), max_windows=int(n_windows),
                                                           umap=with_umap),
@@ -336,7 +321,7 @@ def show_projections() -> None:
                                 bind="query-params", max_chars=4000)
     overlay = None
     if prompt_text and not same_model:
-        st.caption(f"Projecting a prompt needs {meta['model']['name']} loaded in the sidebar.")
+        st.caption(f"Projecting a prompt needs {made_with} loaded in the sidebar.")
     elif prompt_text:
         try:
             overlay = project_prompt(loaded, projection, prompt_text)

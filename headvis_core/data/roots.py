@@ -75,6 +75,14 @@ def check_corpus_path(spec: str, roots: Optional[Sequence[Path]] = None) -> Path
                          f"({_roots_text(roots)}).")
     if "\x00" in text:
         raise DisallowedPathError("A corpus path cannot hold a NUL character.")
+    try:
+        return _check_under_roots(text, roots)
+    except OSError as err:  # a name too long for the file system, a loop of links, an unreadable folder...
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise InputError(f"The path {shown!r} cannot be looked up ({err.strerror or err}).") from None
+
+
+def _check_under_roots(text: str, roots: list[Path]) -> Path:
     given = Path(text).expanduser()
     candidates = [given] if given.is_absolute() else [root / given for root in roots]
     for candidate in candidates:

@@ -76,6 +76,7 @@ CONFIG_REQUIRED = ("heads", "n_intervals")  # what the frontend cannot do withou
 SEQUENCE_REQUIRED = ("sequence_id", "interval", "tokens", "attention_indices", "attention_values", "seq_len",
                      "max_activation")
 CUSTOM_SEQUENCE_REQUIRED = tuple(key for key in SEQUENCE_REQUIRED if key != "interval")
+MAX_INTERVALS = 100  # a tree's n_intervals is shown as one control option each and looped over: a sane bound
 CUSTOM_INTERVAL = -1  # the interval of a custom sequence (and ``?interval=-1`` in a deep link)
 CUSTOM_ID_PREFIX = "c"  # the frontend treats a sequence id starting with it as a custom sequence's
 VALUE_DECIMALS = 4  # attention values are rounded to this many decimals
@@ -88,6 +89,22 @@ ACTIVATION_HISTOGRAM = "histogram"  # the Metrics tab's "Max Activation Distribu
 def head_file_name(layer: int, head: int, pattern: str = HEAD_DATA_PATTERN) -> str:
     """The file of a head, as the frontend names it (only the first ``{layer}`` and ``{head}`` are replaced)."""
     return pattern.replace("{layer}", str(int(layer)), 1).replace("{head}", str(int(head)), 1)
+
+
+def head_pattern_problem(pattern: Any) -> str | None:
+    """Why ``pattern`` is no usable ``head_data_pattern`` (``None``: it is one).
+
+    It must be a plain file name inside ``heads/`` holding ``{layer}`` and ``{head}``: a ``/``, ``\\``, ``..``
+    or NUL would let a tree name files outside itself (a drive letter's ``:`` too, on Windows).
+    """
+    if not isinstance(pattern, str):
+        return f"{pattern!r} must be a string containing {{layer}} and {{head}}"
+    if "{layer}" not in pattern or "{head}" not in pattern:
+        return f"{pattern!r} must contain {{layer}} and {{head}}"
+    if any(part in pattern for part in ("/", "\\", "..", "\x00", ":")):
+        return (f"{pattern!r} must be a plain file name inside {HEADS_DIR}/ (no '/', '\\', '..' or ':'): a tree "
+                "names no files outside itself")
+    return None
 
 
 def custom_sequence_id(sequence_id: Any) -> str:

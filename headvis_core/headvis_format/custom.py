@@ -50,16 +50,28 @@ def custom_path(folder: Path, head: HeadRef) -> Path:
 def read_custom_sequences(folder: Path, head: HeadRef) -> list[dict[str, Any]]:
     """The custom sequences stored for ``head`` (``[]`` where there are none)."""
     path = custom_path(folder, head)
-    if not path.is_file():
-        return []
-    data = read_json(path)
+    try:
+        if not path.is_file():
+            return []
+        if not path.resolve().is_relative_to(Path(folder).resolve()):  # a link out of the scan or tree
+            raise CorruptFileError(f"{CUSTOM_DIR}/{path.name} leads outside {Path(folder).name} (a link); it is "
+                                   "not read.")
+        data = read_json(path)
+    except OSError as err:
+        raise InputError(f"{CUSTOM_DIR}/{path.name} cannot be read ({err.strerror or err}).") from err
     if not isinstance(data, dict) or not isinstance(data.get("sequences"), list):
         raise CorruptFileError(f"{CUSTOM_DIR}/{path.name} has no 'sequences' list; it cannot be read.")
     return data["sequences"]
 
 
 def _write(folder: Path, head: HeadRef, sequences: list[dict[str, Any]]) -> None:
-    atomic_write_text(custom_path(folder, head), dumps({"sequences": sequences}))
+    """Replace the head's file at once (a failed write leaves the old one whole); a failure is an InputError."""
+    path = custom_path(folder, head)
+    try:
+        atomic_write_text(path, dumps({"sequences": sequences}))
+    except OSError as err:  # a read-only corpus root, a full disk, custom_sequences/ being a file...
+        raise InputError(f"The custom sequences cannot be written: cannot write {CUSTOM_DIR}/{path.name} in "
+                         f"{folder} ({err.strerror or err}). Nothing was changed.") from err
 
 
 def custom_record(loaded: LoadedModel, head: HeadRef, text: str, sequence_id: int | str,

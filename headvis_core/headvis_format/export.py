@@ -182,7 +182,10 @@ def head_record(scan: ScanResult, head: HeadRef, options: ExportOptions = Export
                 summary: Optional[pd.DataFrame] = None) -> dict[str, Any]:
     """The content of ``heads/L{l}H{h}.json`` for one head (``summary``: ``scan.head_summary()``, if at hand)."""
     summary = scan.head_summary() if summary is None else summary
-    row = summary.iloc[head.layer * scan.n_heads + head.head]
+    rows = summary[(summary["layer"] == head.layer) & (summary["head"] == head.head)]
+    if len(rows) != 1:
+        raise CorruptFileError(f"The scan's head summary has {len(rows)} rows for head {head}, not one.")
+    row = rows.iloc[0]
     shares = scan.distance_histogram(head)
     counts = scan.score_histogram(head)[1]
     nonzero = np.nonzero(counts)[0]

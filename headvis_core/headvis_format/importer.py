@@ -42,14 +42,26 @@ from headvis_core.scan.state import bin_deciles
 DEFAULT_SCORE_BINS = 4096
 
 
+def _window_id(sequence_id: Any) -> int | str:
+    """A sequence's id as the page names it: a whole number where it is one, else the producer's string as it is
+    (a custom sequence in a HeadVis tree is ``"c1"``, ``"c2"``...; other producers may use any string)."""
+    if isinstance(sequence_id, int) and not isinstance(sequence_id, bool):
+        return sequence_id
+    text = str(sequence_id)
+    return int(text) if text.isdigit() else text
+
+
 def example_from_record(record: dict[str, Any], decile: int) -> ScanExample:
-    """A stored HeadVis sequence as the page's :class:`ScanExample` (token ids are not in the format: -1)."""
+    """A stored HeadVis sequence as the page's :class:`ScanExample` (token ids are not in the format: -1).
+
+    Its ``window_index`` is the sequence's id: a whole number, or a string such as a custom sequence's ``"c1"``.
+    """
     attention = sparse_from_record(record)
     values = attention.values.copy()
     values[0] = 0.0
     q, j = np.unravel_index(int(np.argmax(values)), values.shape)
     score = float(record.get("score", record["max_activation"]))
-    return ScanExample(window_index=int(record["sequence_id"]), score=score, decile=decile,
+    return ScanExample(window_index=_window_id(record["sequence_id"]), score=score, decile=decile,
                        token_ids=np.full(int(record["seq_len"]), -1, np.int64), str_tokens=list(record["tokens"]),
                        attention=attention, max_query=int(q), max_key=int(attention.keys[q, j]))
 
@@ -83,7 +95,10 @@ class ImportedScan:
 
     @property
     def n_intervals(self) -> int:
-        return int(self.config["n_intervals"])
+        n_intervals = self.config["n_intervals"]
+        if not (isinstance(n_intervals, int) and 1 <= n_intervals <= contract.MAX_INTERVALS):  # opened unchecked
+            raise CorruptFileError(f"{contract.CONFIG}: n_intervals must be 1 to {contract.MAX_INTERVALS}.")
+        return n_intervals
 
     @cached_property
     def n_windows(self) -> int:
@@ -115,14 +130,29 @@ class ImportedScan:
         """The parsed ``heads/L{l}H{h}.json`` of ``head``."""
         self._check(head)
         if head not in self._heads:
-            pattern = self.config.get("head_data_pattern", contract.HEAD_DATA_PATTERN)
-            name = contract.head_file_name(head.layer, head.head, pattern)
+            name = self._head_file(head)
             try:
                 data = load_strict(self.path / contract.HEADS_DIR / name)
             except (OSError, ValueError) as err:
                 raise CorruptFileError(f"{contract.HEADS_DIR}/{name} cannot be read ({err}).") from err
             self._heads[head] = {"sequences": data} if isinstance(data, list) else data
         return self._heads[head]
+
+    def _head_file(self, head: HeadRef) -> str:
+        """The name of ``head``'s file in ``heads/``; refused where the pattern or a link leads out of the tree."""
+        pattern = self.config.get("head_data_pattern", contract.HEAD_DATA_PATTERN)
+        problem = contract.head_pattern_problem(pattern)
+        if problem is not None:
+            raise CorruptFileError(f"{contract.CONFIG}: head_data_pattern {problem}.")
+        name = contract.head_file_name(head.layer, head.head, pattern)
+        try:
+            inside = (self.path / contract.HEADS_DIR / name).resolve().is_relative_to(self.path.resolve())
+        except OSError as err:
+            raise CorruptFileError(f"{contract.HEADS_DIR}/{name} cannot be read ({err.strerror or err}).") from err
+        if not inside:
+            raise CorruptFileError(f"{contract.HEADS_DIR}/{name} leads outside the HeadVis data (a link); it is "
+                                   "not read.")
+        return name
 
     # -- the lookups of ScanResult ------------------------------------------------------------
 

@@ -30,6 +30,10 @@ MAX_SHOWN = 5
 ERROR = "error"
 WARNING = "warning"
 MANIFEST_KEY = re.compile(r"^L\d+H\d+S.+$")
+MAX_SCORE_BINS = 1 << 20  # the import builds an array of this many window-score bins
+# config.workbench's whole numbers, each with its least value (the import turns them into scan parameters)
+WORKBENCH_NUMBERS = {"n_windows": 0, "window_len": 1, "top_k_keys": 1, "keys_per_query": 1,
+                     "examples_per_decile": 1, "top_examples": 1}
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,12 @@ def load_strict(path: Path) -> Any:
     """Parse ``path`` as the browser would (no NaN/Infinity) and refuse repeated keys in an object."""
     text = path.read_bytes().decode("utf-8")
     return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates)
+
+
+def _shown(value: Any) -> str:
+    """A value from a tree in a message, cut short (a tree may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_int(value: Any) -> bool:
@@ -119,10 +129,13 @@ class _Checker:
 
     def load(self, relative: str, missing: str = ERROR, why: str = "the frontend requests it") -> Optional[Any]:
         path = self.root / relative
-        if not path.is_file():
-            self.add(relative, "(file)", f"missing ({why})", missing)
-            return None
         try:
+            if not path.is_file():
+                self.add(relative, "(file)", f"missing ({why})", missing)
+                return None
+            if not path.resolve().is_relative_to(self.root.resolve()):  # a link to a file elsewhere
+                self.add(relative, "(file)", "leads outside the tree (a link): it is not read")
+                return None
             return load_strict(path)
         except _DuplicateKey as err:
             self.add(relative, str(err), "key repeated in one object")
@@ -146,15 +159,16 @@ class _Checker:
             if key not in config:
                 self.add(file, key, "missing")
         n_intervals = config.get("n_intervals")
-        if "n_intervals" in config and not (_is_int(n_intervals) and n_intervals >= 1):
-            self.add(file, "n_intervals", f"must be a whole number >= 1, not {n_intervals!r} (the first interval "
-                     "shown is n_intervals, and sequences are matched to it exactly)")
+        if "n_intervals" in config and not (_is_int(n_intervals) and 1 <= n_intervals <= contract.MAX_INTERVALS):
+            self.add(file, "n_intervals", f"must be a whole number from 1 to {contract.MAX_INTERVALS}, not "
+                     f"{_shown(n_intervals)} (the first interval shown is n_intervals, and sequences are matched "
+                     "to it exactly)")
         for key in ("n_layers", "n_heads"):
             if key in config and not (_is_int(config[key]) and config[key] >= 1):
                 self.add(file, key, f"must be a whole number >= 1, not {config[key]!r}")
-        pattern = config.get("head_data_pattern", contract.HEAD_DATA_PATTERN)
-        if not (isinstance(pattern, str) and "{layer}" in pattern and "{head}" in pattern):
-            self.add(file, "head_data_pattern", f"{pattern!r} must be a string containing {{layer}} and {{head}}")
+        problem = contract.head_pattern_problem(config.get("head_data_pattern", contract.HEAD_DATA_PATTERN))
+        if problem is not None:
+            self.add(file, "head_data_pattern", problem)
         if not isinstance(config.get("model_name", ""), str):
             self.add(file, "model_name", "must be a string (the sidebar shows it)")
         elif "model_name" not in config:
@@ -168,7 +182,29 @@ class _Checker:
         self._tables(config)
         if not isinstance(config.get("statistics_display", {}), dict):
             self.add(file, "statistics_display", "must be an object {statistic: {label, format}}")
+        dimensions = config.get("dimensions", {})
+        if not isinstance(dimensions, dict):
+            self.add(file, "dimensions", "must be an object {primary, secondary} of column names")
+        else:
+            for key in ("primary", "secondary"):
+                if key in dimensions and not isinstance(dimensions[key], str):
+                    self.add(file, f"dimensions.{key}", f"must be a column name, not {_shown(dimensions[key])}")
+        self._workbench(config)
         return None if self.errors_in(file) else config
+
+    def _workbench(self, config: dict[str, Any]) -> None:
+        """This project's own ``workbench`` keys (the frontend ignores them; the import reads them)."""
+        extra = config.get("workbench", {})
+        if not isinstance(extra, dict):
+            self.add(contract.CONFIG, "workbench", "must be an object")
+            return
+        for key, low in WORKBENCH_NUMBERS.items():
+            if key in extra and not (_is_int(extra[key]) and extra[key] >= low):
+                self.add(contract.CONFIG, f"workbench.{key}", f"must be a whole number >= {low}, not "
+                         f"{_shown(extra[key])}")
+        for key in ("scan_key", "corpus", "created"):
+            if extra.get(key) is not None and not isinstance(extra[key], str):
+                self.add(contract.CONFIG, f"workbench.{key}", f"must be a string, not {_shown(extra[key])}")
 
     def _heads_list(self, config: dict[str, Any]) -> None:
         heads = config["heads"]
@@ -245,7 +281,7 @@ class _Checker:
         if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
             self.add(file, "(top level)", "must be a non-empty list of objects, one per head")
             return
-        dimensions = config.get("dimensions") if isinstance(config.get("dimensions"), dict) else {}
+        dimensions = config.get("dimensions", {})  # config() has checked that its names are strings
         dims = {dimensions.get("primary", "layer"), dimensions.get("secondary", "head"), "layer", "head"}
         plotted = {name for row in rows for name, value in row.items() if _is_number(value)}
         for name, value in rows[0].items():
@@ -259,13 +295,17 @@ class _Checker:
         elif not isinstance(scatter, dict):
             self.add(contract.CONFIG, "scatter", "must be an object {default_x, default_y, default_color}")
         else:
+            for axis in ("default_x", "default_y", "default_color"):
+                name = scatter.get(axis)
+                if name is not None and not isinstance(name, str):  # a list or an object is no column name
+                    self.add(contract.CONFIG, f"scatter.{axis}", f"must be a column name, not {_shown(name)}")
             for axis in ("default_x", "default_y"):
                 name = scatter.get(axis)
-                if name is not None and name not in plotted:
+                if isinstance(name, str) and name not in plotted:
                     self.add(contract.CONFIG, f"scatter.{axis}", f"{name!r} is not a numeric column of {file} "
                              f"(columns: {', '.join(sorted(plotted))}); the plot would be empty")
             color = scatter.get("default_color")
-            if color is not None and color not in plotted:
+            if isinstance(color, str) and color not in plotted:
                 self.add(contract.CONFIG, "scatter.default_color", f"{color!r} is not a numeric column of {file}; "
                          "every point gets one colour", WARNING)
             if not isinstance(scatter.get("discrete_axes", []), list):
@@ -316,6 +356,10 @@ class _Checker:
             if not (_is_int(interval) and 1 <= interval <= n_intervals):
                 self.add(file, f"{where}.interval", f"{interval!r} must be the JSON integer 1..{n_intervals} (the "
                          "frontend shows a sequence only when its interval equals the chosen one)")
+        for key, check, what in (("score", _is_number, "a finite number"), ("top_rank", _is_int, "a whole number"),
+                                 ("sample", lambda v: isinstance(v, bool), "true or false")):
+            if key in seq and not check(seq[key]):  # this project's own keys, read by the import
+                self.add(file, f"{where}.{key}", f"must be {what}, not {_shown(seq[key])}")
         tokens, seq_len = seq["tokens"], seq["seq_len"]
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             self.add(file, f"{where}.tokens", "must be a list of strings")
@@ -381,6 +425,21 @@ class _Checker:
                      "with one edge more than values")
         if "statistics" in data and not isinstance(data["statistics"], dict):
             self.add(relative, "statistics", "must be an object {statistic: number}")
+        self._head_workbench(relative, data.get("workbench", {}))
+
+    def _head_workbench(self, relative: str, extra: Any) -> None:
+        """A head file's ``workbench`` keys: the exact window-score histogram the import reads back."""
+        if not isinstance(extra, dict):
+            self.add(relative, "workbench", "must be an object")
+            return
+        if "score_counts" not in extra:
+            return
+        bins, counts = extra.get("score_bins"), extra["score_counts"]
+        if not (_is_int(bins) and 1 <= bins <= MAX_SCORE_BINS):
+            self.add(relative, "workbench.score_bins", f"must be a whole number from 1 to {MAX_SCORE_BINS}, not "
+                     f"{_shown(bins)}")
+        elif not (isinstance(counts, list) and all(_is_pair(p) and 0 <= p[0] < bins and p[1] >= 0 for p in counts)):
+            self.add(relative, "workbench.score_counts", f"must be a list of [bin, count] with 0 <= bin < {bins}")
 
     def custom_file(self, relative: str, n_intervals: int) -> None:
         data = self.load(relative, WARNING, "the frontend requests it for every head it opens; without it the "

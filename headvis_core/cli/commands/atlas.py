@@ -72,7 +72,8 @@ def _atlas(args: argparse.Namespace) -> int:
     if retrieval_prompts is not None:  # the user's prompts and spans are part of what the atlas was computed on
         inputs["retrieval_prompts"] = [[p.text, p.span] for p in retrieval_prompts]
     # the page computes with the default induction set and seed: only then does its URL reopen this atlas
-    page_settings = args.n_induction_seqs is None and args.seed == 0 and retrieval_prompts is None
+    page_settings = (args.n_induction_seqs is None and args.seed == 0 and retrieval_prompts is None
+                     and shard_sequences == DEFAULT_SHARD_SEQUENCES)
     link = atlas_link(args.corpus, args.n_seqs, args.seq_len) if page_settings else None
     stored = cached(ATLAS, loaded, inputs, compute, refresh=args.no_cache, link=link)
     report_stored(stored, "atlas")

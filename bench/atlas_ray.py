@@ -8,10 +8,13 @@ Each configuration runs in its own child process (so its peak memory is its own)
 
 All four use the same shard plan, so the columns of the real text must be equal bit for bit (checked
 here). What the driver computes itself (induction probe, retrieval, copying scores) may differ in its
-last bits between one and two driver threads (single-2t: retrieval did), as any torch computation may. Ray's overhead
-is ``ray-1``'s real-text time (shards sent, run and merged; workers already started) over ``single-1t``'s
-(the same shards on one thread); worker start (process, imports, model load) is printed apart. The atlas's
-total time (probe, text, induction, retrieval, copying scores, examples) is printed too.
+last bits between one and two driver threads (single-2t: retrieval did), as any torch computation may.
+
+Ray's overhead is ``ray-1``'s real-text time (shards sent, run and merged; workers already started) over
+``single-1t``'s (the same shards on one thread); worker start (process, imports, model load) is printed
+apart, and the atlas's total time (probe, text, induction, retrieval, copying scores, examples) too.
+``interleaved`` runs each shard here and on one worker in turn, so both see the same load from anything
+else on the machine: the cost of moving a shard's work onto a worker, apart from a shared machine's noise.
 
     .venv/bin/python bench/atlas_ray.py [--n-seqs 16] [--seq-len 64] [--shard-seqs 4] [--batch 4] [--repeats 2]
 """
@@ -73,6 +76,37 @@ def child(mode: str, workers: int, threads: int, args: argparse.Namespace) -> di
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def interleaved(args: argparse.Namespace) -> dict:
+    """Each shard run here and on one Ray worker in turn (1 thread each): the cost of a shard on a worker,
+    sending its batches and returning its partial sums included, with the machine's load shared alike."""
+    import torch
+
+    torch.set_num_threads(1)
+    from headvis_core.atlas.distributed import AtlasShardWorker
+    from headvis_core.atlas.metrics import MetricSums, plan_text_shards, text_shard_partial
+    from headvis_core.atlas.run import folder_probe_set
+    from headvis_core.models.loader import load_model
+    from headvis_core.ray_jobs import worker_pool
+
+    loaded = load_model(args.model, device="cpu")
+    probe = folder_probe_set(loaded.model, args.corpus, n_seqs=args.n_seqs, seq_len=args.seq_len)
+    plan = plan_text_shards(probe.sequences, args.batch, args.shard_seqs)
+    sums = MetricSums(loaded.model, plan.seen_ids)
+    here = ray = 0.0
+    with worker_pool(AtlasShardWorker, loaded, 1, args=(plan.seen_ids, True)) as pool:
+        import ray as ray_module
+
+        for _ in range(args.repeats):
+            for index in range(plan.n_shards):
+                started = time.perf_counter()
+                text_shard_partial(loaded.model, sums, plan.shard_batches(index))
+                here += time.perf_counter() - started
+                started = time.perf_counter()
+                ray_module.get(pool.actors[0].text_shard.remote(index, plan.shard_batches(index)))
+                ray += time.perf_counter() - started
+    return {"here": here, "ray": ray, "shard_runs": args.repeats * plan.n_shards}
+
+
 def differing_columns(paths: dict[str, str], reference: str) -> dict[str, list[str]]:
     """Per run, the table columns that are not bit for bit those of the ``reference`` run (NaN where NaN)."""
     import pandas as pd
@@ -95,7 +129,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         mode, workers, threads = args.child
-        print(json.dumps(child(mode, int(workers), int(threads), args)))
+        result = interleaved(args) if mode == "interleaved" else child(mode, int(workers), int(threads), args)
+        print(json.dumps(result))
         return
     if not args.corpus.is_dir():
         sys.exit(f"{args.corpus} is not here (../shared/corpus); give --corpus")
@@ -104,12 +139,14 @@ def main() -> None:
             str(args.batch), "--repeats", str(args.repeats)]
     runs = {}
     for label, child_args in (("single-1t", ["single", "0", "1"]), ("ray-1", ["ray", "1", "1"]),
-                              ("single-2t", ["single", "0", "2"]), ("ray-2", ["ray", "2", "1"])):
+                              ("single-2t", ["single", "0", "2"]), ("ray-2", ["ray", "2", "1"]),
+                              ("interleaved", ["interleaved", "1", "1"])):
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
         out = subprocess.run(base + ["--child", *child_args], capture_output=True, text=True, env=env)
         if out.returncode:
             sys.exit(f"{label} failed:\n{out.stderr[-3000:]}")
         runs[label] = json.loads(out.stdout.strip().splitlines()[-1])
+    turns = runs.pop("interleaved")
     differing = differing_columns({label: run["table"] for label, run in runs.items()}, "single-1t")
     same = not any(differing.values())
     driver_side = {"induction", "retrieval", "copying", "behaviour", "confidence", "behaviours"}
@@ -130,11 +167,15 @@ def main() -> None:
     speedup = runs["single-2t"]["text_seconds"] / runs["ray-2"]["text_seconds"]
     print(f"Ray overhead on the real text, 1 worker vs one process on 1 thread: {100 * overhead:+.1f}%")
     print(f"2 Ray workers vs one process on 2 threads (real text): {speedup:.2f}x")
+    shard_overhead = turns["ray"] / turns["here"] - 1
+    print(f"a shard on a Ray worker vs here, {turns['shard_runs']} shard runs in turn: {turns['ray']:.2f} s vs "
+          f"{turns['here']:.2f} s ({100 * shard_overhead:+.1f}%)")
     print(f"real-text columns equal bit for bit across the four runs: {text_same}; whole tables: {same}")
     for label, columns in differing.items():
         if columns:
             print(f"  {label} differs from single-1t in: {', '.join(columns)}")
-    print(json.dumps({"overhead": round(overhead, 4), "speedup_2": round(speedup, 3),
+    print(json.dumps({"overhead": round(overhead, 4), "shard_overhead": round(shard_overhead, 4),
+                      "speedup_2": round(speedup, 3),
                       "text_columns_equal": text_same, "tables_equal": same,
                       "text_s": {label: round(run["text_seconds"], 2) for label, run in runs.items()}}))
 

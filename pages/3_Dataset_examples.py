@@ -138,7 +138,7 @@ folder = Path(state.ex_scan_folder)
 ui.set_query_params(scan=folder.name if folder.parent == scan_store.scans_root() else str(folder))
 try:
     result = open_scan(str(folder), files_stamp(folder))
-except HeadVisError as err:  # a broken tree or scan: the message names the file and the field
+except (HeadVisError, OSError) as err:  # a broken tree or scan: the message names the file and the field
     advice = (" Fix the HeadVis data or export it again." if folder.parent != scan_store.scans_root()
               else " Run the scan again and it will be recomputed.")
     st.error(f"{ui.escape_markdown(str(err))} It is not shown.{advice}")
@@ -157,9 +157,10 @@ with ui.user_errors():
 params = result.params
 st.subheader(f"Head {head} on {result.n_windows} windows of {params.window_len} tokens")
 corpus_text = ui.escape_markdown(str(meta["corpus"]["description"]))  # an imported tree's text is anyone's
-st.caption(f"{corpus_text}; scanned {meta['created']}. A window's score is its largest attention weight outside "
-           "the row and column of position 0; deciles of that score, 10 = highest. Examples per decile are a random "
-           "sample; 'top' holds the exact highest-scoring windows.")
+created = ui.escape_markdown(str(meta["created"]))
+st.caption(f"{corpus_text}; scanned {created}. A window's score is its largest attention weight outside the row "
+           "and column of position 0; deciles of that score, 10 = highest. Examples per decile are a random sample; "
+           "'top' holds the exact highest-scoring windows.")
 
 imported = isinstance(result, ImportedScan)
 if imported and result.warnings:  # what the HeadVis frontend would miss or log about this tree

@@ -7,6 +7,7 @@ is. Every failure, a path the file system refuses to look up included (a name to
 :class:`~headvis_core.errors.CorruptFileError` with a message for the user.
 """
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,8 @@ from headvis_core.data.roots import DisallowedPathError, check_corpus_path
 from headvis_core.errors import CorruptFileError, InputError
 from headvis_core.headvis_format.contract import is_tree
 from headvis_core.scan import store as scan_store
+
+NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows file systems
 
 
 def _shown(value: str) -> str:
@@ -44,6 +47,8 @@ def scan_folder_from_url(value: str, roots: Sequence[Path]) -> Path:
     scan is stored there.
     """
     name = Path(value).name
+    if len(os.fsencode(name)) > NAME_MAX:  # found nowhere, wherever the lookup stops first
+        raise InputError(f"?scan={_shown(value)} cannot be looked up (File name too long).")
     stored_folder = scan_store.scans_root() / name
     try:
         stored = value == name and name not in (".", "..") and stored_folder.exists()

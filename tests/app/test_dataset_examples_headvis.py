@@ -2,7 +2,11 @@
 HeadVis deep links (?layer=&head=&tab=&interval=, ?scan=) that reopen the same view."""
 
 import io
+import json
+import shutil
 import zipfile
+
+import pytest
 
 from tests.app.test_dataset_examples import control, downloads, iframes, run_scan_on_page
 from tests.conftest import app_test
@@ -217,3 +221,134 @@ def test_an_imported_tree_with_warnings_lists_them_on_the_page(scans_dir, text_d
     labels = [e.label for e in warned.expander if "about this HeadVis data" in e.label]
     assert labels == ["1 warning(s) about this HeadVis data"], [e.label for e in warned.expander]
     assert any("server_config.json" in t.value for t in warned.text)
+
+
+# -- issue #11's review of the page ------------------------------------------------------------------------------
+
+def exported_tree(at, root):
+    """Export the scan shown in ``at`` and unzip it under ``root`` (an allowed corpus root): the tree's path."""
+    at = at.button(key="ex_export").click().run()
+    assert not at.exception and not at.error, at.exception
+    zipfile.ZipFile(io.BytesIO(at.session_state["ex_export_zip"][1])).extractall(root / "exported")
+    return root / "exported" / "data"
+
+
+def custom_texts(at):
+    return [t.value for t in at.text if t.value.startswith("custom ")]
+
+
+def test_a_tree_exported_with_a_custom_sequence_opens_and_takes_adds_and_deletes(scans_dir, text_dir):
+    at = run_scan_on_page(app_test(PAGE, layer=1, head=2, interval=-1).run(), text_dir)
+    at.text_area(key="ex_custom_text").set_value("the cat sat")
+    at = at.button(key="ex_custom_add").click().run()
+    assert custom_texts(at) == ["custom 1: the cat sat"]
+    tree = exported_tree(at, text_dir)  # the custom sequence goes with it, as "c1"
+    opened = app_test(PAGE, scan=str(tree), layer=1, head=2, interval=-1).run()
+    assert not opened.exception and not opened.error, opened.exception
+    assert control(opened, "interval").value == "-1" and custom_texts(opened) == ["custom c1: the cat sat"]
+    assert len(iframes(opened)) == 1
+    opened.text_area(key="ex_custom_text").set_value("a dog ran")
+    opened = opened.button(key="ex_custom_add").click().run()
+    assert not opened.exception and not opened.error, opened.exception
+    assert custom_texts(opened) == ["custom c1: the cat sat", "custom c2: a dog ran"]
+    assert opened.text_area(key="ex_custom_text").value == ""  # the box is emptied: a second click adds nothing
+    opened = opened.button(key="ex_custom_add").click().run()
+    assert opened.error and len(custom_texts(opened)) == 2 and not opened.exception
+    opened = opened.button(key="ex_custom_delete_c1").click().run()
+    assert not opened.exception and custom_texts(opened) == ["custom c2: a dog ran"]
+    as_tab = app_test(PAGE, scan=str(tree), layer=1, head=2, tab="custom").run()
+    assert not as_tab.exception and custom_texts(as_tab) == ["custom c2: a dog ran"]
+
+
+@pytest.mark.parametrize("theirs, ours", [("umap", "pca"), ("metrics", "tokens"), ("sequences", "examples")])
+def test_a_headvis_tab_name_in_the_url_opens_our_tab_and_stays_in_the_url(scans_dir, text_dir, theirs, ours):
+    tree = exported_tree(run_scan_on_page(app_test(PAGE).run(), text_dir), text_dir)
+    at = app_test(PAGE, scan=str(tree), layer=1, head=2, tab=theirs).run()
+    assert not at.exception and not at.error, at.exception
+    assert control(at, "tab").value == ours
+    assert url_in_the_browser(at).get("tab") == (None if ours == "examples" else ours)
+    notes = [c for c in captions(at) if c.startswith("?tab")]
+    assert notes == ([] if ours == "examples" else [f"?tab={theirs} \\(HeadVis's name\\) opens this page's {ours} "
+                                                     "tab\\."])
+    if ours == "pca":
+        assert any("Projections need" in c for c in captions(at))
+    if ours == "tokens":
+        assert len(at.dataframe) == 3
+
+
+def test_an_interval_out_of_range_says_it_shows_the_top_windows_and_does(scans_dir, text_dir):
+    at = run_scan_on_page(app_test(PAGE, layer=1, head=2).run(), text_dir)
+    top = iframes(at)
+    url = url_in_the_browser(at)
+    for bad in ("99", "abc", "0"):
+        reopened = app_test(PAGE, **url, interval=bad).run()
+        assert not reopened.exception and not reopened.error
+        assert control(reopened, "interval").value == "top" and "interval" not in url_in_the_browser(reopened)
+        notes = [c for c in captions(reopened) if c.startswith("?interval")]
+        assert len(notes) == 1 and "showing top" in notes[0] and bad in notes[0], notes
+        assert iframes(reopened) == top
+
+
+def test_a_scan_name_too_long_for_the_file_system_is_a_message(scans_dir, text_dir):
+    for scan in ("a" * 300, str(text_dir / ("a" * 300)), "x/" + "a" * 300):
+        at = app_test(PAGE, scan=scan).run()
+        assert not at.exception, at.exception
+        assert at.error and at.button(key="ex_run")
+    at = app_test(PAGE).run()
+    at = at.text_input(key="ex_tree").set_value(str(text_dir / ("b" * 300))).run()
+    at = at.button(key="ex_open_tree").click().run()
+    assert not at.exception and at.error
+
+
+@pytest.mark.parametrize("field, value", [("scatter", {"default_x": ["a"]}), ("dimensions", {"primary": ["a"]}),
+                                          ("n_intervals", 10 ** 30),
+                                          ("head_data_pattern", "../../outside/L{layer}H{head}.json")])
+def test_a_malformed_tree_is_refused_with_a_message_that_fits_headvis_data(scans_dir, text_dir, field, value):
+    tree = exported_tree(run_scan_on_page(app_test(PAGE).run(), text_dir), text_dir)
+    config = json.loads((tree / "config.json").read_text())
+    config[field] = value
+    (tree / "config.json").write_text(json.dumps(config))
+    at = app_test(PAGE, scan=str(tree)).run()
+    assert not at.exception, at.exception
+    assert at.error and field in at.error[0].value.replace("\\", "") and not iframes(at)
+    assert "Fix the HeadVis data" in at.error[0].value and "run the scan again" not in at.error[0].value.lower()
+
+
+def test_add_on_a_tree_whose_custom_sequences_is_a_file_is_a_message(scans_dir, text_dir):
+    tree = exported_tree(run_scan_on_page(app_test(PAGE).run(), text_dir), text_dir)
+    shutil.rmtree(tree / "custom_sequences")
+    (tree / "custom_sequences").write_text("a file")
+    at = app_test(PAGE, scan=str(tree), layer=0, head=1, tab="custom").run()
+    assert not at.exception, at.exception
+    at.text_area(key="ex_custom_text").set_value("one two")
+    at = at.button(key="ex_custom_add").click().run()
+    assert not at.exception, at.exception
+    assert at.error and "cannot write custom\\_sequences/L0H1\\.json" in at.error[0].value
+    assert (tree / "custom_sequences").read_text() == "a file"
+
+
+def test_a_tree_of_another_model_names_it_escaped_and_one_of_another_shape_says_so(scans_dir, text_dir):
+    tree = exported_tree(run_scan_on_page(app_test(PAGE).run(), text_dir), text_dir)
+    config = json.loads((tree / "config.json").read_text())
+    (tree / "config.json").write_text(json.dumps({**config, "model_name": "**bold** [x](http://e.com)"}))
+    at = app_test(PAGE, scan=str(tree), tab="custom").run()
+    assert not at.exception and not at.error
+    assert at.warning[0].value.startswith("This scan was made with \\*\\*bold\\*\\* \\[x\\]")
+    assert at.button(key="ex_custom_add").disabled
+    assert at.button(key="ex_custom_add").help.startswith("Needs \\*\\*bold\\*\\* \\[x\\]\\(http\\:")
+    # the same name, another shape (a tree of 3 layers named tiny-llama): the message says what differs
+    (tree / "config.json").write_text(json.dumps({**config, "model_name": "tiny-llama", "n_layers": 3}))
+    other = app_test(PAGE, scan=str(tree)).run()
+    assert not other.exception and not other.error
+    assert [w.value for w in other.warning] == ["This scan was made with a tiny\\-llama of 3 layers x 4 heads; the "
+                                                "one loaded has 2 x 4."]
+
+
+def test_link_to_page_escapes_its_label_as_escape_markdown_does(monkeypatch):
+    import headvis_ui as ui
+
+    shown = []
+    monkeypatch.setattr(ui.st, "markdown", shown.append)
+    label = "Why :red[does] 1.2 attend here?"
+    ui.link_to_page("pages/1_Head_atlas.py", label, {"model": "m"})
+    assert shown[0].startswith(f"[{ui.escape_markdown(label)}](")

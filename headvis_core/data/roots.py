@@ -116,9 +116,17 @@ def resolve_app_corpus(spec: str, roots: Optional[Sequence[Path]] = None, allow_
         raise
     except InputError:
         looks_like_path = text.startswith((".", "/", "~")) or os.sep in text or bool(os.altsep and os.altsep in text)
-        if not text or not allow_datasets or looks_like_path or Path(text).exists():
+        if not text or not allow_datasets or looks_like_path or _exists_here(text):
             raise
     return text
+
+
+def _exists_here(text: str) -> bool:
+    """Whether ``text`` names a file or folder relative to the working directory (one it cannot look up: yes)."""
+    try:
+        return Path(text).exists()
+    except OSError:
+        return True
 
 
 def is_allowed(spec: str, roots: Optional[Sequence[Path]] = None) -> bool:

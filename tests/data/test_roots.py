@@ -88,3 +88,12 @@ def test_pages_may_name_a_dataset_but_never_a_server_path(layout, monkeypatch, t
     for spec in ("/etc", str(outside), "../secret", "~/x"):
         with pytest.raises(InputError):
             resolve_app_corpus(spec, roots)
+
+
+def test_a_path_the_file_system_refuses_is_an_input_error(layout):
+    root, _ = layout
+    for spec in ("a" * 300, str(root / ("a" * 300)), "books/" + "b" * 300):
+        with pytest.raises(InputError, match="cannot be looked up \\(File name too long\\)"):
+            check_corpus_path(spec, [root.resolve()])
+        with pytest.raises(InputError):
+            resolve_app_corpus(spec, [root.resolve()])

@@ -205,8 +205,13 @@ def show_examples(examples, label: str) -> None:
 def show_custom_sequences() -> None:
     st.caption("Prompts typed for this head, kept with the scan in HeadVis's custom_sequences shape. "
                f"Link: ?layer={head.layer}&head={head.head}&interval={CUSTOM_INTERVAL}")
+    try:
+        sequences = read_custom_sequences(folder, head)
+    except HeadVisError as err:  # a broken file: said (it may quote the file), and the rest of the page stays
+        st.error(ui.escape_markdown(str(err)))
+        sequences = []
     with ui.user_errors():
-        for seq in read_custom_sequences(folder, head):
+        for seq in sequences:
             st.text(f"custom {seq['sequence_id']}: {seq.get('text', ''.join(seq['tokens']))[:200]}")
             ex = example_from_record(seq, CUSTOM_INTERVAL)
             ui.show_html(token_view_html(ex.str_tokens, ex.attention, selected=ex.max_query,

@@ -26,6 +26,7 @@ from headvis_core.headvis_format.contract import (
     is_tree,
 )
 from headvis_core.headvis_format.sequences import DEFAULT_KEYS_PER_QUERY, DEFAULT_THRESHOLD, sequence_record
+from headvis_core.headvis_format.validate import sequence_problems
 from headvis_core.hooks import capture, pattern_hook
 from headvis_core.models.loader import LoadedModel
 from headvis_core.sparse_attention import sparse_from_dense
@@ -61,6 +62,9 @@ def read_custom_sequences(folder: Path, head: HeadRef) -> list[dict[str, Any]]:
         raise InputError(f"{CUSTOM_DIR}/{path.name} cannot be read ({err.strerror or err}).") from err
     if not isinstance(data, dict) or not isinstance(data.get("sequences"), list):
         raise CorruptFileError(f"{CUSTOM_DIR}/{path.name} has no 'sequences' list; it cannot be read.")
+    problems = sequence_problems(f"{CUSTOM_DIR}/{path.name}", data["sequences"], custom=True)
+    if problems:  # the file may have changed since the scan or tree was opened and checked
+        raise CorruptFileError(f"{problems[0]}; the custom sequences cannot be shown.")
     return data["sequences"]
 
 

@@ -573,6 +573,15 @@ class _Checker:
                          "frontend finds a cluster's points by them)")
 
 
+def sequence_problems(file: str, sequences: list[Any], custom: bool,
+                      n_intervals: int = contract.MAX_INTERVALS) -> list[Problem]:
+    """The errors of a list of sequences read on their own (a custom sequences file read again after opening)."""
+    checker = _Checker(Path("."))
+    for i, seq in enumerate(sequences):
+        checker.sequence(file, f"sequences[{i}]", seq, n_intervals, custom)
+    return [p for p in checker.problems if p.severity == ERROR]
+
+
 def validate_tree(root: Path) -> list[Problem]:
     """Every way the tree at ``root`` breaks the HeadVis contract, errors and warnings (``[]``: none)."""
     checker = _Checker(Path(root))

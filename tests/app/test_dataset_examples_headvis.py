@@ -352,3 +352,13 @@ def test_link_to_page_escapes_its_label_as_escape_markdown_does(monkeypatch):
     label = "Why :red[does] 1.2 attend here?"
     ui.link_to_page("pages/1_Head_atlas.py", label, {"model": "m"})
     assert shown[0].startswith(f"[{ui.escape_markdown(label)}](")
+
+
+def test_a_broken_custom_sequences_file_is_a_message_on_the_page(scans_dir, text_dir):
+    tree = exported_tree(run_scan_on_page(app_test(PAGE).run(), text_dir), text_dir)
+    at = app_test(PAGE, scan=str(tree), layer=0, head=1, tab="custom").run()
+    assert not at.exception and not at.error
+    (tree / "custom_sequences" / "L0H1.json").write_text(json.dumps({"sequences": [{"sequence_id": "c1"}]}))
+    at = at.run()
+    assert not at.exception, at.exception
+    assert at.error and "custom\\_sequences/L0H1\\.json" in at.error[0].value

@@ -290,3 +290,10 @@ def test_head_record_finds_the_heads_row_by_layer_and_head(scan):
     with pytest.raises(CorruptFileError, match="0 rows for head 1.3"):
         head_record(scan, HeadRef(1, 3), summary=summary[summary["layer"] == 0])
 
+
+
+def test_a_custom_sequences_file_changed_after_opening_is_checked_when_read(tree):
+    path = tree / "custom_sequences" / "L0H1.json"
+    path.write_text(json.dumps({"sequences": [{"sequence_id": "c1", "seq_len": 2}]}))
+    with pytest.raises(CorruptFileError, match="custom_sequences/L0H1.json: sequences\\[0\\].tokens: missing"):
+        read_custom_sequences(tree, HeadRef(0, 1))

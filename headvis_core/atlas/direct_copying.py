@@ -55,13 +55,14 @@ class DirectCopyingSums:
 
     def __init__(self, model: Any):
         self.n_layers, self.n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-        self.W_O = model.W_O.detach().float()  # [layer, head, d_head, d_model]; the bridge builds it per access
-        self.unembed = final_unembedding_rows(model)
+        # on the CPU, where the hooks' activations are reduced (the model may be on a GPU or split over several)
+        self.W_O = model.W_O.detach().float().cpu()  # [layer, head, d_head, d_model]; the bridge builds it per access
+        self.unembed = final_unembedding_rows(model).cpu()
         self.post = []  # per layer: (gain, centres) of the post-attention norm, or None
         for block in model.blocks:
             if has_submodule(block, "ln1_post"):
                 weight, _, centre = norm_parameters(block.ln1_post)
-                self.post.append((None if weight is None else weight.float(), centre))
+                self.post.append((None if weight is None else weight.float().cpu(), centre))
             else:
                 self.post.append(None)
         self.numerator = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)

@@ -239,6 +239,23 @@ def placement_from_args(args: argparse.Namespace) -> dict:
     return placement
 
 
+def check_ray_arguments(args: argparse.Namespace) -> None:
+    """``--ray``: Ray installed, a well-formed address, and no placement option (each worker loads its own copy
+    on one device, so a ``--device-map``/``--n-devices``/``--max-memory`` split would be silently ignored)."""
+    if args.ray is None:
+        return
+    from headvis_core.ray_jobs import INSTALL_HINT, check_address, ray_available
+
+    if not ray_available():
+        raise InputError(f"--ray needs Ray: {INSTALL_HINT}")
+    check_address(args.ray)
+    split = [option for option, name in (("--device-map", "device_map"), ("--n-devices", "n_devices"),
+                                         ("--max-memory", "max_memory")) if getattr(args, name, None)]
+    if split:
+        raise InputError(f"{', '.join(split)} cannot be used with --ray: each Ray worker loads the whole model on "
+                         "one device (one GPU per worker when the cluster has GPUs).")
+
+
 def report_stored(stored, what: str) -> None:
     """Say where a result came from (the store, or computed now) and print the store's notes."""
     for note in stored.notes:

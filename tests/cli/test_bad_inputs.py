@@ -100,6 +100,13 @@ BAD_INPUTS = [
                                 "--out", "{tmp}/r.json"], "does not exist"),
     ("ablate prompts is a folder", ["ablate", "--model", "tiny-gpt2", "--prompts", "{tmp}/a_dir",
                                     "--out", "{tmp}/r.json"], "is a folder"),
+    # a placement split cannot go to Ray workers (each loads the model on one device)
+    ("scan ray with device map", SCAN + ["--out", "{tmp}/s", "--ray", "auto", "--n-devices", "2"],
+     "--n-devices cannot be used with --ray"),
+    ("atlas ray with max memory", ATLAS + ["--out", "{tmp}/m.csv", "--ray", "auto", "--device-map", "auto",
+                                           "--max-memory", '{"cpu": "1GiB"}'],
+     "--device-map, --max-memory cannot be used with --ray"),
+    ("scan ray bad address", SCAN + ["--out", "{tmp}/s", "--ray", "not an address"], "not a Ray cluster address"),
 ]
 
 

@@ -13,6 +13,7 @@ from headvis_core.cli.main import (
     add_cache_argument,
     add_model_arguments,
     check_output_file,
+    check_ray_arguments,
     corpus_read_errors,
     int_at_least,
     load_model_from_args,
@@ -44,12 +45,7 @@ def _atlas(args: argparse.Namespace) -> int:
     if args.corpus is not None:  # a bad folder fails before the model loads
         with corpus_read_errors(args.corpus):
             corpus_files(args.corpus)
-    if args.ray is not None:  # so does a bad cluster address, or Ray missing
-        from headvis_core.ray_jobs import INSTALL_HINT, check_address, ray_available
-
-        if not ray_available():
-            raise InputError(f"--ray needs Ray: {INSTALL_HINT}")
-        check_address(args.ray)
+    check_ray_arguments(args)  # so does Ray missing, a bad cluster address or a placement with --ray
     loaded = load_model_from_args(args)
     check_atlas_memory(loaded.model, args.n_seqs, args.seq_len, args.n_induction_seqs, args.batch_size)
     shard_sequences = args.shard_seqs or DEFAULT_SHARD_SEQUENCES

@@ -6,6 +6,7 @@ import time
 from headvis_core.cli.main import (
     add_model_arguments,
     check_output_dir,
+    check_ray_arguments,
     int_at_least,
     load_model_from_args,
     non_negative_int,
@@ -39,13 +40,8 @@ def _run(args: argparse.Namespace) -> int:
     from headvis_core.progress import tqdm_progress
     from headvis_core.scan import ScanParams, run_scan
 
+    check_ray_arguments(args)  # before anything is written or loaded
     out_dir = check_output_dir(args.out, "--out")
-    if args.ray is not None:
-        from headvis_core.errors import InputError
-        from headvis_core.scan.distributed import ray_available
-
-        if not ray_available():
-            raise InputError("--ray needs Ray: pip install ray==2.60.0")
     corpus = open_corpus_arg(args.corpus, text_field=args.text_field)  # before loading the model: fail fast
     for skipped in corpus.skipped:
         print(f"skipped {skipped.path}: {skipped.reason}")

@@ -72,10 +72,11 @@ def atlas_role_metrics(model: Any, n_seqs: int, seq_len: int, below_layer: int) 
     """The atlas's ``induction`` and ``duplicate_token`` scores of the heads below ``below_layer``, alone.
 
     The same probe, batches and float64 sums as :func:`headvis_core.atlas.run.run_atlas` (so the same
-    values, ``tests/tours/test_ioi_steps.py``), but only the attention patterns of layers
-    ``0..below_layer - 1`` are captured and each pass stops there: none of the atlas's other metrics,
-    its retrieval prompts, copying scores or passport examples. Returns ``layer, head, induction,
-    duplicate_token``, layer-major like the atlas table.
+    values while ``n_seqs`` fits one of the atlas's text shards, ``DEFAULT_SHARD_SEQUENCES`` = 64: past it the
+    atlas adds per-shard sums, equal up to the last bits; ``tests/tours/test_ioi_steps.py``), but only the
+    attention patterns of layers ``0..below_layer - 1`` are captured and each pass stops there: none of the
+    atlas's other metrics, its retrieval prompts, copying scores or passport examples. Returns ``layer, head,
+    induction, duplicate_token``, layer-major like the atlas table.
     """
     n_heads = int(model.cfg.n_heads)
     layers = list(range(max(1, min(int(below_layer), int(model.cfg.n_layers)))))

@@ -224,14 +224,14 @@ def set_query_params(**params: Any) -> None:
 
 
 def repair_url(lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), integers: tuple[str, ...] = (),
-               values: Optional[dict[str, Optional[str]]] = None) -> None:
+               rewrites: Optional[dict[str, Optional[str]]] = None) -> None:
     """Put URL parameters into the form that widgets bound with ``bind="query-params"`` read.
 
     ``lists``: an old link's comma list (``?heads=1.2,0.3``) becomes repeated parameters
     (``?heads=1.2&heads=0.3``) for a multiselect. ``flags``: an old link's ``1``/``0`` becomes
     ``true``/``false`` for a checkbox. ``integers``: a value that is not a finite number
     (``?n=inf``, ``?n=1e400``) is dropped, because Streamlit 1.67 raises OverflowError, not a
-    clean fallback to the default, when it seeds an integer widget with one. ``values``: parameters
+    clean fallback to the default, when it seeds an integer widget with one. ``rewrites``: parameters
     the page has read and rewrites as given (``None`` removes one), such as a HeadVis link's tab
     name translated into the page's.
 
@@ -249,7 +249,7 @@ def repair_url(lists: tuple[str, ...] = (), flags: tuple[str, ...] = (), integer
     for key in integers:
         if key in st.query_params and not _finite_number(st.query_params[key]):
             repaired[key] = None
-    for key, value in (values or {}).items():
+    for key, value in (rewrites or {}).items():
         if st.query_params.get(key) != value:
             repaired[key] = value
     changed = False

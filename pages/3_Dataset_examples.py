@@ -178,7 +178,7 @@ TOP = TOP_INTERVAL
 shown_link = page_view(st.query_params.to_dict(), result.n_layers, result.n_heads, len(buckets))
 if shown_link.repairs(st.query_params.to_dict()):
     state.ex_link_notes = shown_link.notes
-    ui.repair_url(values=shown_link.repairs(st.query_params.to_dict()))  # reruns where it changed the URL
+    ui.repair_url(rewrites=shown_link.repairs(st.query_params.to_dict()))  # reruns where it changed the URL
 for note in dict.fromkeys((*state.pop("ex_link_notes", ()), *shown_link.notes)):
     st.caption(ui.escape_markdown(note))  # a note quotes the URL's value
 view = st.segmented_control("View", TABS, default=DEFAULT_TAB, key="tab", bind="query-params", required=True,

@@ -172,8 +172,8 @@ same_model = meta["model"]["name"] == info.name and (result.n_layers, result.n_h
 # HeadVis's deep link ?layer=&head=&tab=&interval= (interval -1: the custom sequences). The view and the interval
 # are widgets bound to those URL parameters, so the URL always names the view shown; an option's label is its
 # value in the URL, hence HeadVis's names. "top" (the default, absent from the URL) is ours: the exact top windows.
-# One reading of ?tab= and ?interval= (HeadVis's tab names, an interval this scan has not) rewrites the URL before
-# the controls bound to it are drawn; the notes say what the page then shows, and survive that rerun.
+# page_view is the one reading of ?tab= and ?interval=: HeadVis's tab names and an interval this scan has not are
+# rewritten in the URL before the bound controls are drawn, and its notes (kept over that rerun) say what is shown.
 TOP = TOP_INTERVAL
 shown_link = page_view(st.query_params.to_dict(), result.n_layers, result.n_heads, len(buckets))
 if shown_link.repairs(st.query_params.to_dict()):
@@ -212,7 +212,7 @@ def show_custom_sequences() -> None:
         sequences = []
     with ui.user_errors():
         for seq in sequences:
-            st.text(f"custom {seq['sequence_id']}: {seq.get('text', ''.join(seq['tokens']))[:200]}")
+            st.text(f"custom {seq['sequence_id']}: {str(seq.get('text', ''.join(seq['tokens'])))[:200]}")
             ex = example_from_record(seq, CUSTOM_INTERVAL)
             ui.show_html(token_view_html(ex.str_tokens, ex.attention, selected=ex.max_query,
                                          top_k=ex.attention.keys.shape[1]))

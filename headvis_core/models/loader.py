@@ -37,7 +37,13 @@ from headvis_core.models.devices import (
     target_device,
 )
 from headvis_core.models.offline import fetch_offline_model, is_fetched, verify_offline_model
-from headvis_core.models.random_models import RANDOM_PRESETS, RandomModelSpec, random_model_dir
+from headvis_core.models.random_models import (
+    MODEL_CONSTRUCTION_LOCK,
+    RANDOM_PRESETS,
+    RandomModelSpec,
+    random_model_dir,
+    write_folder_once,
+)
 from headvis_core.models.registry import KNOWN_MODELS
 from headvis_core.progress import ProgressCallback, report, scaled
 
@@ -180,12 +186,13 @@ def _load_hf_config(target: str):
 
 def _empty_model(config) -> Optional[torch.nn.Module]:
     """The model's modules with weights on the meta device (no memory), or None if it cannot be built."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     try:
-        with init_empty_weights():
-            empty = AutoModelForCausalLM.from_config(config)
+        with MODEL_CONSTRUCTION_LOCK:
+            from accelerate import init_empty_weights
+            from transformers import AutoModelForCausalLM
+
+            with init_empty_weights():
+                empty = AutoModelForCausalLM.from_config(config)
         empty.tie_weights()  # not done on meta weights: tied weights would count (and be placed) twice
         return empty
     except Exception:
@@ -360,30 +367,43 @@ def _random_weights_folder(source: ResolvedSource, config, seed: int) -> str:
     random model anywhere but the CPU in float32 is loaded from this checkpoint, like a real one.
     Its weights are the ones the architecture's initialiser draws under the seed, the same as the
     model built without weights (tested).
+
+    Written once by :func:`~headvis_core.models.random_models.write_folder_once` (a unique staging
+    folder renamed into place under a thread and file lock; stale staging folders removed). An
+    unwritable or full cache raises ``ModelLoadError`` naming the folder.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors import SafetensorError
 
     folder = Path(source.target) / "weights"
-    if not folder.is_dir():  # written whole, then renamed into place: a folder there is complete
+    try:
+        write_folder_once(folder, lambda staging: _write_random_checkpoint(source.target, config, seed, staging))
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ModelLoadError(
+            f"Could not write the seeded weights of the random model to {folder} ({reason}): a random model "
+            "in a 16-bit dtype or off the CPU loads from them. Make the cache folder writable (or point "
+            "HEADVIS_HOME at one that is), or load it on the CPU in float32, which needs no file.") from err
+    return str(folder)
+
+
+def _write_random_checkpoint(config_folder: str, config, seed: int, staging: Path) -> None:
+    """Draw the model's weights under ``seed`` and save them with its tokenizer as an HF checkpoint."""
+    with MODEL_CONSTRUCTION_LOCK:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-        staging = folder.with_name(f"weights.partial-{os.getpid()}")
-        model.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(source.target).save_pretrained(staging)
-        try:
-            staging.rename(folder)
-        except OSError:  # another process wrote it first: the same bytes
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(folder)
+        tokenizer = AutoTokenizer.from_pretrained(config_folder)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
 
 
 def _boot(name: str, source: ResolvedSource, placement: Placement, torch_dtype: torch.dtype, seed: Optional[int],
           started: float) -> LoadedModel:
-    from transformer_lens.model_bridge import TransformerBridge
+    with MODEL_CONSTRUCTION_LOCK:  # transformers' lazy imports are not thread-safe on first use
+        from transformer_lens.model_bridge import TransformerBridge
 
-    config = _load_hf_config(source.target)
+        config = _load_hf_config(source.target)
     empty = _empty_model(config)
     n_params = sum(p.numel() for p in empty.parameters()) if empty is not None else 0
     boot_arguments = placement.boot_arguments()
@@ -397,11 +417,12 @@ def _boot(name: str, source: ResolvedSource, placement: Placement, torch_dtype: 
     target, load_weights = source.target, seed is None
     if seed is not None and (placement.is_split or placement.device != "cpu" or torch_dtype != torch.float32):
         target, load_weights = _random_weights_folder(source, config, seed), True
-    if seed is not None:
-        torch.manual_seed(seed)
     try:
-        bridge = TransformerBridge.boot_transformers(target, dtype=torch_dtype, load_weights=load_weights,
-                                                     **boot_arguments)
+        with MODEL_CONSTRUCTION_LOCK:
+            if seed is not None:
+                torch.manual_seed(seed)
+            bridge = TransformerBridge.boot_transformers(target, dtype=torch_dtype, load_weights=load_weights,
+                                                         **boot_arguments)
     except ModelLoadError:
         raise
     except MemoryError as err:

@@ -6,8 +6,10 @@ the checkpoint written once, and no staging folder left; an unwritable cache is 
 ``ModelLoadError`` naming the folder; a crashed writer's stale staging folder is removed.
 """
 
+import hashlib
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -182,3 +184,26 @@ def test_a_folder_an_earlier_version_left_half_written_is_written_again(fresh_ca
     folder = random_model_dir(spec)
     assert folder == half and (folder / random_models.SPEC_FILE).is_file()
     assert load_model("tiny-gpt2", device="cpu").info.n_layers == spec.n_layers
+
+
+DIGEST_SCRIPT = """
+import hashlib, sys, torch
+from headvis_core.models.loader import load_model
+model = load_model("tiny-gpt2", device="cpu", dtype="bfloat16").model.original_model
+weights = sorted(model.named_parameters())
+print(hashlib.sha256(b"".join(p.detach().view(torch.int16).numpy().tobytes() for _, p in weights)).hexdigest())
+"""
+
+
+def test_two_processes_writing_one_checkpoint_at_once_both_load_it(fresh_cache):
+    environment = dict(os.environ, HEADVIS_HOME=str(fresh_cache))
+    processes = [subprocess.Popen([sys.executable, "-c", DIGEST_SCRIPT], env=environment, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+    reference = load_model("tiny-gpt2", device="cpu").model.original_model
+    weights = sorted(reference.named_parameters())
+    expected = hashlib.sha256(b"".join(p.detach().to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+                                       for _, p in weights)).hexdigest()
+    assert [out.strip().splitlines()[-1] for out, _ in outputs] == [expected, expected]
+    assert partial_folders(fresh_cache) == []

@@ -418,7 +418,7 @@ def _boot(name: str, source: ResolvedSource, placement: Placement, torch_dtype: 
     if seed is not None and (placement.is_split or placement.device != "cpu" or torch_dtype != torch.float32):
         target, load_weights = _random_weights_folder(source, config, seed), True
     try:
-        with MODEL_CONSTRUCTION_LOCK:
+        with MODEL_CONSTRUCTION_LOCK:  # no other thread's model built meanwhile, nor its RNG draws taken
             if seed is not None:
                 torch.manual_seed(seed)
             bridge = TransformerBridge.boot_transformers(target, dtype=torch_dtype, load_weights=load_weights,

@@ -125,7 +125,7 @@ def _hf_config(spec: RandomModelSpec):
 # construction would advance. Reentrant, as the loader holds it around helpers that take it too.
 # Never held while waiting for folder_write_lock (which may take it): no deadlock.
 MODEL_CONSTRUCTION_LOCK = threading.RLock()
-# a staging folder untouched this long belongs to a writer that died (a live one writes every second)
+# a staging folder untouched this long belongs to a writer that died (a live one writes within seconds)
 STALE_PARTIAL_AGE_S = 600.0
 PARTIAL_INFIX = ".partial-"
 _THREAD_LOCKS: dict[str, threading.Lock] = {}

@@ -265,6 +265,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, hf_model_type: str,
     from transformers.integrations.gguf import read_gguf_metadata
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from headvis_core.models.random_models import MODEL_CONSTRUCTION_LOCK
+
     seconds: dict[str, float] = {}
     clock = time.time()
 
@@ -279,12 +281,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, hf_model_type: str,
     report(progress, 0.2, "reading and dequantising the GGUF")
     metadata, _ = read_gguf_metadata(str(gguf_path))
     n_layers = int(metadata[f"{metadata['general.architecture']}.block_count"])
-    with init_empty_weights():
+    with MODEL_CONSTRUCTION_LOCK, init_empty_weights():  # it patches torch process-wide
         stand_in = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_model_type, num_hidden_layers=n_layers))
     parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=stand_in,
                                   torch_dtype=torch.float32)
     config = AutoConfig.for_model(**parsed["config"])
-    with init_empty_weights():
+    with MODEL_CONSTRUCTION_LOCK, init_empty_weights():  # it patches torch process-wide
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     config.architectures = [type(model).__name__]
     _missing, unexpected = model.load_state_dict(parsed["tensors"], strict=False, assign=True)

@@ -8,7 +8,7 @@ the model once and returns one shard's partial sums at a time
 (:func:`headvis_core.atlas.metrics.text_shard_partial`, the same function the
 one-process atlas runs); the driver adds them up in shard order, as the
 one-process atlas does, so both give the same table. A worker that dies is
-restarted and its shard run again. The induction probe, retrieval, copying
+replaced and its shard run again. The induction probe, retrieval, copying
 scores and passport examples stay on the driver.
 
 Not resumable per shard: an atlas is small next to a scan, and a finished one
@@ -29,7 +29,9 @@ from headvis_core.models.loader import LoadedModel
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.ray_jobs import (
     INSTALL_HINT,
+    STALL_SECONDS,
     ModelWorker,
+    MonotonicBar,
     ShardDriver,
     check_address,
     check_workers,
@@ -61,13 +63,15 @@ class RayTextShards:
     """
 
     def __init__(self, loaded: LoadedModel, workers: int = 2, address: Optional[str] = None,
-                 cpus_per_worker: int = 1):
+                 cpus_per_worker: int = 1, stall_seconds: float = STALL_SECONDS):
         check_workers(workers)
         check_address(address)
         if not ray_available():
             raise InputError(f"A sharded atlas needs Ray: {INSTALL_HINT}")
         self.loaded, self.workers, self.address, self.cpus_per_worker = loaded, workers, address, cpus_per_worker
+        self.driver_options = {"stall_seconds": stall_seconds}
         self.stats: dict[str, float] = {}
+        self.notes: list[str] = []
 
     def __call__(self, plan: TextShardPlan, direct_copying: bool, merge: Callable[[dict[str, np.ndarray]], None],
                  progress: Optional[ProgressCallback] = None) -> None:
@@ -75,7 +79,12 @@ class RayTextShards:
             return
         n_batches = len(plan.batches)
         merged_batches = [0]
-        shown = [0.0]  # the bar never goes back (a retried shard starts again from 0)
+        bar = MonotonicBar()
+        self.notes = []
+        workers = min(self.workers, plan.n_shards)
+        if workers < self.workers:
+            self.notes.append(f"{self.workers} workers asked, {workers} started: the real text is "
+                              f"{plan.n_shards} shard(s) (--shard-seqs sets their size)")
 
         def submit(actor: Any, index: int) -> Any:
             return actor.text_shard.remote(index, plan.shard_batches(index))
@@ -87,18 +96,22 @@ class RayTextShards:
         def tick() -> None:
             done = merged_batches[0] + driver.running_units()
             done += sum(len(plan.shards[index]) for index in driver.pending)
-            shown[0] = max(shown[0], min(done / n_batches, 0.99))
-            report(progress, shown[0], f"real text: {done} of {n_batches} batches, {self.workers} workers")
+            report(progress, bar(done / n_batches), f"real text: {done} of {n_batches} batches, {workers} workers")
 
-        report(progress, 0.0, f"starting {self.workers} Ray workers")
-        with worker_pool(AtlasShardWorker, self.loaded, self.workers, self.address, self.cpus_per_worker,
+        report(progress, 0.0, f"starting {workers} Ray workers")
+        with worker_pool(AtlasShardWorker, self.loaded, workers, self.address, self.cpus_per_worker,
                          (plan.seen_ids, direct_copying)) as pool:
+            self.notes += pool.notes
+            for note in self.notes:
+                report(progress, 0.0, f"note: {note}")
+            workers = len(pool.actors)
             driver = ShardDriver(pool, submit, receive=lambda index, value: value, merge=merge_in_order,
-                                 first=0, last=plan.n_shards - 1, on_tick=tick)
+                                 first=0, last=plan.n_shards - 1, on_tick=tick, **self.driver_options)
             started = time.perf_counter()
             driver.run()
             received = driver.receive_seconds
             self.stats = {"worker_start_seconds": pool.start_seconds,
                           "text_seconds": time.perf_counter() - started, "shards": plan.n_shards,
+                          "shard_runs": sum(driver.attempts.values()), "workers": workers,
                           "merge_seconds_per_shard": float(np.mean(received)) if received else 0.0}
-        report(progress, 1.0, f"real text: {n_batches} batches in {plan.n_shards} shards on {self.workers} workers")
+        report(progress, 1.0, f"real text: {n_batches} batches in {plan.n_shards} shards on {workers} workers")

@@ -16,7 +16,7 @@ deleted. So:
 * a killed run resumes from the checkpoint plus the stored shards, redoing
   none of them (a one-process checkpoint in the middle of a shard is first
   completed to the shard's end on the driver);
-* a worker that dies is restarted by Ray and its unfinished shard run again
+* a worker that dies (or stalls) is replaced and its unfinished shards run again
   (:class:`headvis_core.ray_jobs.ShardDriver`, up to ``SHARD_ATTEMPTS`` runs).
 
 Ray is optional (``pip install ray==2.60.0``); :func:`ray_available` says
@@ -37,6 +37,7 @@ from headvis_core.progress import ProgressCallback, report
 from headvis_core.ray_jobs import (
     INSTALL_HINT,
     ModelWorker,
+    MonotonicBar,
     ShardDriver,
     check_address,
     check_workers,
@@ -108,7 +109,7 @@ class _ScanShards:
     def __init__(self, scan: _ScanRun, batch_size: int, progress: Optional[ProgressCallback]):
         self.scan, self.batch_size, self.progress = scan, batch_size, progress
         self.consistent = True  # False while a merge is under way: a failed merge must not be saved
-        self.shown = 0.0  # the bar never goes back (a retried shard starts again from 0)
+        self.bar = MonotonicBar()
         self.driver: Optional[ShardDriver] = None
 
     def submit(self, actor: Any, index: int) -> Any:
@@ -147,9 +148,9 @@ class _ScanShards:
         if driver.last is not None:
             total = min(total or np.inf, (driver.last + 1) * params.shard_windows)
         fraction = done / total if total else 0.0
-        self.shown = max(self.shown, min(fraction, 0.99))
         rate = (done - self.scan.resumed_from) * params.window_len / max(time.time() - self.scan.started, 1e-9)
-        report(self.progress, self.shown, f"{done} windows, {rate:.0f} tokens/s, {len(driver.pool.actors)} workers")
+        report(self.progress, self.bar(fraction),
+               f"{done} windows, {rate:.0f} tokens/s, {len(driver.pool.actors)} workers")
 
 
 def run_sharded_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = ScanParams(), workers: int = 2,
@@ -188,8 +189,16 @@ def run_sharded_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = S
         if stored:
             report(progress, 0.0, f"{len(stored)} finished shard(s) found; not redone")
         shards = _ScanShards(scan, batch_size, progress)
+        planned = n_shards(params)
+        if planned is not None and planned - _shards_done(scan.state) - len(stored) < workers:
+            left = max(planned - _shards_done(scan.state) - len(stored), 1)
+            report(progress, 0.0, f"note: {workers} workers asked, {left} started: {left} shard(s) left to scan")
+            workers = left
         try:
             with worker_pool(ShardWorker, loaded, workers, address, cpus_per_worker, (corpus, params)) as pool:
+                for note in pool.notes:
+                    report(progress, 0.0, f"note: {note}")
+                workers = len(pool.actors)
                 scan.meta["worker_start_seconds"] = round(pool.start_seconds, 3)
                 shards.driver = driver = ShardDriver(
                     pool, shards.submit, shards.receive, shards.merge, first=_shards_done(scan.state),
@@ -202,7 +211,7 @@ def run_sharded_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = S
             shards.checkpoint()
             raise
         received = driver.receive_seconds
-        scan.meta.update(workers=workers, shards_received=len(received),
+        scan.meta.update(workers=workers, shards_received=len(received), shard_runs=sum(driver.attempts.values()),
                          merge_seconds_per_shard=float(np.mean(received)) if received else 0.0)
         result = scan.finish()
         shutil.rmtree(folder / SHARDS_DIR, ignore_errors=True)

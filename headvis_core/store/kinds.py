@@ -8,10 +8,12 @@ is named by the corpus fingerprint of its files (paths, sizes, modification
 times), so an edited corpus is not taken for the old one.
 """
 
+import inspect
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from headvis_core.atlas.run import METRIC_COLUMNS
+from headvis_core.atlas.metrics import DEFAULT_SHARD_SEQUENCES
+from headvis_core.atlas.run import METRIC_COLUMNS, run_atlas
 from headvis_core.data.corpus import open_corpus
 from headvis_core.data.prompt_library import load_all_prompt_sets
 from headvis_core.heads import HeadRef
@@ -31,19 +33,26 @@ KINDS = (ATLAS, COMPOSITION, IO_SCORES, PATH_PATCHING, KL_RANKING, TARGETED, SWE
          TOUR_STEP)
 
 
+# the atlas's own default, so a caller that leaves the batch size alone (the page) gets the CLI's key
+ATLAS_BATCH_SIZE = inspect.signature(run_atlas).parameters["batch_size"].default
+
+
 def atlas_inputs(folder: Optional[str | Path], n_seqs: int, seq_len: int, n_induction_seqs: Optional[int],
-                 seed: int) -> dict[str, Any]:
+                 seed: int, batch_size: int = ATLAS_BATCH_SIZE,
+                 shard_sequences: int = DEFAULT_SHARD_SEQUENCES) -> dict[str, Any]:
     """The head atlas (:func:`headvis_core.atlas.run.compute_atlas`) on the built-in prompts or a folder.
 
     The metric columns are part of the key, so an atlas stored before a metric was added is not
-    shown as current.
+    shown as current. The batch size and the sequences per shard are too: together they fix the
+    shard plan, so the order of the sums and the table's last bits (one process or Ray alike).
     """
     if folder is None:
         probe, content = "built-in prompts", [p.text for s in load_all_prompt_sets() for p in s.prompts]
     else:
         probe, content = str(Path(str(folder)).expanduser().resolve()), open_corpus(str(folder)).fingerprint
     return {"probe": probe, "probe_content": content, "n_seqs": n_seqs, "seq_len": seq_len,
-            "n_induction_seqs": n_induction_seqs, "seed": seed, "metrics": list(METRIC_COLUMNS)}
+            "n_induction_seqs": n_induction_seqs, "seed": seed, "metrics": list(METRIC_COLUMNS),
+            "batch_size": batch_size, "shard_sequences": shard_sequences}
 
 
 def atlas_link(folder: Optional[str | Path], n_seqs: int, seq_len: int) -> dict[str, Any]:

@@ -135,14 +135,17 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_table_is_the_same(cluster
     killed, stop = [], threading.Event()
     killer = threading.Thread(target=kill_a_worker_mid_shard, args=(killed, stop))
     killer.start()
+    runner = RayTextShards(tiny_llama, workers=2)
     try:
-        sharded = compute_atlas(tiny_llama.model, folder=corpus, model_name="tiny-llama",
-                                text_shards=RayTextShards(tiny_llama, workers=2), **SIZES)
+        sharded = compute_atlas(tiny_llama.model, folder=corpus, model_name="tiny-llama", text_shards=runner,
+                                **SIZES)
     finally:
         stop.set()
         killer.join()
     assert len(killed) == 1
     assert_same_atlas(sharded, one_process)
+    # Ray retries nothing itself: the killed worker's shard(s) were run again by the driver (1 or 2 were queued)
+    assert 1 <= runner.stats["shard_runs"] - runner.stats["shards"] <= 2
 
 
 @needs_ray
@@ -191,6 +194,12 @@ def test_cli_atlas_over_ray_equals_one_process_and_refuses_bad_inputs(cluster, c
     assert "4 shards on 2 Ray workers" in out
     one, sharded = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "ray.csv")
     assert one.equals(sharded)
+    # the default shard size makes this probe one shard: one worker starts, and says why
+    one_shard = [arg for arg in base if arg not in ("--shard-seqs", "2")]
+    assert cli_main(one_shard + ["--out", str(tmp_path / "ray1.csv"), "--ray", "auto", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "note: 2 workers asked, 1 started: the real text is 1 shard(s)" in out
+    assert "1 shards on 1 Ray workers" in out
     for bad, message in ((["--workers", "0"], "--workers"), (["--shard-seqs", "0"], "--shard-seqs"),
                          (["--ray", "nowhere"], "not a Ray cluster address")):
         assert cli_main(base + ["--out", str(tmp_path / "bad.csv"), "--ray", "auto", *bad]) == 2

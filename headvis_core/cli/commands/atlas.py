@@ -3,8 +3,9 @@
 The result goes into the result store: the same atlas asked for again (same
 model weights, probe and sizes) is read back at once; ``--no-cache`` recomputes.
 ``--ray auto|ADDRESS --workers N`` runs the real text's shards on Ray workers
-(:mod:`headvis_core.atlas.distributed`); the table is the one-process atlas's, so
-both share one stored result.
+(:mod:`headvis_core.atlas.distributed`; no more workers than shards, nor than the
+cluster holds); the table is the one-process atlas's, so both share one stored
+result (the batch size and ``--shard-seqs`` are in its key: they fix the shards).
 """
 
 import argparse
@@ -30,7 +31,7 @@ def _atlas(args: argparse.Namespace) -> int:
     from headvis_core.limits import check_atlas_memory
     from headvis_core.progress import tqdm_progress
     from headvis_core.storage import atomic_write_text
-    from headvis_core.store.kinds import ATLAS, atlas_inputs, atlas_link
+    from headvis_core.store.kinds import ATLAS, ATLAS_BATCH_SIZE, atlas_inputs, atlas_link
     from headvis_core.store.results import cached
 
     if args.seq_len < MIN_SEQ_LEN:
@@ -62,21 +63,24 @@ def _atlas(args: argparse.Namespace) -> int:
                              progress=tqdm_progress("head atlas"), shard_sequences=shard_sequences,
                              text_shards=text_shards)
 
-    inputs = atlas_inputs(args.corpus, args.n_seqs, args.seq_len, args.n_induction_seqs, args.seed)
-    if shard_sequences != DEFAULT_SHARD_SEQUENCES:  # the shards fix the order of the sums: their last bits
-        inputs["shard_sequences"] = shard_sequences
+    inputs = atlas_inputs(args.corpus, args.n_seqs, args.seq_len, args.n_induction_seqs, args.seed,
+                          batch_size=args.batch_size, shard_sequences=shard_sequences)
     if retrieval_prompts is not None:  # the user's prompts and spans are part of what the atlas was computed on
         inputs["retrieval_prompts"] = [[p.text, p.span] for p in retrieval_prompts]
     # the page computes with the default induction set and seed: only then does its URL reopen this atlas
     page_settings = (args.n_induction_seqs is None and args.seed == 0 and retrieval_prompts is None
-                     and shard_sequences == DEFAULT_SHARD_SEQUENCES)
+                     and shard_sequences == DEFAULT_SHARD_SEQUENCES and args.batch_size == ATLAS_BATCH_SIZE)
     link = atlas_link(args.corpus, args.n_seqs, args.seq_len) if page_settings else None
     stored = cached(ATLAS, loaded, inputs, compute, refresh=args.no_cache, link=link)
     report_stored(stored, "atlas")
     if text_shards is not None and text_shards.stats:
         stats = text_shards.stats
-        print(f"real text: {stats['shards']} shards on {args.workers} Ray workers in {stats['text_seconds']:.1f} s "
-              f"(workers started in {stats['worker_start_seconds']:.1f} s)")
+        for note in text_shards.notes:
+            print(f"note: {note}")
+        retried = f", {stats['shard_runs'] - stats['shards']} shard run(s) repeated" * (
+            stats["shard_runs"] > stats["shards"])
+        print(f"real text: {stats['shards']} shards on {stats['workers']} Ray workers in {stats['text_seconds']:.1f} "
+              f"s (workers started in {stats['worker_start_seconds']:.1f} s{retried})")
     result = stored.value
     for note in result.notes:
         print(f"note: {note}")

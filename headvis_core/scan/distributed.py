@@ -36,6 +36,7 @@ from headvis_core.models.loader import LoadedModel
 from headvis_core.progress import ProgressCallback, report
 from headvis_core.ray_jobs import (
     INSTALL_HINT,
+    STALL_SECONDS,
     ModelWorker,
     MonotonicBar,
     ShardDriver,
@@ -156,13 +157,15 @@ class _ScanShards:
 def run_sharded_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = ScanParams(), workers: int = 2,
                      address: Optional[str] = None, out_dir: Optional[Path] = None, batch_size: int = 8,
                      progress: Optional[ProgressCallback] = None, checkpoint_seconds: float = 30.0,
-                     force: bool = False, cpus_per_worker: int = 1) -> ScanResult:
+                     force: bool = False, cpus_per_worker: int = 1,
+                     stall_seconds: float = STALL_SECONDS) -> ScanResult:
     """:func:`headvis_core.scan.run.run_scan` with the shards scanned by ``workers`` Ray actors.
 
     ``address``: ``None`` or ``"auto"`` (a running cluster, else a new local one with
     ``workers * cpus_per_worker`` CPUs), or a cluster address. ``loaded`` gives the model's name and
     dtype (each worker loads its own copy) and the tokenizer for the result. The result and its
-    folder are the one-process scan's: either can resume what the other stored.
+    folder are the one-process scan's: either can resume what the other stored. A worker with
+    no progress report for ``stall_seconds`` is replaced and its shards run again.
     """
     check_workers(workers)
     check_address(address)
@@ -203,7 +206,7 @@ def run_sharded_scan(loaded: LoadedModel, corpus: Corpus, params: ScanParams = S
                 shards.driver = driver = ShardDriver(
                     pool, shards.submit, shards.receive, shards.merge, first=_shards_done(scan.state),
                     last=None if n_shards(params) is None else n_shards(params) - 1, pending=stored,
-                    on_tick=shards.report, merge_guard=interrupts_deferred)
+                    on_tick=shards.report, merge_guard=interrupts_deferred, stall_seconds=stall_seconds)
                 scanning = time.perf_counter()
                 driver.run()
                 scan.meta["sharded_scan_seconds"] = round(time.perf_counter() - scanning, 3)

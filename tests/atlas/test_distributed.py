@@ -202,6 +202,7 @@ def test_cli_atlas_over_ray_equals_one_process_and_refuses_bad_inputs(cluster, c
     assert "note: 2 workers asked, 1 started: the real text is 1 shard(s)" in out
     assert "1 shards on 1 Ray workers" in out
     for bad, message in ((["--workers", "0"], "--workers"), (["--shard-seqs", "0"], "--shard-seqs"),
+                         (["--stall-seconds", "0"], "--stall-seconds"),
                          (["--ray", "nowhere"], "not a Ray cluster address")):
         assert cli_main(base + ["--out", str(tmp_path / "bad.csv"), "--ray", "auto", *bad]) == 2
         err = capsys.readouterr().err

@@ -53,8 +53,10 @@ def _atlas(args: argparse.Namespace) -> int:
     text_shards = None
     if args.ray is not None:
         from headvis_core.atlas.distributed import RayTextShards
+        from headvis_core.ray_jobs import STALL_SECONDS
 
-        text_shards = RayTextShards(loaded, workers=args.workers, address=args.ray)
+        text_shards = RayTextShards(loaded, workers=args.workers, address=args.ray,
+                                    stall_seconds=args.stall_seconds or STALL_SECONDS)
 
     def compute():
         return compute_atlas(loaded.model, folder=args.corpus, n_seqs=args.n_seqs, seq_len=args.seq_len,
@@ -127,5 +129,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard-seqs", type=int_at_least(1, "--shard-seqs"), default=None,
                         help="real-text sequences per shard, the unit of work on Ray (default 64); the same value "
                              "gives the same table in one process and on Ray")
+    parser.add_argument("--stall-seconds", type=int_at_least(1, "--stall-seconds"), default=None,
+                        help="with --ray: a worker that reports no progress for this long is replaced and its shards "
+                             "run again (default 1800)")
     add_cache_argument(parser)
     parser.set_defaults(func=_atlas)

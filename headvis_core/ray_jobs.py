@@ -260,7 +260,7 @@ def worker_pool(worker_class: type, loaded: LoadedModel, workers: int, address: 
 
     ``address``: ``None`` or ``"auto"`` (a running cluster, else a new local one with
     ``workers * cpus_per_worker`` CPUs), or a cluster address. ``args`` follow the
-    :class:`ModelWorker` arguments of the actors. Fewer workers start when the cluster's free
+    :class:`ModelWorker` arguments of the actors. Fewer workers start when the cluster's
     resources hold fewer (said in :attr:`WorkerPool.notes`); workers not up within
     ``start_seconds`` raise :class:`InputError`. The actors are killed on exit.
     """

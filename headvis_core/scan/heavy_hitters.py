@@ -240,7 +240,8 @@ def entropy_bits_bounded(totals: Int[np.ndarray, "rows capacity"], weight: Int[n
         H(p)  <=  (1 - r) H(q) + r log2(n_tokens) + h2(r) = U
 
     (``h2`` the binary entropy). Returned: the middle ``(L + U) / 2`` and the half-width ``(U - L) / 2``,
-    so the true entropy is within the bound of the value. NaN for a row of no weight (or none kept).
+    so the true entropy is within the bound of the value. NaN for a row of no weight (or none kept
+    while nothing was pruned); a row whose counters all cancelled has ``r = 1`` and the bound alone.
     """
     totals = np.asarray(totals, dtype=np.float64)
     weight = np.asarray(weight, dtype=np.float64)
@@ -251,6 +252,9 @@ def entropy_bits_bounded(totals: Int[np.ndarray, "rows capacity"], weight: Int[n
     r_t = torch.from_numpy(r)
     h2 = -(torch.special.xlogy(r_t, r_t) + torch.special.xlogy(1 - r_t, 1 - r_t)).numpy() / np.log(2.0)
     min_entropy = np.log2(np.maximum(1.0, missed / np.maximum(slack, 1.0)))
-    lower = (1 - r) * kept_entropy + r * min_entropy
-    upper = (1 - r) * kept_entropy + r * np.log2(max(n_tokens, 1)) + h2
+    # every counter cancelled (r == 1): the kept part has no weight and no entropy (not 0 * NaN)
+    kept_part = np.where(r < 1, (1 - r) * np.nan_to_num(kept_entropy), np.where(weight > 0, 0.0, np.nan))
+    kept_part = np.where((r < 1) & np.isnan(kept_entropy), np.nan, kept_part)
+    lower = kept_part + r * min_entropy
+    upper = kept_part + r * np.log2(max(n_tokens, 1)) + h2
     return (lower + upper) / 2, (upper - lower) / 2

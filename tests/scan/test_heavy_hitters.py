@@ -151,3 +151,15 @@ def test_entropy_read_from_a_summary_is_exact_without_pruning_and_within_its_bou
         assert (np.abs(value - true_entropy) <= bound + 1e-12).all()
         bounds.append(bound)
     assert (bounds[2] < bounds[0]).all()  # more counters, a tighter bound
+
+
+def test_entropy_of_a_row_whose_counters_all_cancelled_is_its_proven_interval_not_nan():
+    # capacity 2, three tokens at 0.4 each: Misra-Gries cancels every counter; the missed mass is all of it
+    summary = HeavyHitters.empty(1, 2)
+    summary.add(torch.tensor([3, 5, 7]), torch.tensor([[0.4, 0.4, 0.4]]))
+    summary.flush()
+    assert (summary.totals == 0).all() and (summary.slack > 0).all()
+    value, bound = entropy_bits_bounded(summary.totals.numpy(), summary.weight.numpy(), summary.slack.numpy(), 3)
+    assert value[0] == pytest.approx(np.log2(3), rel=1e-9) and bound[0] == pytest.approx(0.0, abs=1e-9)
+    empty = HeavyHitters.empty(1, 2)
+    assert np.isnan(entropy_bits_bounded(empty.totals.numpy(), empty.weight.numpy(), empty.slack.numpy(), 3)[0]).all()

@@ -202,29 +202,36 @@ def score_metric_sums(scores: Float[torch.Tensor, "batch head query key"], dtype
     Returns:
         the sums and the number of queries summed.
     """
-    allowed = allowed_keys(scores)[:, :, 1:]
-    S = scores[:, :, 1:].to(dtype)
-    n_heads = scores.shape[1]
-    if S.shape[2] == 0:
-        return {name: S.new_zeros(n_heads) for name in SCORE_METRICS}, 0.0
-    n_keys = allowed.sum(-1)
-    n_allowed = n_keys.clamp(min=1)
-    kept = S.masked_fill(~allowed, 0.0)
-    mean = kept.sum(-1) / n_allowed
-    variance = ((S - mean[..., None]).masked_fill(~allowed, 0.0) ** 2).sum(-1) / n_allowed
-    std = variance.sqrt()
+    n_batch, n_heads = scores.shape[:2]
+    if scores.shape[2] <= 1:
+        return {name: scores.new_zeros(n_heads, dtype=dtype) for name in SCORE_METRICS}, 0.0
+    hidden = ~allowed_keys(scores[:, :, 1:])
+    n_keys = hidden.shape[-1] - hidden.sum(-1)
+    n_allowed = n_keys.clamp(min=1).to(dtype)
+    # one working copy, reused in place (the reduction ran ~8 passes over float32 copies before):
+    # masked keys at -inf, then every score relative to the row's top score
+    work = scores[:, :, 1:].to(dtype, copy=True).masked_fill_(hidden, -torch.inf)
+    top = work.amax(-1)
+    work.sub_(top[..., None])
     # the two largest scores by two maxima (a topk(2) costs ten times more on the CPU); where two keys
-    # share the top score, the second largest is that score again
-    masked = S.masked_fill(~allowed, -torch.inf)
-    top = masked.amax(-1)
-    at_top = masked == top[..., None]
-    second = torch.where(at_top.sum(-1) >= 2, top, masked.masked_fill(at_top, -torch.inf).amax(-1))
+    # share the top score, the second largest is that score again. The top keys (0 once centred) are
+    # dropped here; they add nothing to the centred sum below, so the copy serves both.
+    at_top = work == 0
+    n_top = at_top.sum(-1)
+    second = work.masked_fill_(at_top, -torch.inf).amax(-1)  # second largest minus the top
+    del at_top
     # a query that sees a single key has no second score: its margin is 0
-    margin = torch.where(n_keys >= 2, top - second, torch.zeros_like(top))
-    z_score = torch.where(std > 0, (top - mean) / std.clamp(min=1e-300), torch.zeros_like(top))
+    margin = torch.where((n_keys >= 2) & (n_top < 2), -second, torch.zeros_like(top))
+    # two-pass variance without cancellation: the mean of the centred scores, then the spread about it
+    centred = work.nan_to_num_(neginf=0.0)  # masked and top keys 0 (a top key is 0 once centred)
+    mean_below_top = centred.sum(-1) / n_allowed
+    centred.sub_(mean_below_top[..., None]).masked_fill_(hidden, 0.0)
+    std = torch.linalg.vector_norm(centred, dim=-1) / n_allowed.sqrt()
+    z_score = torch.where(std > 0, -mean_below_top / std.clamp(min=torch.finfo(dtype).tiny),
+                          torch.zeros_like(top))
     sums = {"logit_std": std.sum((0, 2)), "top_logit_margin": margin.sum((0, 2)),
             "logit_z_score": z_score.sum((0, 2))}
-    return sums, float(S.shape[0] * S.shape[2])
+    return sums, float(n_batch * (scores.shape[2] - 1))
 
 
 def distance_moments(pattern: Float[torch.Tensor, "batch head query key"]) -> Float[torch.Tensor, "3 head"]:

@@ -41,8 +41,21 @@ import torch
 from jaxtyping import Float, Int
 
 from headvis_core.atlas.metrics import entropy_bits
+from headvis_core.errors import InputError
 
 FIXED_POINT = float(1 << 30)
+# Tokens of attention weight an int64 total holds in FIXED_POINT units (each query's attention sums to 1)
+MAX_FIXED_TOKENS = (1 << 63) // (1 << 30)
+
+
+def add_exact(total: Int[torch.Tensor, "..."], increment: Int[torch.Tensor, "..."]) -> Int[torch.Tensor, "..."]:
+    """``total + increment`` in int64, refusing (``InputError``) a sum that would wrap around."""
+    result = total + increment
+    # two's complement overflow: both operands share a sign that the result does not
+    if bool((((total ^ result) & (increment ^ result)) < 0).any()):
+        raise InputError("The scan's fixed-point sums would overflow int64 (too many windows for one scan); "
+                         "scan fewer windows or shorter ones.")
+    return result
 
 
 def to_fixed(values: Float[torch.Tensor, "..."], unit: float = FIXED_POINT) -> Int[torch.Tensor, "..."]:
@@ -134,7 +147,7 @@ class HeavyHitters:
         unique, inverse = torch.unique(ids.long(), return_inverse=True)
         tokens = unique.tolist()
         units = to_fixed(weights)
-        self.weight = self.weight + units.sum(1)
+        self.weight = add_exact(self.weight, units.sum(1))
         if len(tokens) > self.buffer_columns:  # more distinct tokens than the buffer holds: fold them at once
             self.flush()
             batch = torch.zeros(weights.shape[0], len(tokens), dtype=torch.int64).index_add_(1, inverse, units)
@@ -163,7 +176,7 @@ class HeavyHitters:
         other.flush()
         self._fold(other.ids, other.totals)
         self.slack = self.slack + other.slack
-        self.weight = self.weight + other.weight
+        self.weight = add_exact(self.weight, other.weight)
 
     def _fold(self, ids: torch.Tensor, totals: torch.Tensor) -> None:
         self.ids, self.totals, subtracted = _merge_rows(torch.cat([self.ids, ids], dim=1),

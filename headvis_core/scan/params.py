@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from headvis_core.errors import InputError
+from headvis_core.scan.heavy_hitters import MAX_FIXED_TOKENS
 
 N_DECILES = 10
 
@@ -36,6 +37,11 @@ class ScanParams:
                              f"model (context {n_ctx}, one position for BOS); got {self.window_len}.")
         if self.max_windows is not None and self.max_windows < 1:
             raise InputError("The number of windows must be at least 1.")
+        # the attention weight sums are int64 in 2**-30 units (scan/heavy_hitters.py): at most
+        # 2**33 tokens of queries; a whole-corpus scan (no max) is checked as it merges instead
+        if self.max_windows is not None and self.max_windows * (self.window_len + 1) > MAX_FIXED_TOKENS:
+            raise InputError(f"{self.max_windows} windows of {self.window_len} tokens are more than one scan's "
+                             f"fixed-point sums hold ({MAX_FIXED_TOKENS} tokens); scan fewer windows.")
         for name in ("examples_per_decile", "top_examples", "top_k_keys", "histogram_bins", "shard_windows",
                      "token_capacity"):
             if getattr(self, name) < 1:

@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 
 from headvis_core.atlas.metrics import SCORE_METRICS
 from headvis_core.errors import CorruptFileError
-from headvis_core.scan.heavy_hitters import HeavyHitters, to_fixed
+from headvis_core.scan.heavy_hitters import HeavyHitters, add_exact, to_fixed
 from headvis_core.scan.params import N_DECILES, ScanParams
 
 # Fixed-point unit of the score sums: 2**-20 (1e-6) per batch's sum is far below the scores' float32
@@ -177,10 +177,10 @@ class ScanState:
         bins = torch.from_numpy(score_bins(scores, self.params.histogram_bins))
         self.hist[h0:h1].scatter_add_(1, bins, torch.ones_like(bins))
         self._merge_token_sums(h0, h1, batch, seq_tokens)
-        self.distance_sum[h0:h1] += to_fixed(batch.distance)
+        self.distance_sum[h0:h1] = add_exact(self.distance_sum[h0:h1], to_fixed(batch.distance))
         if batch.score_sums is None:
             raise ValueError(f"layer {layer}'s batch has no score sums (hook_attn_scores did not fire)")
-        self.score_sum[h0:h1] += to_fixed(batch.score_sums, SCORE_UNIT)
+        self.score_sum[h0:h1] = add_exact(self.score_sum[h0:h1], to_fixed(batch.score_sums, SCORE_UNIT))
         if len(batch.cand_batch):
             self._merge_top(h0, h1, scores, batch, seq_tokens, indices)
         if len(res_rows):
@@ -270,8 +270,8 @@ class ScanState:
             if not state.shard_tokens.is_empty() or not state.shard_high_tokens.is_empty():
                 raise ValueError("merge_state needs both states at a shard boundary (end_shard first)")
         self.hist += shard.hist
-        self.distance_sum += shard.distance_sum
-        self.score_sum += shard.score_sum
+        self.distance_sum = add_exact(self.distance_sum, shard.distance_sum)
+        self.score_sum = add_exact(self.score_sum, shard.score_sum)
         self.token_count += shard.token_count
         self.n_windows += shard.n_windows
         self.tokens.merge(shard.tokens)

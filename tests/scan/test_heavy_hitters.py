@@ -163,3 +163,22 @@ def test_entropy_of_a_row_whose_counters_all_cancelled_is_its_proven_interval_no
     assert value[0] == pytest.approx(np.log2(3), rel=1e-9) and bound[0] == pytest.approx(0.0, abs=1e-9)
     empty = HeavyHitters.empty(1, 2)
     assert np.isnan(entropy_bits_bounded(empty.totals.numpy(), empty.weight.numpy(), empty.slack.numpy(), 3)[0]).all()
+
+
+def test_fixed_point_sums_refuse_to_wrap_around():
+    from headvis_core.errors import InputError
+    from headvis_core.scan.heavy_hitters import add_exact
+    near = torch.tensor([(1 << 63) - 10, -((1 << 63) - 10), 5])
+    assert add_exact(near, torch.tensor([9, -9, -7])).tolist() == [(1 << 63) - 1, -((1 << 63) - 1), -2]
+    with pytest.raises(InputError, match="overflow"):
+        add_exact(near, torch.tensor([11, 0, 0]))
+    with pytest.raises(InputError, match="overflow"):
+        add_exact(near, torch.tensor([0, -11, 0]))
+    summary = HeavyHitters.empty(1, 2)
+    summary.weight = torch.tensor([(1 << 63) - int(FIXED_POINT)])  # a summary one token short of full
+    with pytest.raises(InputError, match="overflow"):
+        summary.add(torch.tensor([3, 5]), torch.tensor([[1.0, 1.0]]))
+    other = HeavyHitters.empty(1, 2)
+    other.weight = torch.tensor([2 * int(FIXED_POINT)])
+    with pytest.raises(InputError, match="overflow"):
+        summary.merge(other)

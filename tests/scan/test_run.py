@@ -322,3 +322,25 @@ def test_smollm2_scan_finds_a_previous_token_head(smollm2, corpus_dir, tmp_path)
     assert result.distance_histogram(HeadRef(16, 0))[1] > 0.6
     top = result.top_examples(HeadRef(16, 0))[0]
     assert top.max_query - top.max_key == 1
+
+
+def test_a_scan_too_large_for_its_fixed_point_sums_is_refused_before_it_starts(monkeypatch):
+    import headvis_core.scan.params as scan_params
+    ScanParams(window_len=2047, max_windows=4_000_000).check(n_ctx=8192)
+    with pytest.raises(InputError, match="fixed-point"):
+        ScanParams(window_len=2047, max_windows=4_300_000).check(n_ctx=8192)
+    monkeypatch.setattr(scan_params, "MAX_FIXED_TOKENS", 100)  # a tiny bound: 11 windows of 8 tokens pass
+    ScanParams(window_len=8, max_windows=11).check(n_ctx=64)
+    with pytest.raises(InputError, match="fixed-point"):
+        ScanParams(window_len=8, max_windows=12).check(n_ctx=64)
+    ScanParams(window_len=8, max_windows=None).check(n_ctx=64)  # the whole corpus: checked as it merges
+
+
+def test_merging_a_shard_whose_sums_would_wrap_around_raises_instead():
+    params = ScanParams(window_len=8, max_windows=None)
+    state = ScanState(2, 2, 9, 50, params)
+    shard = ScanState(2, 2, 9, 50, params)
+    state.score_sum[:] = (1 << 63) - 5
+    shard.score_sum[:] = 10
+    with pytest.raises(InputError, match="overflow"):
+        state.merge_state(shard)

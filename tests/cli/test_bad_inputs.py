@@ -106,6 +106,7 @@ BAD_INPUTS = [
     ("atlas ray with max memory", ATLAS + ["--out", "{tmp}/m.csv", "--ray", "auto", "--device-map", "auto",
                                            "--max-memory", '{"cpu": "1GiB"}'],
      "--device-map, --max-memory cannot be used with --ray"),
+    ("scan stall 0", SCAN + ["--out", "{tmp}/s", "--stall-seconds", "0"], "--stall-seconds: 0 is too small"),
     ("scan ray bad address", SCAN + ["--out", "{tmp}/s", "--ray", "not an address"], "not a Ray cluster address"),
 ]
 

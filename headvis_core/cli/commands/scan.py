@@ -54,10 +54,12 @@ def _run(args: argparse.Namespace) -> int:
     check_scan_memory(loaded.model, params.window_len, args.batch_size, args.max_windows)
     started = time.time()
     if args.ray is not None:
+        from headvis_core.ray_jobs import STALL_SECONDS
         from headvis_core.scan.distributed import run_sharded_scan
 
         result = run_sharded_scan(loaded, corpus, params, workers=args.workers, address=args.ray, out_dir=out_dir,
-                                  batch_size=args.batch_size, progress=tqdm_progress("scanning"), force=args.force)
+                                  batch_size=args.batch_size, progress=tqdm_progress("scanning"), force=args.force,
+                                  stall_seconds=args.stall_seconds or STALL_SECONDS)
     else:
         result = run_scan(loaded, corpus, params, out_dir=out_dir,
                           batch_size=args.batch_size, progress=tqdm_progress("scanning"), force=args.force)
@@ -100,6 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="scan the shards on a Ray cluster: 'auto' (a running one, else a local one) or its "
                              "address; the result equals the one-process scan's (needs pip install ray==2.60.0)")
     parser.add_argument("--workers", type=positive_int, default=2, help="Ray workers with --ray (default 2)")
+    parser.add_argument("--stall-seconds", type=int_at_least(1, "--stall-seconds"), default=None,
+                        help="with --ray: a worker that reports no progress for this long is replaced and its shards "
+                             "run again (default 1800)")
     parser.add_argument("--token-capacity", type=positive_int, default=1024,
                         help="tokens counted exactly per head for the top query/key tokens; beyond it the "
                              "averages carry an error bound (default 1024)")

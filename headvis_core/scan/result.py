@@ -256,6 +256,14 @@ class ScanResult:
         values = self.arrays["distance_sum"][self._slot(head)]
         return values / max(values.sum(), 1e-12)
 
+    @property
+    def stale_note(self) -> str | None:
+        """Why this stored scan lacks some statistics (stored before they existed), or None when it has all."""
+        if "score_sum" in self.arrays and "high_totals" in self.arrays:
+            return None
+        return ("This scan was stored before the HeadVis statistics (logit_std, top_logit_margin, "
+                "logit_z_score, token entropies); rerun it (--force) to add them.")
+
     def headvis_metrics(self) -> dict[str, np.ndarray]:
         """``{metric: [layer * n_heads + head]}`` for :data:`SCAN_METRIC_DESCRIPTIONS`, and per side whether
         the token entropy is exact (``query_token_entropy_exact``: the head's high-attention tokens fit the

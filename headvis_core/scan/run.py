@@ -276,7 +276,13 @@ def _open_state(loaded: LoadedModel, params: ScanParams, folder: Path, force: bo
         clear_stage(folder)
         return state
     if status == "complete":
-        return ScanResult(arrays, meta, path=folder)
+        stored = ScanResult(arrays, meta, path=folder)
+        if stored.stale_note is None:
+            return stored
+        # a rerun asks for the whole result: one stored before the HeadVis statistics is recomputed
+        report(progress, 0.0, f"{stored.stale_note} Recomputing.")
+        clear_stage(folder)
+        return state
     try:
         state.load_arrays(arrays, int(meta["n_windows"]))
         report(progress, 0.0, f"resuming after {state.n_windows} windows")

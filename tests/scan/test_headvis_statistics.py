@@ -278,3 +278,22 @@ def test_a_layers_score_sums_follow_the_per_query_definitions_with_tied_top_scor
                                 (ordered[0] - mean) / std if std > 0 else 0.0]
     sums = reduce_layer_scores(scores)  # [head, SCORE_METRICS]
     assert sums.numpy() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_rerunning_a_scan_stored_before_these_statistics_recomputes_them(tiny_gpt2, text_dir, tmp_path):
+    """A rerun asks for the whole result: the old stored one (5 of 7 statistics NaN) is recomputed, saying why."""
+    corpus, params = open_corpus(str(text_dir)), scan_params()
+    result = run_scan(tiny_gpt2, corpus, params, out_dir=tmp_path, batch_size=BATCH)
+    assert result.stale_note is None
+    status, arrays, meta = read_stage(result.path)
+    old = {name: array for name, array in arrays.items() if name != "score_sum" and not name.startswith("high_")}
+    meta = {name: value for name, value in meta.items() if name != "stage"}
+    write_stage(result.path, "complete", old, meta, {})
+    assert "rerun" in ScanResult(old, meta).stale_note
+    messages = []
+    again = run_scan(tiny_gpt2, corpus, params, out_dir=tmp_path, batch_size=BATCH,
+                     progress=lambda f, m: messages.append(m))
+    assert any("stored before the HeadVis statistics" in m and "Recomputing" in m for m in messages)
+    assert again.stale_note is None and not again.head_summary()["logit_std"].isna().any()
+    for name in result.arrays:
+        assert np.array_equal(again.arrays[name], result.arrays[name], equal_nan=True), name

@@ -206,22 +206,19 @@ def score_metric_sums(scores: Float[torch.Tensor, "batch head query key"], dtype
     if scores.shape[2] <= 1:
         return {name: scores.new_zeros(n_heads, dtype=dtype) for name in SCORE_METRICS}, 0.0
     hidden = ~allowed_keys(scores[:, :, 1:])
-    n_keys = hidden.shape[-1] - hidden.sum(-1)
+    n_keys = hidden.shape[-1] - torch.count_nonzero(hidden, dim=-1)
     n_allowed = n_keys.clamp(min=1).to(dtype)
     # one working copy, reused in place (the reduction ran ~8 passes over float32 copies before):
     # masked keys at -inf, then every score relative to the row's top score
     work = scores[:, :, 1:].to(dtype, copy=True).masked_fill_(hidden, -torch.inf)
-    top = work.amax(-1)
+    top, top_key = work.max(-1)
     work.sub_(top[..., None])
-    # the two largest scores by two maxima (a topk(2) costs ten times more on the CPU); where two keys
-    # share the top score, the second largest is that score again. The top keys (0 once centred) are
-    # dropped here; they add nothing to the centred sum below, so the copy serves both.
-    at_top = work == 0
-    n_top = at_top.sum(-1)
-    second = work.masked_fill_(at_top, -torch.inf).amax(-1)  # second largest minus the top
-    del at_top
+    # the second largest score (a topk(2) costs ten times more on the CPU): the largest once one top key
+    # is dropped, so where two keys share the top score it is that score again. The dropped key (0 once
+    # centred) adds nothing to the centred sum below, so the copy serves both.
+    second = work.scatter_(-1, top_key[..., None], -torch.inf).amax(-1)  # second largest minus the top
     # a query that sees a single key has no second score: its margin is 0
-    margin = torch.where((n_keys >= 2) & (n_top < 2), -second, torch.zeros_like(top))
+    margin = torch.where(n_keys >= 2, -second, torch.zeros_like(top))
     # two-pass variance without cancellation: the mean of the centred scores, then the spread about it
     centred = work.nan_to_num_(neginf=0.0)  # masked and top keys 0 (a top key is 0 once centred)
     mean_below_top = centred.sum(-1) / n_allowed

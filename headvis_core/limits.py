@@ -41,6 +41,11 @@ PATTERN_COPIES = 4
 MLP_COPIES = 3
 RESIDUAL_COPIES = 6
 LOGIT_COPIES = 2
+# The scan's score statistics (atlas/metrics.py score_metric_sums) reduce each layer's scores in float32
+# next to the attention's own copies: 2.26 score-sized float32 temporaries measured by ru_maxrss on
+# [8, 9, 1025, 1025] scores (4.52 before the in-place reduction); rounded up.
+SCORE_REDUCTION_COPIES = 2.5
+FLOAT32_BYTES = 4
 GIB = 2**30
 
 
@@ -228,8 +233,11 @@ def check_scan_memory(model: Any, window_len: int, batch_size: int, max_windows:
     """A dataset scan: batches of BOS + window; patterns reduced in their hooks, no unembedding."""
     batch = min(int(batch_size), int(max_windows)) if max_windows else int(batch_size)
     tokens = int(window_len) + 1
+    dims = ModelDims.of(model)
+    score_reduction = int(batch * dims.n_heads * tokens * tokens * FLOAT32_BYTES * SCORE_REDUCTION_COPIES)
     return check_forward(model, batch, tokens, f"the scan ({batch} windows of {tokens} tokens per pass)",
-                         logits=False, cap_gb=cap_gb)
+                         logits=False, extra_bytes=score_reduction, cap_gb=cap_gb,
+                         extra_label="score statistics (float32 temporaries)")
 
 
 def check_ablation_memory(model: Any, prompts: Any, mode: str = "kl", batch_tokens: int = 8192,

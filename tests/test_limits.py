@@ -124,3 +124,11 @@ def test_16_bit_weights_count_at_their_size_and_activations_at_float32(tiny_llam
     label = "weight copies and score temporaries"
     assert full_parts[label] - half_parts[label] == (weight_bytes(tiny_llama) - weight_bytes(half)) * 3 // 2
     assert {k: v for k, v in full_parts.items() if k != label} == {k: v for k, v in half_parts.items() if k != label}
+
+
+def test_the_scan_estimate_counts_the_score_reductions_float32_temporaries(tiny_llama):
+    from headvis_core.limits import FLOAT32_BYTES, SCORE_REDUCTION_COPIES, ModelDims, check_scan_memory
+    estimate = check_scan_memory(tiny_llama, window_len=63, batch_size=4)
+    n_heads = ModelDims.of(tiny_llama).n_heads
+    expected = int(4 * n_heads * 64 * 64 * FLOAT32_BYTES * SCORE_REDUCTION_COPIES)
+    assert estimate.parts["score statistics (float32 temporaries)"] == expected

@@ -272,7 +272,10 @@ def high_attention_position_mass(pattern: Float[torch.Tensor, "batch head query 
     high-attention pairs (``A[q, k] >= HIGH_ATTENTION``, ``k >= 1``) at each query position, and at each
     key position (before it is pooled by token id)."""
     A = pattern.float()[..., 1:]
-    high = A * (A >= HIGH_ATTENTION)  # [batch, head, query, key >= 1]
+    # A where A >= HIGH_ATTENTION, else 0, in one fused pass (threshold keeps values strictly above its
+    # threshold: the float32 just below HIGH_ATTENTION)
+    just_below = torch.nextafter(torch.tensor(HIGH_ATTENTION, dtype=A.dtype), torch.tensor(-1.0, dtype=A.dtype))
+    high = torch.nn.functional.threshold(A, float(just_below), 0.0)  # [batch, head, query, key >= 1]
     by_key = high.sum(2)  # [batch, head, key >= 1]
     by_query = high[:, :, 1:].sum(3)  # [batch, head, query >= 1]: query 0 sees no key >= 1
     return by_query, by_key

@@ -223,3 +223,13 @@ def test_smollm2_direct_copying_singles_out_the_layer_23_heads(smollm2):
     assert sum(layer == 23 for layer, _ in top) >= 3 and np.median(copying) < 0.02
     for name in SCORE_METRICS + PAIR_METRICS:
         assert np.isfinite(values[name]).all(), name
+
+
+def test_high_attention_mass_counts_a_weight_exactly_at_the_threshold_and_none_below():
+    below = float(torch.nextafter(torch.tensor(HIGH_ATTENTION), torch.tensor(0.0)))
+    pattern = torch.zeros(1, 1, 3, 3)
+    pattern[0, 0, 1] = torch.tensor([1 - HIGH_ATTENTION, HIGH_ATTENTION, 0.0])
+    pattern[0, 0, 2] = torch.tensor([1 - below, 0.0, below])
+    query_mass, key_mass = high_attention_token_mass(pattern, torch.tensor([[0, 7, 9]]), n_ids=10)
+    assert key_mass[0].tolist() == pytest.approx([0.0] * 7 + [HIGH_ATTENTION, 0.0, 0.0])
+    assert query_mass[0, 7] == pytest.approx(HIGH_ATTENTION) and query_mass[0, 9] == 0

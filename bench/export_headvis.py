@@ -69,7 +69,7 @@ def describe(scan, spec: str) -> None:
     projections = load_projections(scan.path)
     head = HeadRef.from_label(spec)
     p = projections.head(head)
-    table = stored_pairs_table(p, projections.arrays["window_tokens"], scan._strings)
+    table = stored_pairs_table(p, projections.arrays["window_tokens"], scan.token_strings)
     print(f"\nhead {head}: {len(table)} pairs; distance share: "
           + ", ".join(f"{d}: {s:.2f}" for d, s in table["distance"].clip(upper=6).value_counts(normalize=True)
                       .sort_index().items()) + " (6 = 6 or more)")

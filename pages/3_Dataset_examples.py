@@ -145,6 +145,8 @@ except (HeadVisError, OSError) as err:  # a broken tree or scan: the message nam
     st.stop()
 
 # -- results ------------------------------------------------------------------------------------------------------
+if getattr(result, "stale_note", None):  # a stored scan from before the HeadVis statistics (an imported tree has none)
+    st.info(result.stale_note)
 meta = result.meta
 made_with = ui.escape_markdown(str(meta["model"]["name"]))
 if meta["model"]["name"] != info.name:
@@ -310,7 +312,7 @@ def show_projections() -> None:
     except HeadVisError as err:  # this head was skipped: the rest of the page stays
         st.error(str(err))
         return
-    table = stored_pairs_table(projection, projections.arrays["window_tokens"], result._strings)
+    table = stored_pairs_table(projection, projections.arrays["window_tokens"], result.token_strings)
     v1, v2, v3 = st.columns(3)
     # every view choice is bound to the URL (?pca_kind=&pca_colour=&pca_3d=&pca_method=&pca_prompt=)
     kind = v1.selectbox("Kind", ["Q", "K", "V", "O"], index=3, key="pca_kind", bind="query-params")

@@ -26,11 +26,11 @@ def _coords(values: np.ndarray) -> dict[str, list[float]]:
 
 def umap_records(projections: ProjectionSet, scan: Any, clusters_of: Any = None,
                  ) -> tuple[list[list[str]], dict[HeadRef, dict[str, Any]]]:
-    """``(sequences, {head: record})`` for ``umap/`` (``scan`` decodes token ids: ``scan._strings``).
+    """``(sequences, {head: record})`` for ``umap/`` (``scan`` decodes token ids: ``scan.token_strings``).
 
     ``clusters_of(head)`` gives the head's named clusters (``{"name", "indices"}``); none by default.
     """
-    sequences = [scan._strings(row) for row in projections.arrays["window_tokens"]]
+    sequences = [scan.token_strings(row) for row in projections.arrays["window_tokens"]]
     records = {}
     for head in projections.heads:
         p = projections.head(head)

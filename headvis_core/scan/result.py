@@ -40,7 +40,7 @@ SCAN_METRIC_DESCRIPTIONS: dict[str, str] = {
 
 @dataclass
 class ScanExample:
-    window_index: int
+    window_index: int | str  # a HeadVis tree's custom sequences have ids such as "c1"
     score: float  # max attention excluding row and column 0
     decile: int  # 1-10, 0 for top examples outside the reservoir's bucketing
     token_ids: np.ndarray  # [seq_len]
@@ -164,7 +164,7 @@ class ScanResult:
         head.check(self.n_layers, self.n_heads)
         return head.layer * self.n_heads + head.head
 
-    def _strings(self, ids: np.ndarray) -> list[str]:
+    def token_strings(self, ids: np.ndarray) -> list[str]:
         if not hasattr(self, "_vocab_lookup"):
             self._vocab_lookup = dict(zip(self.arrays["vocab_ids"].tolist(), self.meta["vocab"]))
         return [self._vocab_lookup.get(int(i), f"<{int(i)}>") for i in ids]
@@ -177,7 +177,7 @@ class ScanResult:
         values[0] = 0.0  # position 0 has no keys after position 0
         q, j = np.unravel_index(int(np.argmax(values)), values.shape)
         return ScanExample(window_index=int(window), score=float(score), decile=decile, token_ids=tokens,
-                           str_tokens=self._strings(tokens), attention=SparseAttention(keys, values, first),
+                           str_tokens=self.token_strings(tokens), attention=SparseAttention(keys, values, first),
                            max_query=int(q), max_key=int(keys[q, j]))
 
     def score_histogram(self, head: HeadRef) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +247,7 @@ class ScanResult:
             slack = float(self.arrays["hh_slack"][row]) / FIXED_POINT
         mean = sums / counts
         order = np.lexsort((ids, -mean))[:n]
-        return pd.DataFrame({"token": self._strings(ids[order]), "token_id": ids[order], "count": counts[order],
+        return pd.DataFrame({"token": self.token_strings(ids[order]), "token_id": ids[order], "count": counts[order],
                              "mean_attention": mean[order], "total_attention": sums[order],
                              "error_bound": slack / counts[order]})
 

@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -362,3 +363,18 @@ def test_a_broken_custom_sequences_file_is_a_message_on_the_page(scans_dir, text
     at = at.run()
     assert not at.exception, at.exception
     assert at.error and "custom\\_sequences/L0H1\\.json" in at.error[0].value
+
+
+def test_a_scan_stored_before_the_headvis_statistics_says_so_on_the_page(scans_dir, text_dir):
+    from headvis_core.scan.store import read_stage, write_stage
+
+    at = run_scan_on_page(app_test(PAGE).run(), text_dir)
+    folder = Path(at.session_state["ex_scan_folder"])
+    assert not any("stored before the HeadVis statistics" in i.value for i in at.info)
+    status, arrays, meta = read_stage(folder)
+    old = {name: array for name, array in arrays.items() if name != "score_sum" and not name.startswith("high_")}
+    write_stage(folder, status, old, {k: v for k, v in meta.items() if k != "stage"}, {})
+    reopened = app_test(PAGE, scan=folder.name).run()
+    assert not reopened.exception and not reopened.error and reopened.subheader
+    assert any("stored before the HeadVis statistics" in i.value for i in reopened.info), \
+        [i.value for i in reopened.info]

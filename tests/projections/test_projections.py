@@ -144,7 +144,7 @@ def test_figures_escape_tokens(projected):
     loaded, scan, projections = projected
     head = HeadRef(0, 2)
     p = projections.head(head)
-    table = stored_pairs_table(p, projections.arrays["window_tokens"], scan._strings)
+    table = stored_pairs_table(p, projections.arrays["window_tokens"], scan.token_strings)
     table.loc[0, "context"] = "<script>alert(1)</script>"
     overlay = project_prompt(loaded, p, "a b a b", n_pairs=3)
     for color_by in COLOR_OPTIONS:
@@ -181,7 +181,7 @@ def test_named_clusters_are_kept_exported_and_dropped_with_recomputed_projection
     shutil.copytree(scan.path, folder)
     head = HeadRef(0, 3)
     p = projections.head(head)
-    table = stored_pairs_table(p, projections.arrays["window_tokens"], scan._strings)
+    table = stored_pairs_table(p, projections.arrays["window_tokens"], scan.token_strings)
     fig = projection_figure(table, "Q", "query token")
     # a selection event carries each point's customdata: the row of the pairs table, whatever its trace
     points = [{"customdata": list(trace.customdata[0])} for trace in fig.data] + [{"customdata": [5]}]
@@ -230,7 +230,7 @@ def test_metric_colourings_draw_the_stored_per_pair_quantities(projected):
         expected = {"attention": attention, "norm": attention * value_norm, "value norm": value_norm,
                     "query position": p.queries, "distance": p.queries - p.keys}
         assert np.allclose(p.weights, attention, rtol=1e-5, atol=1e-7)
-        table = stored_pairs_table(p, stored.arrays["window_tokens"], scan._strings)
+        table = stored_pairs_table(p, stored.arrays["window_tokens"], scan.token_strings)
         assert color_options(table) == list(COLOR_OPTIONS)
         for option in COLOR_METRICS:
             for dims in (2, 3):
@@ -253,7 +253,7 @@ def test_projections_stored_without_weights_offer_no_attention_colouring(project
     old = ProjectionSet({k: v for k, v in projections.arrays.items() if k != "pair_weight"}, projections.meta)
     p = old.head(HeadRef(1, 0))
     assert p.weights is None
-    table = stored_pairs_table(p, old.arrays["window_tokens"], scan._strings)
+    table = stored_pairs_table(p, old.arrays["window_tokens"], scan.token_strings)
     assert "attention" not in color_options(table) and "value norm" not in color_options(table)
     assert "norm" in color_options(table) and "query position" in color_options(table)
     with pytest.raises(ValueError, match="recompute the projections"):

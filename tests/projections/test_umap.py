@@ -108,7 +108,7 @@ def test_the_figure_draws_the_umap_layout(projected):
     from headvis_core.viz.projections import projection_figure
 
     p = projections.head(HeadRef(0, 0))
-    table = stored_pairs_table(p, projections.arrays["window_tokens"], scan._strings)
+    table = stored_pairs_table(p, projections.arrays["window_tokens"], scan.token_strings)
     assert np.array_equal(table["umap_V2"].to_numpy(), p.umap["V"][:, 2])
     fig = projection_figure(table, "V", "distance", 3, p.fits["V"].explained, overlay=table.head(3), method="UMAP")
     assert len(fig.data) == 1  # a UMAP layout has no rotation for a prompt's pairs

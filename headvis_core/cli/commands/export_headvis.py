@@ -96,6 +96,8 @@ def _run(args: argparse.Namespace) -> int:
         scan = load_scan(scan_dir)
     except CorruptFileError as err:
         raise InputError(f"--scan {args.scan!r}: {err}") from None
+    if scan.stale_note:  # exported without the HeadVis statistics' scatter columns
+        print(f"note: {scan.stale_note}")
     if atlas is not None:
         try:
             atlas_table(scan, atlas)  # the atlas must be this model's: refused before any work

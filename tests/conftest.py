@@ -56,6 +56,18 @@ def corpus_dir() -> Path:
     return CORPUS
 
 
+def ray_cluster(pickle_by_value=()):
+    """A local Ray cluster of 2 CPUs for a test module (a generator for a module-scoped fixture); modules in
+    ``pickle_by_value`` are shipped to the workers by value (they cannot import tests/)."""
+    import ray
+
+    for module in pickle_by_value:
+        ray.cloudpickle.register_pickle_by_value(module)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 def app_test(page: str, model: str = "tiny-llama", timeout: float = 120, **query):
     """An AppTest for ``page`` (a path relative to the project root) on ``model``."""
     from streamlit.testing.v1 import AppTest

@@ -22,6 +22,7 @@ from headvis_core.ray_jobs import (
     worker_pool,
     workers_that_fit,
 )
+from tests.conftest import ray_cluster
 
 needs_ray = pytest.mark.skipif(not ray_available(), reason="Ray is not installed (pip install ray==2.60.0)")
 N_SHARDS = 6
@@ -70,12 +71,7 @@ def runs(folder: Path, index: int) -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    yield from ray_cluster(pickle_by_value=[sys.modules[__name__]])
 
 
 def scripted_driver(pool, folder: Path, merged: list, **kwargs) -> ShardDriver:

@@ -19,9 +19,15 @@ from headvis_core.atlas.run import METRIC_COLUMNS, compute_atlas, folder_probe_s
 from headvis_core.cli.main import main as cli_main
 from headvis_core.errors import InputError
 from headvis_core.ray_jobs import ray_available
+from tests.conftest import ray_cluster
 
 needs_ray = pytest.mark.skipif(not ray_available(), reason="Ray is not installed (pip install ray==2.60.0)")
 SIZES = {"n_seqs": 24, "seq_len": 64, "batch_size": 2, "shard_sequences": 4}  # 12 batches, 6 shards
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    yield from ray_cluster()
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +39,6 @@ def corpus(tmp_path_factory):
         (root / name).write_text(" ".join("".join(rng.choice(letters) for _ in range(rng.randint(1, 7)))
                                           for _ in range(1500)))
     return root
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from headvis_core.data.corpus import open_corpus
 from headvis_core.errors import InputError
 from headvis_core.scan import ScanParams, list_scans, load_scan, run_scan
 from headvis_core.scan.distributed import SHARDS_DIR, ray_available, run_sharded_scan
+from tests.conftest import ray_cluster
 from tests.scan.test_shards import assert_same_arrays
 
 pytestmark = pytest.mark.skipif(not ray_available(), reason="Ray is not installed (pip install ray==2.60.0)")
@@ -25,11 +26,7 @@ PARAMS = ScanParams(window_len=10, max_windows=60, examples_per_decile=2, top_ex
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    yield from ray_cluster()
 
 
 @pytest.fixture(scope="module")

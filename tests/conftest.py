@@ -68,6 +68,33 @@ def ray_cluster(pickle_by_value=()):
     ray.shutdown()
 
 
+def write_random_words(path: Path, n_words: int, seed: int = 2) -> None:
+    """A text file of ``n_words`` random letter strings (1-7 letters): text whose tokens rarely repeat."""
+    import random
+
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    path.write_text(" ".join("".join(rng.choice(letters) for _ in range(rng.randint(1, 7))) for _ in range(n_words)))
+
+
+def interrupted_scan(model, corpus, params, out_dir: Path, batch_size: int, after: int = 2) -> None:
+    """Run a scan and stop it with Ctrl-C at its ``after``-th progress report (a checkpoint is saved)."""
+    import pytest as _pytest
+
+    from headvis_core.scan import run_scan
+
+    calls = []
+
+    def stop(fraction, message):
+        calls.append(message)
+        if len(calls) == after:
+            raise KeyboardInterrupt
+
+    with _pytest.raises(KeyboardInterrupt):
+        run_scan(model, corpus, params, out_dir=out_dir, batch_size=batch_size, progress=stop,
+                 checkpoint_seconds=3600)
+
+
 def app_test(page: str, model: str = "tiny-llama", timeout: float = 120, **query):
     """An AppTest for ``page`` (a path relative to the project root) on ``model``."""
     from streamlit.testing.v1 import AppTest

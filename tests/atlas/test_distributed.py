@@ -1,7 +1,6 @@
 """The atlas's real text in shards: one process or Ray workers, the same table bit for bit."""
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from headvis_core.atlas.run import METRIC_COLUMNS, compute_atlas, folder_probe_s
 from headvis_core.cli.main import main as cli_main
 from headvis_core.errors import InputError
 from headvis_core.ray_jobs import ray_available
-from tests.conftest import ray_cluster
+from tests.conftest import ray_cluster, write_random_words
 
 needs_ray = pytest.mark.skipif(not ray_available(), reason="Ray is not installed (pip install ray==2.60.0)")
 SIZES = {"n_seqs": 24, "seq_len": 64, "batch_size": 2, "shard_sequences": 4}  # 12 batches, 6 shards
@@ -32,12 +31,9 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rng = random.Random(2)
     root = tmp_path_factory.mktemp("atlas_corpus")
-    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    for name in ("a.txt", "b.txt"):
-        (root / name).write_text(" ".join("".join(rng.choice(letters) for _ in range(rng.randint(1, 7)))
-                                          for _ in range(1500)))
+    for seed, name in enumerate(("a.txt", "b.txt"), start=2):
+        write_random_words(root / name, 1500, seed=seed)
     return root
 
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 import threading
 import time
@@ -15,7 +14,7 @@ from headvis_core.data.corpus import open_corpus
 from headvis_core.errors import InputError
 from headvis_core.scan import ScanParams, list_scans, load_scan, run_scan
 from headvis_core.scan.distributed import SHARDS_DIR, ray_available, run_sharded_scan
-from tests.conftest import ray_cluster
+from tests.conftest import ray_cluster, write_random_words
 from tests.scan.test_shards import assert_same_arrays
 
 pytestmark = pytest.mark.skipif(not ray_available(), reason="Ray is not installed (pip install ray==2.60.0)")
@@ -31,11 +30,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rng = random.Random(2)
     root = tmp_path_factory.mktemp("ray_corpus")
-    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    (root / "a.txt").write_text(" ".join("".join(rng.choice(letters) for _ in range(rng.randint(1, 7)))
-                                         for _ in range(500)))
+    write_random_words(root / "a.txt", 500)
     return open_corpus(str(root))
 
 

@@ -25,6 +25,7 @@ from headvis_core.scan.run import reduce_layer_scores
 from headvis_core.scan.shards import with_bos
 from headvis_core.scan.store import read_stage, write_stage
 from headvis_core.tokens import bos_token_id
+from tests.conftest import interrupted_scan
 
 WINDOW, N_WINDOWS, BATCH = 12, 16, 4
 SIDES = ("query", "key")
@@ -198,16 +199,7 @@ def test_a_checkpoint_saved_before_these_statistics_is_recomputed(tiny_llama, te
     """An old checkpoint lacks the score sums and the high-attention summaries: it is refused, and the scan
     starts again and gives the uninterrupted result."""
     corpus, params = open_corpus(str(text_dir)), scan_params()
-    calls = []
-
-    def stop_after_two(fraction, message):
-        calls.append(message)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_scan(tiny_llama, corpus, params, out_dir=tmp_path / "a", batch_size=BATCH, progress=stop_after_two,
-                 checkpoint_seconds=3600)
+    interrupted_scan(tiny_llama, corpus, params, tmp_path / "a", BATCH)
     folder = list_scans(tmp_path / "a")[0].folder
     status, arrays, meta = read_stage(folder)
     assert status == "partial" and "score_sum" in arrays and "high_tokens_weight" in arrays

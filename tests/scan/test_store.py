@@ -10,6 +10,7 @@ from headvis_core.data.corpus import open_corpus
 from headvis_core.errors import CorruptFileError
 from headvis_core.scan import ScanParams, list_scans, load_scan, run_scan
 from headvis_core.scan.store import MANIFEST, read_stage, write_stage
+from tests.conftest import interrupted_scan
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +48,7 @@ def test_a_manifest_edited_to_complete_over_a_checkpoint_is_refused(tmp_path):
 def test_a_partial_scan_marked_complete_is_recomputed_not_shown(tiny_gpt2, text_dir, tmp_path):
     corpus = open_corpus(str(text_dir))
     params = ScanParams(window_len=8, max_windows=16, examples_per_decile=1, reservoir_size=8)
-    calls = []
-
-    def stop_after_two(fraction, message):
-        calls.append(message)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_scan(tiny_gpt2, corpus, params, out_dir=tmp_path / "a", batch_size=4, progress=stop_after_two,
-                 checkpoint_seconds=3600)
+    interrupted_scan(tiny_gpt2, corpus, params, tmp_path / "a", 4)
     [stored] = list_scans(tmp_path / "a")
     assert (stored.status, stored.windows) == ("partial", 8)
     edit_manifest(stored.folder, status="complete", windows_done=16)
